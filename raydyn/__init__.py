@@ -1,0 +1,19 @@
+"""raydyn: sweep-scale training dynamics on Ray.
+
+The package root stays import-light (no torch, no ray) so that ``import raydyn``
+and ``raydyn.open_store`` are cheap for people who only query results.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "open_store", "RaydynError"]
+
+from raydyn.errors import RaydynError
+
+
+def open_store(uri: str | None = None):
+    """Open a raydyn store (a directory or pyarrow filesystem URI) for reading."""
+    from raydyn.store import open_store as _open
+
+    return _open(uri)

@@ -1,0 +1,1 @@
+"""Pure analyses: arrays in, arrays/dataclasses out. No Ray, no plotting, no store I/O."""

@@ -1,0 +1,18 @@
+"""User-facing errors. The CLI prints these without a traceback."""
+from __future__ import annotations
+
+
+class RaydynError(Exception):
+    """A mistake in user input (sweep file, store path, CLI argument).
+
+    The message must name the offending thing: a key path, a file, a run id,
+    and what is allowed instead.
+    """
+
+
+class SpecError(RaydynError):
+    """A sweep file that does not validate."""
+
+
+class StoreError(RaydynError):
+    """A store that cannot be read or written."""
