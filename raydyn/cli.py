@@ -1,0 +1,233 @@
+"""The ``raydyn`` command. Thin: parse arguments, call the package, print results.
+
+User mistakes (:class:`raydyn.errors.RaydynError`) are printed as one clear
+message and exit code 2, never as a traceback.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+
+from raydyn.errors import RaydynError
+
+app = typer.Typer(
+    help="raydyn: train sweeps of neural networks on Ray, store their trajectories as Parquet, "
+    "and map their training dynamics over hyperparameters.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+sweep_app = typer.Typer(help="Launch and inspect sweeps.", no_args_is_help=True)
+app.add_typer(sweep_app, name="sweep")
+
+console = Console(stderr=True)
+out = Console()
+
+STORE_HELP = "Store URI: a directory, file://, s3:// or gs:// (default: $RAYDYN_STORE or ./raydyn-results)."
+StoreOpt = typer.Option(None, "--store", help=STORE_HELP, show_default=False)
+
+
+def _store(uri: str | None):
+    from raydyn.store import open_store
+
+    return open_store(uri)
+
+
+def _resolve_sweep(sweep: str, store) -> tuple[Any, str]:
+    """A sweep given as a file path or as a name stored in the store -> (spec, text)."""
+    from raydyn.spec import load_sweep, parse_sweep
+
+    if sweep.endswith((".yaml", ".yml")) or Path(sweep).is_file():
+        return load_sweep(sweep)
+    text = store.sweep_text(sweep)
+    if text is None:
+        known = store.sweeps()
+        raise RaydynError(
+            f"no sweep named {sweep!r} in store {store.uri}"
+            + (f"; sweeps there: {', '.join(known)}" if known else " (the store has no sweeps yet)")
+            + ". Give a sweep name or a sweep file path."
+        )
+    return parse_sweep(text, f"{store.uri} sweeps/{sweep}/sweep.yaml"), text
+
+
+def _fmt_time(s: float) -> str:
+    m, s = divmod(int(round(s)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+# ------------------------------------------------------------------------------ sweep
+@sweep_app.command("run")
+def sweep_run(
+    file: Path = typer.Argument(..., help="Sweep file (YAML).", show_default=False),
+    store: Optional[str] = StoreOpt,
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: $RAY_ADDRESS, "
+                                          "else an embedded local Ray bound to localhost)."),
+    num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help="CPUs for the embedded local Ray (default: all)."),
+) -> None:
+    """Train every run of a sweep file that is not already in the store (so re-running resumes)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from raydyn.spec import load_sweep
+
+    spec, text = load_sweep(file)
+    st = _store(store)
+    from raydyn.sweep import run_sweep
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("runs · {task.fields[diverged]} diverged · {task.fields[failed]} failed trials"),
+                  TimeElapsedColumn(), console=console, transient=False) as bar:
+        task = bar.add_task(spec.name, total=None, diverged=0, failed=0)
+
+        def update(info: dict[str, Any]) -> None:
+            bar.update(task, completed=info["done"], total=info["total"] or None, diverged=info["diverged"],
+                       failed=info["failed"])
+
+        outcome = run_sweep(spec, text, st, address=address, num_cpus=num_cpus, progress=update)
+    if outcome.trained == 0 and outcome.skipped == outcome.total and not outcome.failed_populations:
+        console.print(f"sweep [bold]{spec.name}[/]: all {outcome.total} runs already in the store; nothing to train.")
+    else:
+        console.print(
+            f"sweep [bold]{spec.name}[/]: trained {outcome.trained} runs ({outcome.diverged} diverged), "
+            f"kept {outcome.skipped} already in the store, in {_fmt_time(outcome.elapsed_s)}."
+        )
+    console.print(f"store: {st.uri}")
+    if outcome.failed_populations:
+        console.print(f"[red]{len(outcome.failed_populations)} trial(s) failed[/]: {', '.join(outcome.failed_populations)}. "
+                      "Completed runs are kept; run the same command again to retry the rest.")
+        raise typer.Exit(1)
+
+
+@sweep_app.command("status")
+def sweep_status_cmd(
+    sweep: str = typer.Argument(..., help="Sweep file or sweep name in the store."),
+    store: Optional[str] = StoreOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """How many runs of a sweep are in the store, by status, and how many are missing."""
+    from raydyn.sweep import sweep_status, to_json
+
+    st = _store(store)
+    spec, _ = _resolve_sweep(sweep, st)
+    status = sweep_status(spec, st)
+    if as_json:
+        out.print_json(to_json(status))
+        return
+    parts = ", ".join(f"{n} {s}" for s, n in sorted(status["by_status"].items())) or "none yet"
+    out.print(f"sweep {status['sweep']}: {status['in_store']}/{status['total']} runs in the store ({parts}); "
+              f"{status['missing']} missing.")
+    out.print(f"store: {st.uri}")
+
+
+# ------------------------------------------------------------------------------ query
+@app.command("query")
+def query(
+    sql: str = typer.Argument(..., help="SQL over the store's tables (runs, metrics, weights, and analysis tables)."),
+    store: Optional[str] = StoreOpt,
+    fmt: str = typer.Option("table", "--format", "-f", help="table | csv | json"),
+    max_rows: int = typer.Option(50, "--max-rows", help="Rows shown in table format (csv/json print all)."),
+) -> None:
+    """Run read-only SQL (DuckDB) over the store and print the result.
+
+    Example: raydyn query "SELECT lr, width, median(final_test_loss) FROM runs GROUP BY ALL"
+    """
+    if fmt not in ("table", "csv", "json"):
+        raise RaydynError(f"--format {fmt!r}: allowed values are table, csv, json")
+    table = _store(store).sql(sql)
+    if fmt == "csv":
+        import pyarrow.csv as pacsv
+
+        buf = __import__("io").BytesIO()
+        pacsv.write_csv(table, buf)
+        sys.stdout.write(buf.getvalue().decode())
+    elif fmt == "json":
+        sys.stdout.write(json.dumps(table.to_pylist(), default=str, indent=1) + "\n")
+    else:
+        from rich.table import Table
+
+        t = Table(show_lines=False)
+        for name in table.column_names:
+            t.add_column(name, overflow="fold")
+        for row in table.slice(0, max_rows).to_pylist():
+            t.add_row(*[_cell(v) for v in row.values()])
+        out.print(t)
+        if table.num_rows > max_rows:
+            out.print(f"... {table.num_rows - max_rows} more rows (use --max-rows or --format csv)")
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, list):
+        return f"[{len(v)} values]"
+    return str(v)
+
+
+# ------------------------------------------------------------------------------ phase map
+@app.command("phase-map")
+def phase_map(
+    sweep: str = typer.Argument(..., help="Sweep name in the store, or its sweep file."),
+    metric: str = typer.Option("final_test_loss", "--metric", help="Column of the runs table to map."),
+    x: str = typer.Option("lr", "--x", help="Swept parameter on the x axis."),
+    y: str = typer.Option("width", "--y", help="Swept parameter on the y axis."),
+    facet: list[str] = typer.Option(None, "--facet", help="Axis for panels (repeatable). Default: every other "
+                                    "swept axis except seed."),
+    out_path: Optional[Path] = typer.Option(None, "--out", help="PNG path (default: <store>/plots/<sweep>/...)."),
+    store: Optional[str] = StoreOpt,
+) -> None:
+    """Draw a phase map: the metric's median over seeds on an x-by-y grid, diverged cells marked."""
+    from raydyn.phase.maps import default_facets, draw_phase_map, phase_map_info
+
+    st = _store(store)
+    spec, _ = _resolve_sweep(sweep, st)
+    runs = st.table("runs", sweep=spec.name)
+    if runs.num_rows == 0:
+        raise RaydynError(f"sweep {spec.name!r} has no runs in store {st.uri}; run `raydyn sweep run` first")
+    facets = list(facet) if facet else default_facets(spec.axes(), x, y)
+    info = phase_map_info(runs, metric, x, y, facets)
+    if out_path is None:
+        local = st.local_path()
+        base = Path(local) / "plots" / spec.name if local else Path("raydyn-plots") / spec.name
+        out_path = base / f"phase_{metric}_{x}_{y}.png"
+    path = draw_phase_map(info, out_path, title=f"{spec.name}: {metric}")
+    n_missing = int((info.n_runs == 0).sum())
+    n_div = int((info.diverged_frac >= 0.5).sum())
+    console.print(f"phase map: {len(info.facet_values)} panel(s) of {len(info.y_values)}×{len(info.x_values)} cells, "
+                  f"{n_div} diverged, {n_missing} missing")
+    out.print(f"wrote {path.resolve()}")
+    out.print(f"store: {st.uri}")
+
+
+def main() -> None:
+    """Entry point: run the app, turning user errors into one clear message."""
+    try:
+        app(standalone_mode=False)
+    except RaydynError as e:
+        from rich.text import Text
+
+        console.print(Text.assemble(("error: ", "bold red"), str(e)), soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("interrupted. Completed runs are in the store; run the same command again to resume.")
+        sys.exit(130)
+    except Exception as e:  # click usage errors come through here in non-standalone mode
+        import click
+
+        if isinstance(e, click.exceptions.Exit):
+            sys.exit(e.exit_code)
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()

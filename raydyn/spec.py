@@ -1,0 +1,515 @@
+"""Sweep files: YAML text -> validated, frozen config objects.
+
+This is the one module that knows the sweep-file format. Everything downstream
+sees :class:`SweepSpec` (the whole file), :class:`RunConfig` (one training run,
+flat and JSON-able) and :class:`PopulationSpec` (runs trained together in one
+Ray Tune trial).
+
+Format (see ``sweeps/quickstart.yaml`` and the README for a tour)::
+
+    name: quickstart              # sweep name; results live under it in the store
+    task:                         # what is trained: data set, model, fixed options
+      dataset: digits             # teacher | digits | modular | parity
+      data: {}                    # data-set options (see DATA_OPTIONS)
+      model: mlp                  # mlp | cnn | transformer
+      depth: 2
+      width: 64
+    train:                        # how it is trained and what is recorded
+      steps: 300
+      batch_size: 64
+      optimizer: sgd              # sgd | adam | adamw
+      lr: 0.1
+      record_every: 10
+      record: [weights]
+    method: grid                  # grid | random | optuna
+    parameters:                   # swept values, W&B style
+      lr: {values: [0.01, 0.1, 1.0]}
+      width: {values: [16, 64]}
+      seed: {values: [0, 1]}
+    resources: {cpu: 1, max_concurrent: 2}
+
+Every swept parameter name is a key of ``task`` or ``train`` (or ``data.<option>``).
+Errors name the key path (``train.lr``, ``parameters.width.values[2]``), the bad
+value and what is allowed.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from raydyn.errors import SpecError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+DATASETS = ("teacher", "digits", "modular", "parity")
+MODELS = ("mlp", "cnn", "transformer")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+LOSSES = ("cross_entropy", "mse", "hinge")
+ACTIVATIONS = ("relu", "tanh", "gelu", "linear", "leaky_relu", "sigmoid")
+RECORDABLE = ("weights",)  # grows as analysis probes land
+
+# Data-set options, their defaults and types. Kept as plain dicts so the data
+# module and the validator agree on one table.
+DATA_OPTIONS: dict[str, dict[str, Any]] = {
+    "teacher": {"n_train": 512, "n_test": 512, "d_in": 16, "d_out": 1, "teacher_width": 32, "noise": 0.1, "seed": 0},
+    "digits": {"test_fraction": 0.2, "seed": 0},
+    "modular": {"p": 97, "train_fraction": 0.3, "seed": 0},
+    "parity": {"n_bits": 40, "k": 3, "n_train": 1000, "n_test": 1000, "seed": 0},
+}
+
+# Parameters that may differ between members of one population (one Tune trial):
+# they are per-member tensors in the vectorised optimiser. Everything else is
+# shared by a population.
+PER_MEMBER = ("seed", "lr", "momentum", "weight_decay", "dampening", "beta1", "beta2", "eps")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TaskSpec(_Model):
+    """What is trained: data set, model and fixed model options."""
+
+    dataset: Literal["teacher", "digits", "modular", "parity"]
+    data: dict[str, Any] = Field(default_factory=dict)
+    model: Literal["mlp", "cnn", "transformer"] = "mlp"
+    depth: int = Field(2, ge=1, le=64, description="hidden layers (mlp), conv layers (cnn), blocks (transformer, 1-2)")
+    width: int = Field(64, ge=1, le=65536, description="hidden units (mlp), channels (cnn), d_model (transformer)")
+    activation: Literal["relu", "tanh", "gelu", "linear", "leaky_relu", "sigmoid"] = "relu"
+    batch_norm: bool = False
+    bias: bool = True
+    heads: int = Field(4, ge=1, le=64)
+    init_scale: float = Field(1.0, gt=0, description="multiplies every initial parameter tensor")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TaskSpec":
+        allowed = DATA_OPTIONS[self.dataset]
+        for key, value in self.data.items():
+            if key not in allowed:
+                raise ValueError(
+                    f"data: unknown option {key!r} for dataset {self.dataset!r}; allowed: {', '.join(sorted(allowed))}"
+                )
+            default = allowed[key]
+            ok = (
+                isinstance(value, type(default))
+                or (isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool))
+            ) and not (isinstance(value, bool) and not isinstance(default, bool))
+            if not ok:
+                raise ValueError(
+                    f"data.{key}: expected {type(default).__name__}, got {value!r}"
+                )
+        if self.model == "transformer" and self.dataset != "modular":
+            raise ValueError(f"model 'transformer' needs dataset 'modular' (token inputs), got dataset {self.dataset!r}")
+        if self.model == "cnn" and self.dataset != "digits":
+            raise ValueError(f"model 'cnn' needs dataset 'digits' (8x8 images), got dataset {self.dataset!r}")
+        if self.model == "transformer" and self.depth > 2:
+            raise ValueError(f"depth: the transformer has 1 or 2 layers, got {self.depth}")
+        if self.model == "transformer" and self.width % self.heads:
+            raise ValueError(f"width (d_model={self.width}) must be divisible by heads ({self.heads})")
+        return self
+
+    def data_options(self) -> dict[str, Any]:
+        return {**DATA_OPTIONS[self.dataset], **self.data}
+
+
+class WeightsSpec(_Model):
+    """How weight snapshots are stored."""
+
+    max_size: int = Field(200_000, ge=1, description="store all parameters as float32 up to this many")
+    projection_dim: int = Field(4096, ge=8, description="above max_size: seeded CountSketch to this many dims")
+    layers: list[str] | None = Field(None, description="store only these parameter names (prefix match) instead")
+
+
+class TrainSpec(_Model):
+    """How runs are trained and what is recorded."""
+
+    steps: int = Field(ge=1, le=10_000_000)
+    batch_size: int = Field(64, ge=1, description="minibatch size; >= data size means full batch")
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+    dampening: float = Field(0.0, ge=0, le=1)
+    nesterov: bool = False
+    weight_decay: float = Field(0.0, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.999, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    loss: Literal["cross_entropy", "mse", "hinge"] | None = None
+    seed: int = Field(0, ge=0, lt=2**31)
+    record_every: int = Field(10, ge=1)
+    record: list[Literal["weights"]] = Field(
+        default_factory=lambda: ["weights"]
+    )
+    weights: WeightsSpec = Field(default_factory=WeightsSpec)
+    eval_size: int = Field(2048, ge=1, description="train-set samples used to evaluate train loss/accuracy")
+    divergence_factor: float = Field(1e4, gt=1, description="diverged when loss > factor x initial loss (or NaN/inf)")
+    dtype: Literal["float32", "float64"] = "float32"
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainSpec":
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov: true needs momentum > 0")
+        return self
+
+
+class ParamSpec(_Model):
+    """One swept parameter: a list of values, one fixed value, or a distribution."""
+
+    values: list[Any] | None = None
+    value: Any = None
+    distribution: Literal["uniform", "log_uniform", "int_uniform"] | None = None
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "ParamSpec":
+        given = [k for k in ("values", "value", "distribution") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of 'values' (a list), 'value' (one value) or 'distribution' (with min/max)"
+                + (f"; got {', '.join(given)}" if given else "")
+            )
+        if self.values is not None and len(self.values) == 0:
+            raise ValueError("values: the list is empty; give at least one value")
+        if self.distribution is not None:
+            if self.min is None or self.max is None:
+                raise ValueError(f"distribution {self.distribution!r} needs both 'min' and 'max'")
+            if not self.min < self.max:
+                raise ValueError(f"min ({self.min}) must be < max ({self.max})")
+            if self.distribution == "log_uniform" and self.min <= 0:
+                raise ValueError(f"log_uniform needs min > 0, got {self.min}")
+        elif self.min is not None or self.max is not None:
+            raise ValueError("'min'/'max' only go with 'distribution'")
+        return self
+
+    def is_list(self) -> bool:
+        return self.distribution is None
+
+    def listed(self) -> list[Any]:
+        return list(self.values) if self.values is not None else [self.value]
+
+
+class ResourcesSpec(_Model):
+    cpu: float = Field(1, gt=0, description="CPUs per trial (one trial trains one population)")
+    gpu: float = Field(0, ge=0, description="GPUs per trial")
+    max_concurrent: int | None = Field(None, ge=1, description="at most this many trials at once")
+    population_size: int = Field(64, ge=1, description="at most this many runs vectorised in one trial")
+
+
+class SweepSpec(_Model):
+    """A whole sweep file, validated."""
+
+    name: str
+    description: str = ""
+    task: TaskSpec
+    train: TrainSpec
+    method: Literal["grid", "random", "optuna"] = "grid"
+    parameters: dict[str, ParamSpec] = Field(default_factory=dict)
+    num_samples: int | None = Field(None, ge=1, description="points drawn by random/optuna (each crossed with every seed)")
+    metric: str | None = Field(None, description="optuna objective: a final_* column of the runs table")
+    goal: Literal["minimize", "maximize"] = "minimize"
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    phases: dict[str, Any] = Field(default_factory=dict, description="phase thresholds (see raydyn.phase)")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError(f"{v!r} is not a valid sweep name: use letters, digits, '_', '-', '.' (max 100)")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> "SweepSpec":
+        if self.method == "grid":
+            for pname, p in self.parameters.items():
+                if not p.is_list():
+                    raise ValueError(
+                        f"parameters.{pname}: method 'grid' needs a list of 'values', not a distribution "
+                        "(use method: random or optuna for distributions)"
+                    )
+            if self.num_samples is not None:
+                raise ValueError("num_samples: only used by method random/optuna; a grid runs every combination")
+        else:
+            if self.num_samples is None:
+                raise ValueError(f"num_samples: method {self.method!r} needs num_samples (how many points to draw)")
+        if self.method == "optuna":
+            if not self.metric:
+                raise ValueError("metric: method 'optuna' needs the metric to optimise, e.g. final_test_loss")
+            if not self.metric.startswith("final_"):
+                raise ValueError(f"metric: {self.metric!r} is not a final_* metric (e.g. final_test_loss, final_train_loss)")
+        return self
+
+    # ------------------------------------------------------------------ expansion
+    def run_config(self, point: dict[str, Any]) -> "RunConfig":
+        """The run at one point of the search space, values coerced to their field types."""
+        task = self.task.model_dump()
+        train = self.train.model_dump()
+        for name, value in point.items():
+            if name.startswith("data."):
+                task["data"] = {**task["data"], name[5:]: value}
+            elif name in task:
+                task[name] = value
+            else:
+                train[name] = value
+        t, tr = TaskSpec.model_validate(task), TrainSpec.model_validate(train)
+        data = t.data_options()
+        for k, v in data.items():  # data options keep the type of their default
+            data[k] = type(DATA_OPTIONS[t.dataset][k])(v)
+        cfg = {**t.model_dump(), **tr.model_dump()}
+        cfg["data"] = data
+        cfg["record"] = sorted(set(cfg["record"]))
+        return RunConfig(cfg, run_id_of(cfg))
+
+    def axes(self) -> list[str]:
+        """Swept parameter names with more than one value (or a distribution), in file order."""
+        return [k for k, p in self.parameters.items() if not p.is_list() or len(p.listed()) > 1]
+
+    def expand(self) -> list["RunConfig"]:
+        """All runs of a grid or random sweep, deterministic (so resume finds them again).
+
+        For ``random`` every drawn point is crossed with every listed seed.
+        ``optuna`` sweeps are expanded trial by trial by the searcher instead.
+        """
+        if self.method == "grid":
+            names = list(self.parameters)
+            combos = itertools.product(*[self.parameters[n].listed() for n in names])
+            points = [dict(zip(names, c)) for c in combos]
+        elif self.method == "random":
+            rng = random.Random(f"raydyn:{self.name}")
+            seeds = self.parameters["seed"].listed() if "seed" in self.parameters else [self.train.seed]
+            points = []
+            for _ in range(self.num_samples or 0):
+                pt = {n: _draw(p, rng) for n, p in self.parameters.items() if n != "seed"}
+                points.extend({**pt, "seed": s} for s in seeds)
+        else:
+            raise SpecError("optuna sweeps are expanded by the searcher, one population per trial")
+        runs = [self.run_config(pt) for pt in points]
+        # identical points (e.g. a one-value list next to the default) collapse to one run
+        unique = {r.run_id: r for r in runs}
+        return list(unique.values())
+
+
+def _draw(p: ParamSpec, rng: random.Random) -> Any:
+    if p.is_list():
+        return rng.choice(p.listed())
+    lo, hi = float(p.min), float(p.max)  # type: ignore[arg-type]
+    if p.distribution == "uniform":
+        return rng.uniform(lo, hi)
+    if p.distribution == "log_uniform":
+        return math.exp(rng.uniform(math.log(lo), math.log(hi)))
+    return rng.randint(int(math.ceil(lo)), int(math.floor(hi)))
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One training run: a flat, JSON-able dict of every setting plus its id.
+
+    The id is a hash of the config, so the same run gets the same id on every
+    expansion: that is what makes resume find completed runs.
+    """
+
+    config: dict[str, Any]
+    run_id: str
+
+    def __getitem__(self, key: str) -> Any:
+        return self.config[key]
+
+    def population_key(self) -> str:
+        shared = {k: v for k, v in self.config.items() if k not in PER_MEMBER}
+        return _hash(shared, 10)
+
+    def flat(self) -> dict[str, Any]:
+        """Typed columns for the runs table: every setting, data options as data_<name>."""
+        out = {}
+        for k, v in self.config.items():
+            if k == "data":
+                for dk, dv in v.items():
+                    out[f"data_{dk}"] = dv
+            elif k == "weights":
+                continue
+            elif k == "record":
+                out["record"] = ",".join(v)
+            else:
+                out[k] = v
+        return out
+
+
+def _hash(obj: Any, n: int) -> str:
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:n]
+
+
+def run_id_of(cfg: dict[str, Any]) -> str:
+    return "r" + _hash(cfg, 15)
+
+
+@dataclass(frozen=True)
+class PopulationSpec:
+    """Runs trained together in one trial: they share everything but PER_MEMBER values."""
+
+    pop_id: str
+    members: tuple[RunConfig, ...]
+    shared: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"pop_id": self.pop_id, "members": [{"run_id": m.run_id, "config": m.config} for m in self.members]}
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> "PopulationSpec":
+        members = tuple(RunConfig(m["config"], m["run_id"]) for m in d["members"])
+        return PopulationSpec(d["pop_id"], members, dict(members[0].config))
+
+
+def populations(runs: list[RunConfig], max_size: int) -> list[PopulationSpec]:
+    """Group runs that can share one vectorised trial, in chunks of at most ``max_size``.
+
+    Chunks are balanced (sizes differ by at most one) so trials take similar time.
+    """
+    groups: dict[str, list[RunConfig]] = {}
+    for r in sorted(runs, key=lambda r: r.run_id):
+        groups.setdefault(r.population_key(), []).append(r)
+    out = []
+    for key, members in sorted(groups.items()):
+        n_chunks = math.ceil(len(members) / max_size)
+        for i in range(n_chunks):
+            chunk = members[i::n_chunks]
+            pid = f"p{key}-{_hash([m.run_id for m in chunk], 8)}"
+            out.append(PopulationSpec(pid, tuple(chunk), dict(chunk[0].config)))
+    return out
+
+
+# ---------------------------------------------------------------------- loading
+def _fmt_loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
+    """Field names of the model at ``loc`` (the parent of an unknown key)."""
+    cur: Any = model
+    for part in loc:
+        if isinstance(cur, type) and issubclass(cur, BaseModel) and isinstance(part, str) and part in cur.model_fields:
+            ann = cur.model_fields[part].annotation
+            cur = _unwrap(ann)
+        elif isinstance(cur, type) and issubclass(cur, BaseModel):
+            return None
+        else:
+            return None
+    if isinstance(cur, type) and issubclass(cur, BaseModel):
+        return list(cur.model_fields)
+    return None
+
+
+def _unwrap(ann: Any) -> Any:
+    args = getattr(ann, "__args__", None)
+    if args:
+        for a in args:
+            if isinstance(a, type) and issubclass(a, BaseModel):
+                return a
+    return ann
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-after")))
+        path = _fmt_loc(loc)
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(SweepSpec, loc[:-1])
+            hint = f"; allowed keys here: {', '.join(allowed)}" if allowed else ""
+            lines.append(f"{path}: unknown key{hint}")
+            continue
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "missing":
+            lines.append(f"{path}: required key is missing")
+            continue
+        shown = e.get("input")
+        got = "" if isinstance(shown, dict) or e["type"].startswith("value_error") else f" (got {shown!r})"
+        lines.append(f"{path}: {msg}{got}")
+    return f"{source}: invalid sweep file\n  " + "\n  ".join(lines)
+
+
+def _check_parameters(spec: SweepSpec, source: str) -> None:
+    """Every swept name must exist, and every listed value must validate in place."""
+    task_fields = set(TaskSpec.model_fields) - {"data", "dataset"}
+    train_fields = set(TrainSpec.model_fields) - {"record", "weights"}
+    allowed = sorted(task_fields | train_fields) + [f"data.{k}" for k in DATA_OPTIONS[spec.task.dataset]]
+    problems = []
+    for pname, p in spec.parameters.items():
+        where = f"parameters.{pname}"
+        if pname == "dataset":
+            problems.append(f"{where}: the dataset cannot be swept within one sweep; write one sweep per dataset")
+            continue
+        if pname not in allowed:
+            problems.append(f"{where}: unknown parameter {pname!r}; sweepable: {', '.join(allowed)}")
+            continue
+        values = p.listed() if p.is_list() else [p.min, p.max]
+        for i, v in enumerate(values):
+            vwhere = f"{where}.values[{i}]" if p.values is not None else (where + (".value" if p.is_list() else f".{'min' if i == 0 else 'max'}"))
+            try:
+                if pname.startswith("data."):
+                    TaskSpec.model_validate({**spec.task.model_dump(), "data": {**spec.task.data, pname[5:]: v}})
+                elif pname in task_fields:
+                    if p.distribution == "int_uniform" or pname in ("depth", "width", "heads"):
+                        v = int(v) if isinstance(v, float) and v.is_integer() and not p.is_list() else v
+                    TaskSpec.model_validate({**spec.task.model_dump(), pname: v})
+                else:
+                    if not p.is_list() and pname in ("steps", "batch_size", "seed", "record_every", "eval_size"):
+                        v = int(v)
+                    TrainSpec.model_validate({**spec.train.model_dump(), pname: v})
+            except ValidationError as e:
+                msg = "; ".join(x["msg"].removeprefix("Value error, ") for x in e.errors())
+                problems.append(f"{vwhere}: {msg} (got {v!r})")
+    if spec.method == "optuna":
+        non_seed = [n for n in spec.parameters if n != "seed"]
+        if not non_seed:
+            problems.append("parameters: method 'optuna' needs at least one parameter other than seed to search over")
+    if problems:
+        raise SpecError(f"{source}: invalid sweep file\n  " + "\n  ".join(problems))
+
+
+def parse_sweep(text: str, source: str = "<sweep>") -> SweepSpec:
+    """Parse and validate sweep-file text. Raises :class:`SpecError` naming every problem."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise SpecError(f"{source}: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: a sweep file is a YAML mapping with keys name, task, train, ...; got {type(data).__name__}")
+    try:
+        spec = SweepSpec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(_format_errors(e, source)) from None
+    _check_parameters(spec, source)
+    return spec
+
+
+def load_sweep(path: str | Path) -> tuple[SweepSpec, str]:
+    """Read a sweep file; returns the spec and the exact text (stored with the results)."""
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError(f"{p}: no such sweep file")
+    text = p.read_text()
+    return parse_sweep(text, str(p)), text
+
+
+def sweep_hash(text: str) -> str:
+    """Hash of the sweep file's meaning (parsed YAML), so comments and spacing don't matter."""
+    return _hash(yaml.safe_load(text), 16)

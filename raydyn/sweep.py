@@ -1,0 +1,290 @@
+"""Sweeps on Ray Tune. With raydyn.fanout, the only module that imports Ray.
+
+One Tune trial trains one *population* (runs vectorised together, see
+:mod:`raydyn.train.population`) and writes its runs to the raydyn store itself;
+Tune's own result files are bookkeeping. Resume is the store's job: run ids are
+hashes of run configs, so a re-run of ``sweep run`` skips every run already in
+the store and trains only the rest.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlparse
+
+os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
+
+import ray  # noqa: E402
+from ray import tune  # noqa: E402
+
+from raydyn.errors import RaydynError  # noqa: E402
+from raydyn.spec import PopulationSpec, RunConfig, SweepSpec, populations, sweep_hash  # noqa: E402
+from raydyn.store import Store  # noqa: E402
+
+
+# ----------------------------------------------------------------------------- Ray
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Attach to ``address`` (or $RAY_ADDRESS), or start an embedded local Ray bound to localhost."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "configure_logging": True}
+    if address:
+        try:
+            ray.init(address=address, **kwargs)
+        except Exception as e:  # ConnectionError, TimeoutError, ValueError depending on the failure
+            raise RaydynError(f"could not connect to the Ray cluster at --address {address!r}: {e}") from None
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1",
+                 _node_ip_address="127.0.0.1", **kwargs)
+
+
+def check_resources(spec: SweepSpec) -> None:
+    """Fail before any training when a trial asks for more than the cluster has."""
+    res = ray.cluster_resources()
+    cpu, gpu = spec.resources.cpu, spec.resources.gpu
+    if gpu > 0 and res.get("GPU", 0) < gpu:
+        raise RaydynError(
+            f"resources.gpu: each trial asks for {gpu} GPU but the Ray cluster has {res.get('GPU', 0):g}; "
+            "set resources.gpu: 0 to train on CPU"
+        )
+    if res.get("CPU", 0) < cpu:
+        raise RaydynError(
+            f"resources.cpu: each trial asks for {cpu:g} CPUs but the Ray cluster has {res.get('CPU', 0):g}"
+        )
+
+
+# ----------------------------------------------------------------------------- trial
+def _objective(values: list[float], goal: str) -> float:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return 1e30 if goal == "minimize" else -1e30
+    return sum(finite) / len(finite)
+
+
+def population_trial(config: dict[str, Any], store_uri: str, sweep: str, spec_text: str | None = None) -> None:
+    """Tune function trainable: train one population and write it to the store.
+
+    ``config`` holds either a ready population (grid/random) or, for optuna, a
+    point of the search space that is crossed with the sweep's seeds here.
+    """
+    import torch
+
+    from raydyn.spec import parse_sweep
+    from raydyn.store import open_store
+    from raydyn.train.population import train_population
+    from raydyn.train.recorder import runs_table
+
+    ctx = tune.get_context()
+    cpus = ctx.get_trial_resources().required_resources.get("CPU", 1) if ctx else 1
+    torch.set_num_threads(max(1, int(cpus)))
+    if "population" in config:
+        pop = PopulationSpec.from_dict(config["population"])
+        goal, metric = "minimize", None
+    else:  # optuna: the searcher proposed a point
+        spec = parse_sweep(spec_text or "", sweep)
+        point = {k: v for k, v in config.items()}
+        seeds = spec.parameters["seed"].listed() if "seed" in spec.parameters else [spec.train.seed]
+        members = [spec.run_config({**point, "seed": s}) for s in seeds]
+        pop = populations(members, len(members))[0]
+        goal, metric = spec.goal, spec.metric
+    n = len(pop.members)
+
+    def on_record(step: int, active: int, diverged: int) -> None:
+        tune.report({"step": step, "members": n, "active": active, "diverged": diverged, "pop_done": 0})
+
+    result = train_population(pop, on_record=on_record)
+    runs = runs_table(result, pop.pop_id)
+    store = open_store(store_uri)
+    store.write_runs(sweep, pop.pop_id, runs=runs, metrics=result.recorder.metrics_table(),
+                     weights=result.recorder.weights_table())
+    diverged = sum(m.status == "diverged" for m in result.members)
+    final: dict[str, Any] = {"step": int(pop.shared["steps"]), "members": n, "active": n - diverged,
+                             "diverged": diverged, "pop_done": 1}
+    if metric:
+        final["objective"] = _objective(runs.column(metric).to_pylist() if metric in runs.column_names else [], goal)
+    tune.report(final)
+
+
+# ----------------------------------------------------------------------------- progress
+class _Progress(tune.Callback):
+    """Turns Tune's per-trial results into runs done/total, diverged, elapsed."""
+
+    def __init__(self, total: int, update: Callable[[dict[str, Any]], None]):
+        self.total, self.update = total, update
+        self.done = self.diverged = self.failed = 0
+        self.t0 = time.time()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if not result.get("pop_done"):
+            self._emit()
+            return
+        self.done += int(result["members"])
+        self.diverged += int(result["diverged"])
+        self._emit()
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.failed += 1
+        self._emit()
+
+    def _emit(self) -> None:
+        self.update({"done": self.done, "total": self.total, "diverged": self.diverged,
+                     "failed": self.failed, "elapsed": time.time() - self.t0})
+
+
+# ----------------------------------------------------------------------------- sweeps
+@dataclass
+class SweepOutcome:
+    name: str
+    total: int
+    skipped: int
+    trained: int
+    diverged: int
+    failed_populations: list[str] = field(default_factory=list)
+    elapsed_s: float = 0.0
+
+
+def _tune_storage(store: Store) -> str | None:
+    parsed = urlparse(store.uri)
+    if parsed.scheme in ("", "file"):
+        path = Path(parsed.path if parsed.scheme == "file" else store.uri).resolve() / "_tune"
+        return str(path)
+    return None  # Tune's default (~/ray_results) for remote stores: it is only bookkeeping
+
+
+def register_sweep(spec: SweepSpec, text: str, store: Store) -> None:
+    """Store the sweep file with its hash; refuse a changed file under an existing name."""
+    h = sweep_hash(text)
+    meta = store.sweep_meta(spec.name)
+    if meta is not None and meta.get("hash") != h:
+        raise RaydynError(
+            f"sweep {spec.name!r} already exists in store {store.uri} with a different sweep file "
+            f"(stored hash {meta.get('hash')}, this file {h}). Results must say exactly what produced them: "
+            f"to run the changed file, give it a new `name:` (e.g. {spec.name}-v2), or delete the old sweep's "
+            "results from the store first."
+        )
+    if meta is None:
+        from raydyn.train.recorder import versions
+
+        store.put_sweep(spec.name, text, {"hash": h, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                          "method": spec.method, "versions": versions()})
+
+
+def plan(spec: SweepSpec, store: Store) -> tuple[list[RunConfig], list[RunConfig]]:
+    """All runs of the sweep, and those not yet in the store."""
+    runs = spec.expand()
+    done = store.completed_run_ids(spec.name)
+    return runs, [r for r in runs if r.run_id not in done]
+
+
+def run_sweep(
+    spec: SweepSpec,
+    text: str,
+    store: Store,
+    *,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    max_failures: int = 1,
+) -> SweepOutcome:
+    """Train every run of ``spec`` not already in ``store``; returns counts."""
+    t0 = time.time()
+    store.ensure_writable()
+    register_sweep(spec, text, store)
+    progress = progress or (lambda info: None)
+
+    if spec.method == "optuna":
+        return _run_optuna(spec, text, store, address=address, num_cpus=num_cpus, progress=progress,
+                           max_failures=max_failures, t0=t0)
+
+    runs, todo = plan(spec, store)
+    if not todo:
+        progress({"done": 0, "total": 0, "diverged": 0, "failed": 0, "elapsed": 0.0})
+        return SweepOutcome(spec.name, len(runs), len(runs), 0, 0, elapsed_s=time.time() - t0)
+    ensure_ray(address, num_cpus)
+    check_resources(spec)
+    pops = populations(todo, spec.resources.population_size)
+    param_space = {"population": tune.grid_search([p.to_dict() for p in pops])}
+    cb = _Progress(len(todo), progress)
+    grid = _fit(spec, store, param_space, cb, max_failures, tune.TuneConfig(
+        max_concurrent_trials=spec.resources.max_concurrent))
+    failed = [r.config["population"]["pop_id"] for r in grid if r.error is not None]
+    return SweepOutcome(spec.name, len(runs), len(runs) - len(todo), cb.done, cb.diverged, failed, time.time() - t0)
+
+
+def _fit(spec, store, param_space, cb, max_failures, tune_config, spec_text=None):
+    trainable = tune.with_resources(
+        tune.with_parameters(population_trial, store_uri=store.uri, sweep=spec.name, spec_text=spec_text),
+        {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
+    )
+    run_config = tune.RunConfig(
+        name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
+        storage_path=_tune_storage(store),
+        verbose=0,
+        callbacks=[cb],
+        failure_config=tune.FailureConfig(max_failures=max_failures),
+    )
+    tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
+    return tuner.fit()
+
+
+def _run_optuna(spec, text, store, *, address, num_cpus, progress, max_failures, t0) -> SweepOutcome:
+    from ray.tune.search.optuna import OptunaSearch
+
+    seeds = spec.parameters["seed"].listed() if "seed" in spec.parameters else [spec.train.seed]
+    done_pops = {p for p in store.table("runs", sweep=spec.name, columns=["population"]).column("population").to_pylist()} \
+        if spec.name in store.sweeps() else set()
+    remaining = (spec.num_samples or 0) - len(done_pops)
+    if remaining <= 0:
+        return SweepOutcome(spec.name, len(done_pops) * len(seeds), len(done_pops) * len(seeds), 0, 0,
+                            elapsed_s=time.time() - t0)
+    ensure_ray(address, num_cpus)
+    check_resources(spec)
+    space: dict[str, Any] = {}
+    for name, p in spec.parameters.items():
+        if name == "seed":
+            continue
+        if p.is_list():
+            space[name] = tune.choice(p.listed())
+        elif p.distribution == "uniform":
+            space[name] = tune.uniform(p.min, p.max)
+        elif p.distribution == "log_uniform":
+            space[name] = tune.loguniform(p.min, p.max)
+        else:
+            space[name] = tune.randint(int(math.ceil(p.min)), int(math.floor(p.max)) + 1)
+    searcher = OptunaSearch(metric="objective", mode="min" if spec.goal == "minimize" else "max",
+                            seed=int(spec.train.seed))
+    cb = _Progress(remaining * len(seeds), progress)
+    grid = _fit(spec, store, space, cb, max_failures, tune.TuneConfig(
+        search_alg=searcher, num_samples=remaining, max_concurrent_trials=spec.resources.max_concurrent),
+        spec_text=text)
+    failed = [str(r.config) for r in grid if r.error is not None]
+    return SweepOutcome(spec.name, (len(done_pops) + remaining) * len(seeds), len(done_pops) * len(seeds),
+                        cb.done, cb.diverged, failed, time.time() - t0)
+
+
+def sweep_status(spec: SweepSpec, store: Store) -> dict[str, Any]:
+    """Counts of runs in the store by status, and how many the sweep file still lacks."""
+    table = store.table("runs", sweep=spec.name, columns=["run_id", "status"]) if spec.name in store.sweeps() else None
+    by_status: dict[str, int] = {}
+    if table is not None:
+        for s in table.column("status").to_pylist():
+            by_status[s] = by_status.get(s, 0) + 1
+    if spec.method == "optuna":
+        total = (spec.num_samples or 0) * len(spec.parameters["seed"].listed() if "seed" in spec.parameters else [0])
+    else:
+        total = len(spec.expand())
+    in_store = sum(by_status.values())
+    return {"sweep": spec.name, "total": total, "in_store": in_store, "missing": max(0, total - in_store),
+            "by_status": by_status, "meta": store.sweep_meta(spec.name)}
+
+
+def to_json(o: Any) -> str:
+    return json.dumps(o, indent=2, sort_keys=True, default=str)

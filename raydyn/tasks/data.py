@@ -1,0 +1,114 @@
+"""Data sets, generated or bundled (no downloads at run time).
+
+Every data set is a :class:`Dataset` of tensors. Generation is seeded by the
+data set's own ``seed`` option, independent of the run seed, so every run of a
+sweep sees the same data and differs only in initialisation and data order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Tensors of one data set.
+
+    x_train: (n_train, *input_shape) float, or (n_train, seq) int64 tokens
+    y_train: (n_train,) int64 class labels, (n_train,) float in {-1, +1} for
+             binary hinge tasks, or (n_train, d_out) float regression targets
+    kind:    "classification" | "binary" | "regression"
+    out_dim: width of the model output
+    """
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    kind: str
+    out_dim: int
+    default_loss: str
+    vocab: int = 0  # token vocabulary (modular), 0 for real-valued inputs
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    def to(self, dtype: torch.dtype) -> "Dataset":
+        conv = (lambda t: t.to(dtype) if t.is_floating_point() else t)
+        return Dataset(conv(self.x_train), conv(self.y_train), conv(self.x_test), conv(self.y_test),
+                       self.kind, self.out_dim, self.default_loss, self.vocab)
+
+
+def teacher(n_train: int, n_test: int, d_in: int, d_out: int, teacher_width: int, noise: float, seed: int) -> Dataset:
+    """Gaussian teacher-student regression: x ~ N(0, I), y = teacher(x) + noise.
+
+    The teacher is a random one-hidden-layer tanh network of ``teacher_width``
+    units (a linear map when 0), scaled so targets have unit variance per output.
+    """
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_train + n_test, d_in, generator=g, dtype=torch.float64)
+    if teacher_width > 0:
+        w1 = torch.randn(d_in, teacher_width, generator=g, dtype=torch.float64) / d_in**0.5
+        w2 = torch.randn(teacher_width, d_out, generator=g, dtype=torch.float64) / teacher_width**0.5
+        y = torch.tanh(x @ w1) @ w2
+    else:
+        y = x @ (torch.randn(d_in, d_out, generator=g, dtype=torch.float64) / d_in**0.5)
+    y = y / y.std(dim=0, keepdim=True).clamp_min(1e-12)
+    y = y + noise * torch.randn(y.shape, generator=g, dtype=torch.float64)
+    x, y = x.float(), y.float()
+    return Dataset(x[:n_train], y[:n_train], x[n_train:], y[n_train:], "regression", d_out, "mse")
+
+
+def digits(test_fraction: float, seed: int) -> Dataset:
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes).
+
+    Pixels scaled to [0, 1]; inputs are (1, 8, 8) images (the MLP flattens them).
+    A fixed stratified split (``seed``) gives train and test sets.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    x = d.images.astype(np.float32)[:, None] / 16.0
+    xtr, xte, ytr, yte = train_test_split(x, d.target, test_size=test_fraction, random_state=seed, stratify=d.target)
+    t = torch.from_numpy
+    return Dataset(t(xtr), t(ytr).long(), t(xte), t(yte).long(), "classification", 10, "cross_entropy")
+
+
+def modular(p: int, train_fraction: float, seed: int) -> Dataset:
+    """Modular addition a + b mod p (Power et al. 2022), for grokking.
+
+    Inputs are token sequences [a, b, =] with '=' the token p (vocabulary p+1);
+    all p^2 pairs, a random ``train_fraction`` of them for training.
+    """
+    a, b = torch.meshgrid(torch.arange(p), torch.arange(p), indexing="ij")
+    a, b = a.reshape(-1), b.reshape(-1)
+    x = torch.stack([a, b, torch.full_like(a, p)], dim=1)
+    y = (a + b) % p
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(p * p, generator=g)
+    n_train = max(1, int(round(train_fraction * p * p)))
+    tr, te = perm[:n_train], perm[n_train:]
+    return Dataset(x[tr], y[tr], x[te], y[te], "classification", p, "cross_entropy", vocab=p + 1)
+
+
+def parity(n_bits: int, k: int, n_train: int, n_test: int, seed: int) -> Dataset:
+    """Sparse parity: x uniform in {-1, +1}^n, y = product of the first k bits (in {-1, +1})."""
+    if not 1 <= k <= n_bits:
+        raise ValueError(f"parity: need 1 <= k <= n_bits, got k={k}, n_bits={n_bits}")
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 2, (n_train + n_test, n_bits), generator=g).float() * 2 - 1
+    y = x[:, :k].prod(dim=1)
+    return Dataset(x[:n_train], y[:n_train], x[n_train:], y[n_train:], "binary", 1, "hinge")
+
+
+BUILDERS = {"teacher": teacher, "digits": digits, "modular": modular, "parity": parity}
+
+
+def make_dataset(name: str, options: dict[str, Any]) -> Dataset:
+    """Build data set ``name`` with its (already validated) options."""
+    return BUILDERS[name](**options)

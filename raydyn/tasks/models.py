@@ -1,0 +1,139 @@
+"""Models. Every model honours ``depth`` and ``width`` so phase maps over them mean something.
+
+All models are plain ``nn.Module``s without running-statistics buffers, so a
+population can be trained with ``torch.func.functional_call`` under ``vmap``.
+Batch norm therefore normalises with the statistics of the batch it sees, in
+training and evaluation alike (``track_running_stats=False``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+ACTIVATIONS = {
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "gelu": nn.GELU,
+    "linear": nn.Identity,
+    "leaky_relu": nn.LeakyReLU,
+    "sigmoid": nn.Sigmoid,
+}
+
+
+class OneHot(nn.Module):
+    """Token ids (B, S) -> concatenated one-hot vectors (B, S * vocab), for MLPs on token tasks."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.vocab = vocab
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        ids = torch.arange(self.vocab, device=tokens.device)
+        return (tokens.unsqueeze(-1) == ids).to(torch.get_default_dtype()).flatten(-2)
+
+
+def mlp(in_features: int, out_dim: int, depth: int, width: int, activation: str, batch_norm: bool, bias: bool) -> nn.Module:
+    """Flatten -> depth x [Linear(width) (-> BatchNorm1d) -> act] -> Linear(out_dim)."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    d = in_features
+    for _ in range(depth):
+        layers.append(nn.Linear(d, width, bias=bias))
+        if batch_norm:
+            layers.append(nn.BatchNorm1d(width, track_running_stats=False))
+        layers.append(ACTIVATIONS[activation]())
+        d = width
+    layers.append(nn.Linear(d, out_dim, bias=bias))
+    return nn.Sequential(*layers)
+
+
+def cnn(in_shape: tuple[int, ...], out_dim: int, depth: int, width: int, activation: str, batch_norm: bool, bias: bool) -> nn.Module:
+    """depth x [Conv3x3(width) (-> BatchNorm2d) -> act] -> global average pool -> Linear(out_dim)."""
+    layers: list[nn.Module] = []
+    c = in_shape[0]
+    for _ in range(depth):
+        layers.append(nn.Conv2d(c, width, 3, padding=1, bias=bias))
+        if batch_norm:
+            layers.append(nn.BatchNorm2d(width, track_running_stats=False))
+        layers.append(ACTIVATIONS[activation]())
+        c = width
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, out_dim, bias=bias)]
+    return nn.Sequential(*layers)
+
+
+class Attention(nn.Module):
+    """Causal multi-head self-attention written out so it vmaps cleanly."""
+
+    def __init__(self, d_model: int, heads: int, bias: bool):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
+        self.out = nn.Linear(d_model, d_model, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, S, d)
+        b, s, d = x.shape
+        q, k, v = self.qkv(x).split(d, dim=-1)
+        shape = (b, s, self.heads, d // self.heads)
+        q, k, v = (t.reshape(shape).transpose(1, 2) for t in (q, k, v))  # (B, H, S, dh)
+        att = q @ k.transpose(-1, -2) / math.sqrt(d // self.heads)
+        mask = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
+        att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+        return self.out((att @ v).transpose(1, 2).reshape(b, s, d))
+
+
+class Block(nn.Module):
+    """Residual attention + residual MLP (4 x d_model), no layer norm (as in Nanda et al. 2023)."""
+
+    def __init__(self, d_model: int, heads: int, activation: str, bias: bool):
+        super().__init__()
+        self.attn = Attention(d_model, heads, bias)
+        self.mlp_in = nn.Linear(d_model, 4 * d_model, bias=bias)
+        self.act = ACTIVATIONS[activation]()
+        self.mlp_out = nn.Linear(4 * d_model, d_model, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(x)
+        return x + self.mlp_out(self.act(self.mlp_in(x)))
+
+
+class Transformer(nn.Module):
+    """1-2 layer decoder-only transformer reading token sequences; logits at the last position."""
+
+    def __init__(self, vocab: int, seq_len: int, out_dim: int, depth: int, width: int, heads: int, activation: str, bias: bool):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.pos = nn.Parameter(torch.randn(seq_len, width) / math.sqrt(width))
+        self.blocks = nn.Sequential(*[Block(width, heads, activation, bias) for _ in range(depth)])
+        self.unembed = nn.Linear(width, out_dim, bias=bias)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # tokens: (B, S) int64
+        x = self.embed(tokens) + self.pos
+        return self.unembed(self.blocks(x)[:, -1])
+
+
+def build_model(cfg: dict[str, Any], input_shape: tuple[int, ...], out_dim: int, vocab: int = 0) -> nn.Module:
+    """Build the model named by ``cfg['model']`` with freshly initialised parameters.
+
+    Initialisation uses PyTorch's defaults (seed the global RNG first), each tensor
+    multiplied by ``cfg['init_scale']``.
+    """
+    kind = cfg["model"]
+    if kind == "mlp" and vocab:
+        m = nn.Sequential(OneHot(vocab), mlp(input_shape[0] * vocab, out_dim, cfg["depth"], cfg["width"],
+                                             cfg["activation"], cfg["batch_norm"], cfg["bias"]))
+    elif kind == "mlp":
+        m = mlp(math.prod(input_shape), out_dim, cfg["depth"], cfg["width"], cfg["activation"], cfg["batch_norm"], cfg["bias"])
+    elif kind == "cnn":
+        m = cnn(input_shape, out_dim, cfg["depth"], cfg["width"], cfg["activation"], cfg["batch_norm"], cfg["bias"])
+    elif kind == "transformer":
+        m = Transformer(vocab, input_shape[0], out_dim, cfg["depth"], cfg["width"], cfg["heads"], cfg["activation"], cfg["bias"])
+    else:  # validated by the spec; a programming error otherwise
+        raise ValueError(f"unknown model {kind!r}")
+    scale = float(cfg.get("init_scale", 1.0))
+    if scale != 1.0:
+        with torch.no_grad():
+            for p in m.parameters():
+                p.mul_(scale)
+    return m

@@ -1,0 +1,27 @@
+"""Losses and accuracies, written for one model's batch so they vmap over a population."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def loss_fn(name: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean loss of a batch. out: (B, C) logits or (B, d) predictions; y as in Dataset."""
+    if name == "cross_entropy":
+        return F.cross_entropy(out, y)
+    if name == "mse":
+        if y.dtype == torch.long:  # classification with one-hot targets
+            y = F.one_hot(y, out.shape[-1]).to(out.dtype)
+        return 0.5 * ((out - y.reshape(out.shape)) ** 2).sum(-1).mean()
+    if name == "hinge":  # binary, y in {-1, +1}, scalar output
+        return torch.clamp(1 - y * out.reshape(y.shape), min=0).mean()
+    raise ValueError(f"unknown loss {name!r}")
+
+
+def accuracy(kind: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Fraction correct in [0, 1]; NaN for regression."""
+    if kind == "classification":
+        return (out.argmax(-1) == y).to(out.dtype).mean()
+    if kind == "binary":
+        return (torch.sign(out.reshape(y.shape)) == y).to(out.dtype).mean()
+    return torch.full((), float("nan"), dtype=out.dtype)

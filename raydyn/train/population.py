@@ -1,0 +1,263 @@
+"""Population training: many runs of one architecture trained together with torch.func.
+
+A *population* is a set of runs that share data set, architecture, batch size and
+optimiser kind (see :func:`raydyn.spec.populations`). Their parameters are
+stacked along a leading axis P and one training step of all of them is one
+``vmap``-ed call, so a Ray Tune trial trains P runs for roughly the price of a
+few. Per-member values (seed, lr, momentum, weight decay, Adam betas/eps) are
+(P,) tensors broadcast in the optimiser, which is written out here to be
+exactly PyTorch's update (``torch.optim.SGD``/``Adam``/``AdamW``), so that a
+member's trajectory equals the same run trained alone (tested).
+
+Shapes: P members, B batch size, D flattened parameters.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.func import functional_call, grad_and_value, stack_module_state, vmap
+
+from raydyn.spec import PopulationSpec
+from raydyn.tasks.data import Dataset, make_dataset
+from raydyn.tasks.models import build_model
+from raydyn.train.objectives import accuracy, loss_fn
+from raydyn.train.recorder import Recorder
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def init_model(cfg: dict[str, Any], data: Dataset) -> torch.nn.Module:
+    """The run's initial model: PyTorch default init under ``torch.manual_seed(seed)``."""
+    dtype = DTYPES[cfg["dtype"]]
+    with default_dtype(dtype):
+        torch.manual_seed(cfg["seed"])
+        return build_model(cfg, data.input_shape, data.out_dim, data.vocab)
+
+
+def load_data(cfg: dict[str, Any]) -> Dataset:
+    return make_dataset(cfg["dataset"], cfg["data"]).to(DTYPES[cfg["dtype"]])
+
+
+class BatchStream:
+    """A run's own data order: successive batches of seeded per-epoch permutations.
+
+    Full batch (batch_size >= n) always yields all indices in order. Otherwise an
+    epoch is a random permutation cut into floor(n / B) batches (the remainder is
+    dropped), and the next epoch draws a new permutation.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.b = n, min(batch_size, n)
+        self.full = batch_size >= n
+        self.gen = torch.Generator().manual_seed(seed * 7919 + 104729)
+        self.perm = torch.empty(0, dtype=torch.long)
+        self.pos = 0
+
+    def next(self) -> torch.Tensor:
+        if self.full:
+            return torch.arange(self.n)
+        if self.pos + self.b > len(self.perm):
+            self.perm = torch.randperm(self.n, generator=self.gen)
+            self.pos = 0
+        idx = self.perm[self.pos : self.pos + self.b]
+        self.pos += self.b
+        return idx
+
+
+# ---------------------------------------------------------------------------- optimisers
+class PopulationOptimizer:
+    """PyTorch's SGD / Adam / AdamW update on stacked (P, ...) parameters, per-member hyperparameters.
+
+    SGD (torch.optim.SGD semantics): d = g + wd*p; with momentum, buf = d on the
+    first step, else buf = m*buf + (1-dampening)*d; d = d + m*buf (nesterov) or buf;
+    p -= lr*d. Members with momentum 0 use d directly, as PyTorch does.
+    Adam: g += wd*p (L2); AdamW: p *= 1 - lr*wd (decoupled). Then the bias-
+    corrected moment update of torch.optim.Adam with eps added to sqrt(v_hat).
+    """
+
+    def __init__(self, kind: str, hp: dict[str, torch.Tensor], nesterov: bool = False):
+        self.kind, self.hp, self.nesterov = kind, hp, nesterov
+        self.state: dict[str, dict[str, torch.Tensor]] = {}
+        self.t = 0
+
+    @staticmethod
+    def _b(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return v.reshape((-1,) + (1,) * (like.dim() - 1))
+
+    @torch.no_grad()
+    def step(self, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], active: torch.Tensor) -> None:
+        self.t += 1
+        hp = self.hp
+        for name, p in params.items():
+            g = grads[name]
+            b = lambda v: self._b(v, p)  # noqa: E731
+            st = self.state.setdefault(name, {})
+            if self.kind == "sgd":
+                d = g + b(hp["weight_decay"]) * p
+                if "buf" not in st:
+                    st["buf"] = d.clone()
+                else:
+                    st["buf"] = b(hp["momentum"]) * st["buf"] + (1 - b(hp["dampening"])) * d
+                buf = st["buf"]
+                upd = d + b(hp["momentum"]) * buf if self.nesterov else buf
+                upd = torch.where(b(hp["momentum"]) > 0, upd, d)
+                new = p - b(hp["lr"]) * upd
+            else:
+                if self.kind == "adam":
+                    g = g + b(hp["weight_decay"]) * p
+                    base = p
+                else:  # adamw
+                    base = p * (1 - b(hp["lr"]) * b(hp["weight_decay"]))
+                if "m" not in st:
+                    st["m"], st["v"] = torch.zeros_like(p), torch.zeros_like(p)
+                b1, b2 = b(hp["beta1"]), b(hp["beta2"])
+                st["m"] = st["m"] * b1 + (1 - b1) * g
+                st["v"] = st["v"] * b2 + (1 - b2) * g * g
+                bc1, bc2 = 1 - b1**self.t, 1 - b2**self.t
+                denom = (st["v"].sqrt() / bc2.sqrt()) + b(hp["eps"])
+                new = base - (b(hp["lr"]) / bc1) * st["m"] / denom
+            # diverged members are frozen: their parameters no longer change
+            p.copy_(torch.where(b(active), new, p))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"t": self.t, "state": self.state}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.t, self.state = sd["t"], sd["state"]
+
+
+# ---------------------------------------------------------------------------- training
+@dataclass
+class MemberResult:
+    run_id: str
+    config: dict[str, Any]
+    status: str = "completed"
+    diverged_step: int | None = None
+    steps_done: int = 0
+
+
+@dataclass
+class PopulationResult:
+    members: list[MemberResult]
+    recorder: Recorder
+    wall_time_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def train_population(
+    pop: PopulationSpec,
+    on_record: Callable[[int, int, int], None] | None = None,
+    data: Dataset | None = None,
+) -> PopulationResult:
+    """Train every member of ``pop``; returns per-member status and the recorder's data.
+
+    ``on_record(step, n_active, n_diverged)`` is called after each record (progress).
+    """
+    t0 = time.perf_counter()
+    cfg = pop.shared
+    data = data if data is not None else load_data(cfg)
+    members = list(pop.members)
+    P = len(members)
+    dtype = DTYPES[cfg["dtype"]]
+
+    # --- stacked initial parameters: member i initialised exactly as if trained alone
+    models = [init_model(m.config, data) for m in members]
+    params, buffers = stack_module_state(models)  # name -> (P, ...)
+    params = {k: v.detach().clone() for k, v in params.items()}
+    base = copy.deepcopy(models[0]).to("meta")
+    del models
+
+    loss_name = cfg["loss"] or data.default_loss
+    kind = data.kind
+
+    def member_loss(p, bufs, x, y):
+        out = functional_call(base, (p, bufs), (x,))
+        return loss_fn(loss_name, out, y), out
+
+    step_fn = vmap(grad_and_value(member_loss, has_aux=True))
+
+    def forward(p, bufs, x):
+        return functional_call(base, (p, bufs), (x,))
+
+    eval_fn = vmap(forward, in_dims=(0, 0, None))
+
+    hp = {
+        k: torch.tensor([float(m.config[k]) for m in members], dtype=dtype)
+        for k in ("lr", "momentum", "dampening", "weight_decay", "beta1", "beta2", "eps")
+    }
+    opt = PopulationOptimizer(cfg["optimizer"], hp, nesterov=bool(cfg["nesterov"]))
+    streams = [BatchStream(len(data.x_train), cfg["batch_size"], m.config["seed"]) for m in members]
+    n_eval = min(cfg["eval_size"], len(data.x_train))
+    x_eval, y_eval = data.x_train[:n_eval], data.y_train[:n_eval]
+
+    @torch.no_grad()
+    def evaluate(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-member mean loss and accuracy on (x, y), in sample chunks to bound memory."""
+        losses, accs, ns = [], [], []
+        chunk = max(64, 2**22 // max(1, P * cfg["width"] * (4 if cfg["model"] == "transformer" else 1)))
+        for i in range(0, len(x), chunk):
+            out = eval_fn(params, buffers, x[i : i + chunk])  # (P, n, C)
+            yc = y[i : i + chunk]
+            losses.append(vmap(lambda o: loss_fn(loss_name, o, yc))(out))
+            accs.append(vmap(lambda o: accuracy(kind, o, yc))(out))
+            ns.append(len(yc))
+        w = torch.tensor(ns, dtype=dtype) / sum(ns)
+        return (torch.stack(losses, 1) * w).sum(1), (torch.stack(accs, 1) * w).sum(1)
+
+    recorder = Recorder(cfg, members, params)
+    results = [MemberResult(m.run_id, m.config) for m in members]
+    active = torch.ones(P, dtype=torch.bool)
+    init_loss: torch.Tensor | None = None
+    factor = float(cfg["divergence_factor"])
+    steps, every = int(cfg["steps"]), int(cfg["record_every"])
+
+    for step in range(steps + 1):
+        idx = torch.stack([s.next() for s in streams])  # (P, B): each member its own order
+        xb, yb = data.x_train[idx], data.y_train[idx]
+        grads, (batch_loss, _) = step_fn(params, buffers, xb, yb)
+
+        record_now = step % every == 0 or step == steps
+        if record_now or init_loss is None:
+            tr_loss, tr_acc = evaluate(x_eval, y_eval)
+        if init_loss is None:
+            init_loss = tr_loss.clone().clamp_min(1e-12)
+        # divergence: NaN/inf or loss above factor x initial, on the batch or the eval set
+        bad = ~torch.isfinite(batch_loss) | (batch_loss > factor * init_loss)
+        if record_now:
+            bad |= ~torch.isfinite(tr_loss) | (tr_loss > factor * init_loss)
+        newly = active & bad
+        mask = active.clone() if record_now else newly
+        if mask.any():
+            if not record_now:
+                tr_loss, tr_acc = evaluate(x_eval, y_eval)
+            te_loss, te_acc = evaluate(data.x_test, data.y_test)
+            recorder.record(step, mask, params, grads, opt, train=(tr_loss, tr_acc), test=(te_loss, te_acc))
+        for i in torch.nonzero(newly).flatten().tolist():
+            results[i].status, results[i].diverged_step, results[i].steps_done = "diverged", step, step
+        active &= ~newly
+        if record_now and on_record is not None:
+            on_record(step, int(active.sum()), int((~active).sum()))
+        if not active.any() or step == steps:
+            break
+        opt.step(params, grads, active)
+
+    for i, r in enumerate(results):
+        if r.status == "completed":
+            r.steps_done = steps
+    return PopulationResult(results, recorder, time.perf_counter() - t0)

@@ -1,0 +1,205 @@
+"""The recorder: what a population writes every ``record_every`` steps, and its Arrow tables.
+
+Per run and record step: train/test loss and accuracy, minibatch gradient norm,
+learning rate, per-parameter-tensor weight norms (``norm_<name>``), and a weight
+snapshot. Snapshots hold every parameter as float32 while the model has at most
+``weights.max_size`` of them; above that (or when ``weights.layers`` names a
+subset) the layout actually stored is written into the run's ``weights_layout``
+metadata: a chosen subset of tensors, and/or a seeded CountSketch projection to
+``weights.projection_dim`` dimensions (each coordinate added with a random sign
+into one random bucket; inner products are preserved in expectation).
+
+Optional probes (``train.record``) add more metric columns; each is one function
+in :data:`PROBES` taking the recorder context and returning (P,) tensors.
+"""
+from __future__ import annotations
+
+import json
+import re
+from importlib import metadata
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+SKETCH_SEED = 20240601
+
+
+def _col(name: str) -> str:
+    return "norm_" + re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("raydyn", "torch", "ray", "numpy", "pyarrow"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "unknown"
+    return out
+
+
+# Probes: name -> fn(ctx) -> {column: (P,) tensor}. Registered by analysis integrations.
+PROBES: dict[str, Callable[[dict[str, Any]], dict[str, torch.Tensor]]] = {}
+
+
+class Recorder:
+    """Collects metric rows and weight snapshots of a population (P members)."""
+
+    def __init__(self, cfg: dict[str, Any], members: list[Any], params: dict[str, torch.Tensor]):
+        self.cfg = cfg
+        self.run_ids = [m.run_id for m in members]
+        self.lrs = np.array([float(m.config["lr"]) for m in members])
+        self.P = len(members)
+        self.names = list(params)
+        self.shapes = [tuple(params[n].shape[1:]) for n in self.names]
+        self.want_weights = "weights" in cfg["record"]
+        self.probes = [p for p in cfg["record"] if p != "weights"]
+        self._metric_chunks: list[tuple[int, np.ndarray, dict[str, np.ndarray]]] = []
+        self._weight_chunks: list[tuple[int, np.ndarray, np.ndarray]] = []
+        self.layout = self._layout(cfg["weights"])
+
+    # ---------------------------------------------------------------- weights layout
+    def _layout(self, wcfg: dict[str, Any]) -> dict[str, Any]:
+        names, shapes = self.names, self.shapes
+        kind = "full"
+        if wcfg.get("layers"):
+            prefixes = wcfg["layers"]
+            keep = [i for i, n in enumerate(names) if any(n.startswith(p) for p in prefixes)]
+            if not keep:
+                raise ValueError(f"train.weights.layers: {prefixes} match no parameter; parameters: {names}")
+            names, shapes, kind = [names[i] for i in keep], [shapes[i] for i in keep], "layers"
+        sizes = [int(np.prod(s)) for s in shapes]
+        offsets = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+        dim = offsets[-1]
+        layout: dict[str, Any] = {"kind": kind, "names": names, "shapes": shapes, "offsets": offsets, "dim": dim}
+        if dim > wcfg["max_size"]:
+            k = int(wcfg["projection_dim"])
+            g = torch.Generator().manual_seed(SKETCH_SEED)
+            self._bucket = torch.randint(0, k, (dim,), generator=g)
+            self._sign = torch.randint(0, 2, (dim,), generator=g).float() * 2 - 1
+            layout.update(kind=kind + "+countsketch", dim=k, source_dim=dim, sketch_seed=SKETCH_SEED)
+        return layout
+
+    def flat_weights(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(P, D) float32 vector of the stored parameters (after any subset/sketch)."""
+        flat = torch.cat([params[n].detach().reshape(self.P, -1) for n in self.layout["names"]], dim=1).float()
+        if "countsketch" in self.layout["kind"]:
+            out = torch.zeros(self.P, self.layout["dim"])
+            out.index_add_(1, self._bucket, flat * self._sign)
+            return out
+        return flat
+
+    # ---------------------------------------------------------------- recording
+    @torch.no_grad()
+    def record(self, step: int, mask: torch.Tensor, params, grads, opt, train, test, **extra: Any) -> None:
+        idx = torch.nonzero(mask).flatten().numpy()
+        gn = torch.zeros(self.P, dtype=train[0].dtype)
+        for g in grads.values():
+            gn += g.reshape(self.P, -1).pow(2).sum(1)
+        cols: dict[str, torch.Tensor] = {
+            "train_loss": train[0],
+            "train_acc": train[1],
+            "test_loss": test[0],
+            "test_acc": test[1],
+            "grad_norm": gn.sqrt(),
+        }
+        for n in self.names:
+            cols[_col(n)] = params[n].reshape(self.P, -1).norm(dim=1)
+        ctx = {"cfg": self.cfg, "params": params, "grads": grads, "opt": opt, "step": step, **extra}
+        for probe in self.probes:
+            cols.update(PROBES[probe](ctx))
+        arrays = {k: v.detach().double().numpy()[idx] for k, v in cols.items()}
+        arrays["lr"] = self.lrs[idx]
+        self._metric_chunks.append((step, idx, arrays))
+        if self.want_weights:
+            self._weight_chunks.append((step, idx, self.flat_weights(params).numpy()[idx]))
+
+    # ---------------------------------------------------------------- tables
+    def metrics_table(self) -> pa.Table:
+        run_ids = np.array(self.run_ids, dtype=object)
+        if not self._metric_chunks:
+            return pa.table({"run_id": pa.array([], pa.string()), "step": pa.array([], pa.int64())})
+        cols: dict[str, list[np.ndarray]] = {"run_id": [], "step": []}
+        names = list(self._metric_chunks[0][2])
+        for n in names:
+            cols[n] = []
+        for step, idx, arrays in self._metric_chunks:
+            cols["run_id"].append(run_ids[idx])
+            cols["step"].append(np.full(len(idx), step, dtype=np.int64))
+            for n in names:
+                cols[n].append(arrays[n])
+        table = pa.table({k: np.concatenate(v) for k, v in cols.items()})
+        return table.sort_by([("run_id", "ascending"), ("step", "ascending")])
+
+    def weights_table(self) -> pa.Table | None:
+        if not self.want_weights:
+            return None
+        run_ids = np.array(self.run_ids, dtype=object)
+        rid = np.concatenate([run_ids[idx] for _, idx, _ in self._weight_chunks])
+        steps = np.concatenate([np.full(len(idx), s, dtype=np.int64) for s, idx, _ in self._weight_chunks])
+        mat = np.concatenate([w for _, _, w in self._weight_chunks]).astype(np.float32)
+        vec = pa.FixedSizeListArray.from_arrays(pa.array(mat.reshape(-1)), mat.shape[1]).cast(pa.list_(pa.float32()))
+        table = pa.table({"run_id": rid, "step": steps, "weights": vec})
+        return table.sort_by([("run_id", "ascending"), ("step", "ascending")])
+
+    def final_values(self) -> dict[str, dict[str, float]]:
+        """Per run: final/initial/max train loss and final test metrics from its last record."""
+        out: dict[str, dict[str, float]] = {rid: {} for rid in self.run_ids}
+        for step, idx, arrays in self._metric_chunks:
+            for j, i in enumerate(idx):
+                d = out[self.run_ids[i]]
+                for k in ("train_loss", "train_acc", "test_loss", "test_acc"):
+                    d[f"final_{k}"] = float(arrays[k][j])
+                tl = float(arrays["train_loss"][j])
+                d.setdefault("initial_train_loss", tl)
+                if np.isfinite(tl):
+                    d["max_train_loss"] = max(d.get("max_train_loss", -np.inf), tl)
+                else:
+                    d["max_train_loss"] = float("inf")
+                d["last_record_step"] = step
+        return out
+
+
+def runs_table(result: Any, pop_id: str) -> pa.Table:
+    """One row per member: identity, status, every config value typed, final metrics, metadata."""
+    from raydyn.spec import RunConfig
+
+    rec: Recorder = result.recorder
+    finals = rec.final_values()
+    rows = []
+    ver = json.dumps(versions(), sort_keys=True)
+    layout = json.dumps(rec.layout)
+    for m in result.members:
+        flat = RunConfig(m.config, m.run_id).flat()
+        f = finals[m.run_id]
+        rows.append({
+            "run_id": m.run_id,
+            "population": pop_id,
+            "status": m.status,
+            **flat,
+            "final_train_loss": f.get("final_train_loss", float("nan")),
+            "final_train_acc": f.get("final_train_acc", float("nan")),
+            "final_test_loss": f.get("final_test_loss", float("nan")),
+            "final_test_acc": f.get("final_test_acc", float("nan")),
+            "initial_train_loss": f.get("initial_train_loss", float("nan")),
+            "max_train_loss": f.get("max_train_loss", float("nan")),
+            "diverged_step": m.diverged_step if m.diverged_step is not None else -1,
+            "steps_done": m.steps_done,
+            "population_size": len(result.members),
+            "wall_time_s": result.wall_time_s,
+            "config_json": json.dumps(m.config, sort_keys=True),
+            "weights_layout": layout,
+            "versions": ver,
+        })
+    table = pa.Table.from_pylist(rows)
+    # ints that are config values stay int64, floats float64 (pylist inference does this);
+    # make sure float-typed config values that happen to be whole numbers stay float64.
+    fields = []
+    for f in table.schema:
+        if pa.types.is_integer(f.type) and f.name in ("lr", "momentum", "weight_decay", "dampening", "beta1", "beta2", "eps",
+                                                      "init_scale", "divergence_factor"):
+            f = f.with_type(pa.float64())
+        fields.append(f)
+    return table.cast(pa.schema(fields))

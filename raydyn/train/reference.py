@@ -1,0 +1,57 @@
+"""The plain PyTorch loop: one run, ``nn.Module`` + ``torch.optim``, no vectorisation.
+
+It is the yardstick for the population trainer: same initialisation, same data
+order (:class:`BatchStream`), same losses, and the optimiser is PyTorch's own.
+Tests check that a population member's trajectory equals this loop's, and the
+throughput benchmark uses it as the "bare sequential PyTorch loop".
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from raydyn.tasks.data import Dataset
+from raydyn.train.objectives import accuracy, loss_fn
+from raydyn.train.population import BatchStream, init_model, load_data
+
+
+def make_optimizer(cfg: dict[str, Any], params) -> torch.optim.Optimizer:
+    kind = cfg["optimizer"]
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], dampening=cfg["dampening"],
+                               weight_decay=cfg["weight_decay"], nesterov=cfg["nesterov"])
+    cls = torch.optim.Adam if kind == "adam" else torch.optim.AdamW
+    return cls(params, lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]), eps=cfg["eps"], weight_decay=cfg["weight_decay"])
+
+
+def train_single(cfg: dict[str, Any], data: Dataset | None = None, record: bool = True) -> dict[str, Any]:
+    """Train one run; returns recorded steps, train/test loss and accuracy, flat weights (if record)."""
+    data = data if data is not None else load_data(cfg)
+    model = init_model(cfg, data)
+    opt = make_optimizer(cfg, model.parameters())
+    stream = BatchStream(len(data.x_train), cfg["batch_size"], cfg["seed"])
+    loss_name = cfg["loss"] or data.default_loss
+    n_eval = min(cfg["eval_size"], len(data.x_train))
+    steps, every = int(cfg["steps"]), int(cfg["record_every"])
+    out: dict[str, list] = {"step": [], "train_loss": [], "train_acc": [], "test_loss": [], "test_acc": [], "weights": []}
+
+    for step in range(steps + 1):
+        idx = stream.next()
+        loss = loss_fn(loss_name, model(data.x_train[idx]), data.y_train[idx])
+        if record and (step % every == 0 or step == steps):
+            with torch.no_grad():
+                for split, x, y in (("train", data.x_train[:n_eval], data.y_train[:n_eval]), ("test", data.x_test, data.y_test)):
+                    o = model(x)
+                    out[f"{split}_loss"].append(float(loss_fn(loss_name, o, y)))
+                    out[f"{split}_acc"].append(float(accuracy(data.kind, o, y)))
+                out["step"].append(step)
+                out["weights"].append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy().copy())
+        if step == steps:
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    out["weights"] = np.stack(out["weights"]) if out["weights"] else np.empty((0, 0))
+    return out

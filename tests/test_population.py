@@ -1,0 +1,124 @@
+"""Population training: a vmapped member's trajectory equals the same run trained alone with torch.optim."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from raydyn.spec import parse_sweep, populations
+from raydyn.train.population import train_population
+from raydyn.train.recorder import runs_table
+from raydyn.train.reference import train_single
+
+BASE = """
+name: t
+task: {{dataset: {dataset}, model: {model}, depth: {depth}, width: {width}, batch_norm: {bn}{extra_task}}}
+train:
+  steps: {steps}
+  batch_size: {batch}
+  optimizer: {opt}
+  {opt_extra}
+  record_every: 5
+  dtype: float64
+parameters:
+  lr: {{values: {lrs}}}
+  seed: {{values: [0, 3]}}
+"""
+
+CASES = {
+    "sgd-momentum-wd-bn": dict(dataset="digits", model="mlp", depth=2, width=16, bn="true", extra_task="",
+                               steps=30, batch=32, opt="sgd", opt_extra="momentum: 0.9\n  weight_decay: 0.01",
+                               lrs="[0.01, 0.05]"),
+    "sgd-nesterov-dampening": dict(dataset="teacher", model="mlp", depth=1, width=8, bn="false", extra_task="",
+                                   steps=25, batch=16, opt="sgd", opt_extra="momentum: 0.5\n  nesterov: true",
+                                   lrs="[0.01, 0.1]"),
+    "adam-l2": dict(dataset="parity", model="mlp", depth=1, width=12, bn="false", extra_task=", data: {n_bits: 10, k: 2, n_train: 200, n_test: 50}",
+                    steps=20, batch=20, opt="adam", opt_extra="weight_decay: 0.01", lrs="[0.001, 0.01]"),
+    "adamw-transformer": dict(dataset="modular", model="transformer", depth=1, width=16, bn="false",
+                              extra_task=", heads: 2, data: {p: 11, train_fraction: 0.5}", steps=15, batch=16,
+                              opt="adamw", opt_extra="weight_decay: 1.0", lrs="[0.001, 0.003]"),
+    "sgd-cnn": dict(dataset="digits", model="cnn", depth=2, width=4, bn="true", extra_task="", steps=12, batch=16,
+                    opt="sgd", opt_extra="momentum: 0.9", lrs="[0.05, 0.1]"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_population_equals_runs_trained_one_by_one(case):
+    spec = parse_sweep(BASE.format(**CASES[case]))
+    pops = populations(spec.expand(), 64)
+    assert len(pops) == 1 and len(pops[0].members) == 4
+    res = train_population(pops[0])
+    metrics = res.recorder.metrics_table().to_pydict()
+    weights = res.recorder.weights_table().to_pydict()
+    for m in pops[0].members:
+        ref = train_single(m.config)
+        rows = [i for i, r in enumerate(metrics["run_id"]) if r == m.run_id]
+        assert [metrics["step"][i] for i in rows] == ref["step"]
+        for key in ("train_loss", "test_loss", "train_acc", "test_acc"):
+            got = np.array([metrics[key][i] for i in rows])
+            np.testing.assert_allclose(got, ref[key], rtol=1e-9, atol=1e-12, err_msg=f"{case} {key}")
+        w = np.array([weights["weights"][i] for i, r in enumerate(weights["run_id"]) if r == m.run_id])
+        # snapshots are stored as float32: equal to float32 rounding of the reference
+        np.testing.assert_allclose(w, ref["weights"].astype(np.float32), rtol=1e-6, atol=1e-7)
+
+
+def test_population_of_one():
+    spec = parse_sweep(BASE.format(**{**CASES["sgd-nesterov-dampening"], "lrs": "[0.05]"}).replace("[0, 3]", "[7]"))
+    (pop,) = populations(spec.expand(), 64)
+    assert len(pop.members) == 1
+    res = train_population(pop)
+    ref = train_single(pop.members[0].config)
+    np.testing.assert_allclose(res.recorder.metrics_table().column("train_loss").to_numpy(), ref["train_loss"], rtol=1e-10)
+
+
+def test_members_have_their_own_data_order():
+    """Same lr, different seeds: different trajectories; a member does not depend on its neighbours."""
+    spec = parse_sweep(BASE.format(**CASES["sgd-nesterov-dampening"]).replace("[0, 3]", "[0, 1, 2]"))
+    pops = populations(spec.expand(), 64)
+    res = train_population(pops[0])
+    t = res.recorder.metrics_table().to_pandas()
+    finals = t[t.step == t.step.max()].train_loss.round(12)
+    assert finals.nunique() == len(finals)
+
+
+def test_divergence_is_a_status_not_a_crash():
+    text = BASE.format(**{**CASES["sgd-nesterov-dampening"], "lrs": "[0.01, 50.0]", "opt_extra": "momentum: 0.0"})
+    (pop,) = populations(parse_sweep(text).expand(), 64)
+    res = train_population(pop)
+    by_lr = {m.config["lr"]: m for m in res.members}
+    assert all(m.status == "completed" for m in res.members if m.config["lr"] == 0.01)
+    diverged = [m for m in res.members if m.config["lr"] == 50.0]
+    assert diverged and all(m.status == "diverged" and m.diverged_step is not None for m in diverged)
+    runs = runs_table(res, pop.pop_id).to_pydict()
+    for rid, status, step, done in zip(runs["run_id"], runs["status"], runs["diverged_step"], runs["steps_done"]):
+        if status == "diverged":
+            assert 0 < step < 25 and done == step
+    # the diverged runs' last metric row is at the divergence step, and nothing is recorded after it
+    mt = res.recorder.metrics_table().to_pandas()
+    for m in diverged:
+        assert mt[mt.run_id == m.run_id].step.max() == m.diverged_step
+    # the healthy members still trained to the end
+    ok = [m for m in res.members if m.status == "completed"]
+    assert all(mt[mt.run_id == m.run_id].step.max() == 25 for m in ok)
+    assert by_lr[0.01].steps_done == 25
+
+
+def test_large_models_store_a_countsketch():
+    text = BASE.format(**{**CASES["sgd-nesterov-dampening"], "lrs": "[0.01]", "steps": 5}).replace(
+        "  dtype: float64", "  dtype: float64\n  weights: {max_size: 50, projection_dim: 16}")
+    (pop,) = populations(parse_sweep(text).expand(), 64)
+    res = train_population(pop)
+    assert res.recorder.layout["kind"] == "full+countsketch" and res.recorder.layout["dim"] == 16
+    wt = res.recorder.weights_table().to_pydict()
+    m0 = pop.members[0]
+    w = np.array([v for r, v in zip(wt["run_id"], wt["weights"]) if r == m0.run_id])
+    assert w.shape[1] == 16
+    # the stored vector is the documented seeded CountSketch of the full parameter vector
+    full = train_single(m0.config)["weights"]
+    g = torch.Generator().manual_seed(res.recorder.layout["sketch_seed"])
+    bucket = torch.randint(0, 16, (full.shape[1],), generator=g).numpy()
+    sign = torch.randint(0, 2, (full.shape[1],), generator=g).numpy() * 2.0 - 1
+    expect = np.zeros((len(full), 16))
+    for t in range(len(full)):
+        np.add.at(expect[t], bucket, full[t] * sign)
+    np.testing.assert_allclose(w, expect, rtol=1e-5, atol=1e-6)
