@@ -1,0 +1,755 @@
+"""The result store: Parquet files on any pyarrow filesystem, read with push-down, queried with SQL."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+import uuid
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from importlib import metadata as _importlib_metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from raydyn.errors import StoreError
+from raydyn.store import layout
+from raydyn.store.layout import PartPath, validate_name
+from raydyn.store.schema import (
+    CORE_TABLES,
+    FINISHED_STATUSES,
+    RUNS_REQUIRED,
+    SCHEMA_VERSION,
+    file_metadata,
+    metrics_schema_check,
+    runs_schema_check,
+    weights_schema_check,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from raydyn.store.check import CheckReport
+
+__all__ = ["Store", "StoreWarning", "open_store", "DEFAULT_STORE", "STORE_ENV"]
+
+#: Environment variable naming the default store.
+STORE_ENV = "RAYDYN_STORE"
+#: Store used when neither an argument nor $RAYDYN_STORE names one.
+DEFAULT_STORE = "./raydyn-results"
+
+#: Target bytes per Parquet row group (rows are sized from the table's average row).
+_ROW_GROUP_BYTES = 64 * 1024 * 1024
+_MAX_ROW_GROUP_ROWS = 1_000_000
+#: Footers are read in parallel; this bounds the threads (helps object stores most).
+_FOOTER_THREADS = 16
+
+_ERRORS = (OSError, pa.ArrowException)
+
+
+class StoreWarning(UserWarning):
+    """Something in the store was skipped (e.g. an unreadable file); the message names it."""
+
+
+def _fs_from_uri(uri: str) -> tuple[pafs.FileSystem, str]:
+    """Resolve a non-local URI to (filesystem, path). The single hook for s3://, gs://, hdfs://...
+
+    Tests replace this function to route a ``mock://`` URI to pyarrow's in-memory
+    mock filesystem, so that the mock runs exactly the code path of a remote store.
+    """
+    return pafs.FileSystem.from_uri(uri)
+
+
+_WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
+
+
+def open_store(
+    uri: str | os.PathLike[str] | None = None,
+    *,
+    write: bool = False,
+    filesystem: pafs.FileSystem | None = None,
+) -> Store:
+    """Open the store at ``uri``.
+
+    Parameters
+    ----------
+    uri:
+        A local path, a ``file://`` URI, or any URI pyarrow understands
+        (``s3://bucket/prefix``, ``gs://bucket/prefix``, ...). None means
+        ``$RAYDYN_STORE`` or, if unset, ``./raydyn-results``. With
+        ``filesystem`` given, ``uri`` is the root path inside that filesystem.
+    write:
+        Prepare for writing now: create the root and prove it writable
+        (:meth:`Store.ensure_writable`), raising :class:`StoreError` naming the
+        path and the OS reason before anything else happens. A store opened
+        without ``write`` makes the same check on its first write.
+    filesystem:
+        An explicit pyarrow filesystem (e.g. an fsspec one wrapped in
+        ``pyarrow.fs.PyFileSystem(FSSpecHandler(...))``).
+    """
+    if uri is None:
+        uri = os.environ.get(STORE_ENV) or DEFAULT_STORE
+    if isinstance(uri, os.PathLike):
+        uri = os.fspath(uri)
+    if not isinstance(uri, str) or not uri.strip():
+        raise StoreError(f"store location must be a non-empty path or URI, got {uri!r}")
+    if filesystem is not None:
+        store = Store(filesystem, uri, uri=f"{filesystem.type_name}://{uri.lstrip('/')}")
+    elif "://" not in uri or _WINDOWS_DRIVE.match(uri):
+        path = os.path.abspath(os.path.expanduser(uri))
+        store = Store(pafs.LocalFileSystem(), path.replace(os.sep, "/"), uri=Path(path).as_uri())
+    elif uri.startswith("file://"):
+        try:
+            fs, path = pafs.FileSystem.from_uri(uri)
+        except _ERRORS as e:
+            raise StoreError(f"cannot open store {uri!r}: {e}") from None
+        store = Store(fs, path, uri=uri)
+    else:
+        try:
+            fs, path = _fs_from_uri(uri)
+        except _ERRORS as e:
+            raise StoreError(f"cannot open store {uri!r}: {e}") from None
+        store = Store(fs, path, uri=uri.rstrip("/"))
+    if write:
+        store.ensure_writable()
+    return store
+
+
+class Store:
+    """raydyn's result store: a directory of hive-partitioned Parquet files.
+
+    Open one with :func:`open_store`. Every backend (local path, ``file://``,
+    any pyarrow filesystem such as S3 or GCS) meets this contract; the
+    conformance suite in ``tests/store/`` runs it against each.
+
+    Layout (``/`` separated, relative to the root; see :mod:`raydyn.store.layout`)::
+
+        <table>/sweep=<sweep>/part-<part>.parquet   any table: runs, metrics, weights, koopman_spectra, ...
+        sweeps/<sweep>/sweep.yaml                   the exact sweep-file text
+        sweeps/<sweep>/sweep.json                   sha256, created_utc, versions, caller metadata
+        _quarantine/<UTC timestamp>/<relpath>       files moved aside by check(repair=True)
+
+    Names: table, sweep and part names are 1-200 characters of letters, digits,
+    ``-``, ``_``, ``.``, starting with a letter or digit; ``sweeps`` is not a
+    table name. Anything else raises :class:`StoreError` naming the value.
+
+    Files: every data file carries the schema metadata
+    ``{"raydyn.schema_version": "1", "raydyn.table": <table>}``, zstd
+    compression and page checksums. The ``sweep`` column is never stored in a
+    file; it comes from the partition directory. The column contract of
+    runs/metrics/weights is in :mod:`raydyn.store.schema`. Nothing is pickled:
+    data is Parquet, metadata is JSON.
+
+    Atomicity: a part is written to ``.tmp-<part>-<uuid>.parquet`` in its final
+    directory and then renamed over ``part-<part>.parquet`` (``os.replace``
+    semantics on local disks; a single object PUT on object stores). A reader
+    therefore sees the old part or the new one, never a half-written file, and
+    re-writing a part replaces it rather than adding rows. Writers of different
+    parts or sweeps never touch each other's files. Two writers of the SAME part
+    race: the last rename wins (still a whole file). Renames are not fsync'ed;
+    atomic visibility, not power-loss durability, is promised.
+
+    Commit order: :meth:`write_runs` writes metrics, weights and extra tables
+    first and the ``runs`` part last. The runs table is authoritative: a run
+    exists when its runs row exists (:meth:`completed_run_ids` drives resume).
+    A crash between the two leaves trajectories without a run, which readers of
+    ``runs`` never see and :meth:`check` reports as orphan trajectories.
+
+    Reading: :meth:`table` reads only ``part-*.parquet`` files (tmp files, the
+    quarantine and foreign files are invisible), pushes column selection and
+    filters down to Parquet (row groups and sweep partitions are pruned), and
+    unifies schemas across parts and sweeps (int64 + float64 -> float64,
+    null -> typed, string -> large_string; a column missing from some files is
+    null there; incompatible types raise StoreError naming the column and
+    files). The ``sweep`` column is a string column at the end. An unreadable
+    file (corrupt, truncated, permission denied) is skipped with a
+    :class:`StoreWarning` naming its path; the healthy data is still returned.
+
+    Missing data is not an error: a table with no files (in the requested
+    sweeps) reads as an empty table. Its columns are the requested ``columns``
+    (or, if none were requested, the table's contract columns for
+    runs/metrics/weights plus ``sweep``), typed by the contract where known and
+    ``null`` otherwise; a filter on it is not evaluated. When the table has
+    data, asking for a column it does not have raises :class:`StoreError`
+    naming the column and the available ones, and so does a filter on a
+    missing field.
+
+    SQL: :meth:`sql` runs one SELECT statement in a fresh in-memory DuckDB
+    connection where every store table mentioned in the query is a view over
+    its pyarrow dataset (filters and projections are pushed down, any
+    filesystem works). External access is disabled and the configuration
+    locked before the query runs, so file reads/writes, ATTACH, INSTALL/LOAD
+    fail; any non-SELECT statement is refused with ``StoreError("raydyn query
+    is read-only ...")`` before it runs.
+
+    Integrity: :meth:`check` reports unreadable files, orphan runs/trajectories,
+    duplicate run ids and stale tmp files; ``check(repair=True)`` moves files
+    into the quarantine and never deletes anything (see
+    :class:`raydyn.store.check.CheckReport`).
+
+    Args:
+        filesystem: the pyarrow filesystem holding the store.
+        root: the root directory inside ``filesystem``.
+        uri: how to name the store to humans (defaults to ``root``).
+    """
+
+    def __init__(self, filesystem: pafs.FileSystem, root: str, *, uri: str | None = None) -> None:
+        if not isinstance(filesystem, pafs.FileSystem):
+            raise TypeError(f"filesystem must be a pyarrow.fs.FileSystem, got {type(filesystem).__name__}")
+        root = root if root == "/" else root.rstrip("/")
+        self._fs = filesystem
+        self._root = root
+        self._uri = uri if uri is not None else root
+        self._local = isinstance(filesystem, pafs.LocalFileSystem)
+        self._writable_checked = False
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def uri(self) -> str:
+        """The store's URI (``file:///abs/path`` for local stores)."""
+        return self._uri
+
+    @property
+    def root(self) -> str:
+        """The root directory inside :attr:`filesystem`."""
+        return self._root
+
+    @property
+    def filesystem(self) -> pafs.FileSystem:
+        return self._fs
+
+    def __repr__(self) -> str:
+        return f"Store({self._uri!r})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Picklable for shipping to Ray workers; the writability proof is per process.
+        state = self.__dict__.copy()
+        state["_writable_checked"] = False
+        return state
+
+    def path(self, relpath: str) -> str:
+        """The filesystem path of ``relpath`` (``/``-separated, relative to the root)."""
+        return layout.join(self._root, relpath)
+
+    def location(self, relpath: str = "") -> str:
+        """A human-readable name of ``relpath`` for messages: an OS path for local stores, else a URI."""
+        if self._local:
+            p = self.path(relpath) if relpath else self._root
+            return p.replace("/", os.sep) if os.sep != "/" else p
+        return f"{self._uri}/{relpath}" if relpath else self._uri
+
+    def _relpath(self, path: str) -> str:
+        prefix = self._root.rstrip("/") + "/" if self._root else ""
+        if prefix and not path.startswith(prefix):
+            raise StoreError(f"path {path!r} is outside the store root {self._root!r}")  # pragma: no cover
+        return path[len(prefix) :]
+
+    def exists(self) -> bool:
+        """Whether the store's root directory exists."""
+        try:
+            return self._fs.get_file_info(self._root).type == pafs.FileType.Directory
+        except _ERRORS:
+            return False
+
+    def ensure_writable(self) -> None:
+        """Create the root if needed and prove it writable by writing and removing a probe file.
+
+        Raises :class:`StoreError` naming the path and the OS reason.
+        """
+        loc = self.location()
+        try:
+            self._fs.create_dir(self._root, recursive=True)
+        except _ERRORS as e:
+            raise StoreError(f"cannot create store directory {loc}: {e}") from None
+        try:
+            info = self._fs.get_file_info(self._root)
+        except _ERRORS as e:
+            raise StoreError(f"cannot inspect store directory {loc}: {e}") from None
+        if info.type != pafs.FileType.Directory:
+            raise StoreError(f"store location {loc} exists but is not a directory")
+        probe = self.path(f"{layout.TMP_PREFIX}probe-{uuid.uuid4().hex}")
+        try:
+            with self._fs.open_output_stream(probe) as f:
+                f.write(b"raydyn write probe\n")
+            self._fs.delete_file(probe)
+        except _ERRORS as e:
+            raise StoreError(f"store directory {loc} is not writable: {e}") from None
+        self._writable_checked = True
+
+    def _before_write(self) -> None:
+        if not self._writable_checked:
+            self.ensure_writable()
+
+    # ------------------------------------------------------------------ writing
+    def write_part(self, table: str, sweep: str, part: str, data: pa.Table) -> str:
+        """Atomically write (or replace) ``<table>/sweep=<sweep>/part-<part>.parquet``.
+
+        ``data`` may carry a ``sweep`` column only if every value equals ``sweep``;
+        it is dropped (the partition directory holds it). Returns the relative path.
+        """
+        validate_name("table", table)
+        validate_name("sweep", sweep)
+        validate_name("part", part)
+        data = self._prepare(table, sweep, data)
+        self._before_write()
+        relpath = layout.part_relpath(table, sweep, part)
+        self._atomic_write_parquet(relpath, data)
+        return relpath
+
+    def _prepare(self, table: str, sweep: str, data: pa.Table) -> pa.Table:
+        if isinstance(data, pa.RecordBatch):
+            data = pa.Table.from_batches([data])
+        if not isinstance(data, pa.Table):
+            raise TypeError(f"data for table {table!r} must be a pyarrow.Table, got {type(data).__name__}")
+        if "sweep" in data.column_names:
+            col = data.column("sweep")
+            if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)) or (
+                len(col) and (col.null_count or not pc.all(pc.equal(col, sweep)).as_py())
+            ):
+                bad = sorted({str(v) for v in pc.unique(col).to_pylist()} - {sweep})[:5]
+                raise StoreError(
+                    f"table {table!r}: column 'sweep' holds {bad} but the rows are being written "
+                    f"to sweep {sweep!r}; drop the column or fix its values"
+                )
+            data = data.drop_columns(["sweep"])
+        meta = dict(data.schema.metadata or {})
+        meta.pop(b"pandas", None)  # index bookkeeping of one part means nothing for the whole table
+        meta.update(file_metadata(table))
+        return data.replace_schema_metadata(meta)
+
+    def _atomic_write_parquet(self, relpath: str, data: pa.Table) -> None:
+        directory, fname = relpath.rsplit("/", 1)
+        stem = fname[len(layout.PART_PREFIX) : -len(layout.PARQUET_SUFFIX)]
+        tmp = self.path(f"{directory}/{layout.TMP_PREFIX}{stem}-{uuid.uuid4().hex}{layout.PARQUET_SUFFIX}")
+        final = self.path(relpath)
+        row_bytes = data.nbytes / max(data.num_rows, 1)
+        rows_per_group = int(max(1, min(_MAX_ROW_GROUP_ROWS, _ROW_GROUP_BYTES // max(row_bytes, 1))))
+        try:
+            self._fs.create_dir(self.path(directory), recursive=True)
+            pq.write_table(
+                data,
+                tmp,
+                filesystem=self._fs,
+                compression="zstd",
+                row_group_size=rows_per_group,
+                write_page_checksum=True,
+            )
+            self._fs.move(tmp, final)
+        except BaseException as e:
+            try:
+                self._fs.delete_file(tmp)
+            except _ERRORS:
+                pass
+            if isinstance(e, _ERRORS):
+                raise StoreError(f"cannot write store file {self.location(relpath)}: {e}") from None
+            raise
+
+    def _atomic_write_bytes(self, relpath: str, payload: bytes) -> None:
+        directory, fname = relpath.rsplit("/", 1)
+        tmp = self.path(f"{directory}/{layout.TMP_PREFIX}{fname}-{uuid.uuid4().hex}")
+        try:
+            self._fs.create_dir(self.path(directory), recursive=True)
+            with self._fs.open_output_stream(tmp) as f:
+                f.write(payload)
+            self._fs.move(tmp, self.path(relpath))
+        except BaseException as e:
+            try:
+                self._fs.delete_file(tmp)
+            except _ERRORS:
+                pass
+            if isinstance(e, _ERRORS):
+                raise StoreError(f"cannot write store file {self.location(relpath)}: {e}") from None
+            raise
+
+    def write_runs(
+        self,
+        sweep: str,
+        part: str,
+        *,
+        runs: pa.Table,
+        metrics: pa.Table | None = None,
+        weights: pa.Table | None = None,
+        extra: dict[str, pa.Table] | None = None,
+    ) -> None:
+        """Write one part of a sweep's results, runs LAST (the commit marker).
+
+        All tables are checked before anything is written: runs/metrics/weights
+        against the column contract (:mod:`raydyn.store.schema`), and every
+        ``run_id`` in metrics/weights/extra tables that have one must be a run
+        of this part. Then metrics, weights and ``extra`` (table name -> table)
+        are written under the same part name, and finally ``runs``.
+        """
+        validate_name("sweep", sweep)
+        validate_name("part", part)
+        runs = self._prepare("runs", sweep, runs)
+        runs_schema_check(runs)
+        others: dict[str, pa.Table] = {}
+        if metrics is not None:
+            others["metrics"] = self._prepare("metrics", sweep, metrics)
+            metrics_schema_check(others["metrics"])
+        if weights is not None:
+            others["weights"] = self._prepare("weights", sweep, weights)
+            weights_schema_check(others["weights"])
+        for name, t in (extra or {}).items():
+            validate_name("table", name)
+            if name in CORE_TABLES:
+                raise StoreError(f"extra table {name!r} is a core table; pass it as the {name}= argument")
+            others[name] = self._prepare(name, sweep, t)
+        known = set(runs.column("run_id").to_pylist())
+        for name, t in others.items():
+            if "run_id" in t.column_names:
+                unknown = sorted({str(v) for v in pc.unique(t.column("run_id")).to_pylist()} - known)
+                if unknown:
+                    raise StoreError(
+                        f"table {name!r} has rows for run_id(s) {unknown[:5]} that are not in the runs "
+                        f"table of sweep {sweep!r} part {part!r}"
+                    )
+        self._before_write()
+        for name, t in others.items():
+            self._atomic_write_parquet(layout.part_relpath(name, sweep, part), t)
+        self._atomic_write_parquet(layout.part_relpath("runs", sweep, part), runs)
+
+    def put_sweep(self, sweep: str, text: str, meta: dict[str, Any] | None = None, *, overwrite: bool = False) -> dict[str, Any]:
+        """Record a sweep's file text and metadata (both written atomically, JSON only).
+
+        ``sweeps/<sweep>/sweep.json`` gets ``sweep``, ``sha256`` (of the UTF-8
+        text), ``created_utc`` (ISO 8601; kept from the existing record when the
+        text is unchanged, so resuming keeps the creation time),
+        ``schema_version``, ``versions`` (python and installed library versions)
+        and then every key of ``meta`` (which wins on conflict). Re-putting a
+        different text for an existing sweep raises StoreError unless
+        ``overwrite``. Returns the record written.
+        """
+        validate_name("sweep", sweep)
+        if not isinstance(text, str):
+            raise TypeError(f"sweep text must be str, got {type(text).__name__}")
+        meta = dict(meta or {})
+        digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        existing = self.sweep_meta(sweep)
+        created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        if existing is not None:
+            if existing.get("sha256") == digest:
+                created = existing.get("created_utc", created)
+            elif not overwrite:
+                raise StoreError(
+                    f"sweep {sweep!r} already exists in {self.location()} with a different sweep file "
+                    f"(sha256 {str(existing.get('sha256'))[:12]}... vs {digest[:12]}...); "
+                    "choose another sweep name or pass overwrite=True"
+                )
+        record: dict[str, Any] = {
+            "sweep": sweep,
+            "sha256": digest,
+            "created_utc": created,
+            "schema_version": SCHEMA_VERSION,
+            "versions": _library_versions(),
+        }
+        record.update(meta)
+        try:
+            payload = json.dumps(record, indent=2, sort_keys=True, allow_nan=False).encode("utf-8")
+        except (TypeError, ValueError) as e:
+            raise StoreError(f"sweep {sweep!r} metadata is not JSON-serialisable: {e}") from None
+        self._before_write()
+        self._atomic_write_bytes(f"{layout.SWEEPS_DIR}/{sweep}/{layout.SWEEP_YAML}", text.encode("utf-8"))
+        self._atomic_write_bytes(f"{layout.SWEEPS_DIR}/{sweep}/{layout.SWEEP_JSON}", payload)
+        return record
+
+    # ------------------------------------------------------------------ listing
+    def _list_files(self, reldir: str, recursive: bool) -> list[pafs.FileInfo]:
+        sel = pafs.FileSelector(self.path(reldir) if reldir else self._root, recursive=recursive, allow_not_found=True)
+        try:
+            return self._fs.get_file_info(sel)
+        except _ERRORS as e:
+            raise StoreError(f"cannot list {self.location(reldir)}: {e}") from None
+
+    def _list_parts(self, table: str, sweeps: list[str] | None) -> list[PartPath]:
+        if sweeps is None:
+            infos = self._list_files(table, recursive=True)
+        else:
+            infos = [i for s in sweeps for i in self._list_files(layout.sweep_dir_relpath(table, s), False)]
+        parts = []
+        for info in infos:
+            if info.type != pafs.FileType.File:
+                continue
+            pp = layout.parse_relpath(self._relpath(info.path))
+            if pp is not None and pp.table == table:
+                parts.append(pp)
+        return sorted(parts, key=lambda p: p.relpath)
+
+    def _table_dirs(self) -> list[str]:
+        names = []
+        for info in self._list_files("", recursive=False):
+            name = info.base_name
+            if info.type == pafs.FileType.Directory and name not in layout.RESERVED_TABLES:
+                if layout._NAME_RE.fullmatch(name):
+                    names.append(name)
+        return sorted(names)
+
+    def tables(self) -> list[str]:
+        """Names of tables that have at least one part file, sorted."""
+        return [t for t in self._table_dirs() if self._list_parts(t, None)]
+
+    def sweeps(self) -> list[str]:
+        """Names of sweeps that have data in any table or a ``sweeps/<sweep>/`` record, sorted."""
+        found = {p.sweep for t in self._table_dirs() for p in self._list_parts(t, None)}
+        for info in self._list_files(layout.SWEEPS_DIR, recursive=False):
+            if info.type == pafs.FileType.Directory and layout._NAME_RE.fullmatch(info.base_name):
+                found.add(info.base_name)
+        return sorted(found)
+
+    # ------------------------------------------------------------------ reading
+    def _open_fragments(self, parts: list[PartPath]) -> list[tuple[PartPath, Any, BaseException | None]]:
+        """Read every part's footer once (in parallel); the fragment caches it for the scan."""
+        fmt = _parquet_format()
+
+        def one(pp: PartPath):
+            try:
+                frag = fmt.make_fragment(
+                    self.path(pp.relpath), filesystem=self._fs, partition_expression=pc.field("sweep") == pp.sweep
+                )
+                frag.ensure_complete_metadata()
+                frag.physical_schema  # noqa: B018 -- cached by the metadata read
+                return pp, frag, None
+            except _ERRORS as e:
+                return pp, None, e
+
+        if len(parts) <= 2:
+            return [one(pp) for pp in parts]
+        with ThreadPoolExecutor(max_workers=min(_FOOTER_THREADS, len(parts))) as pool:
+            return list(pool.map(one, parts))
+
+    def _skip(self, relpath: str, err: BaseException) -> None:
+        warnings.warn(
+            StoreWarning(f"skipping unreadable store file {self.location(relpath)}: {err}"), stacklevel=3
+        )
+
+    def _dataset(self, table: str, sweeps: list[str] | None) -> tuple[ds.FileSystemDataset | None, dict[int, PartPath]]:
+        """The table's dataset over its readable parts with the unified schema (None if no parts)."""
+        opened = self._open_fragments(self._list_parts(table, sweeps))
+        good = []
+        for pp, frag, err in opened:
+            if err is not None:
+                self._skip(pp.relpath, err)
+            else:
+                good.append((pp, frag))
+        if not good:
+            return None, {}
+        schema = self._unify(table, [(pp, frag.physical_schema) for pp, frag in good])
+        dataset = ds.FileSystemDataset([f for _, f in good], schema, _parquet_format(), self._fs)
+        return dataset, {i: pp for i, (pp, _) in enumerate(good)}
+
+    def _unify(self, table: str, schemas: list[tuple[PartPath, pa.Schema]]) -> pa.Schema:
+        plain = []
+        for _, s in schemas:
+            s = s.remove_metadata()
+            if "sweep" in s.names:
+                s = s.remove(s.get_field_index("sweep"))
+            plain.append(s)
+        try:
+            unified = pa.unify_schemas(plain, promote_options="permissive")
+        except (pa.ArrowTypeError, pa.ArrowInvalid) as e:
+            by_col: dict[str, dict[str, str]] = {}
+            for (pp, _), s in zip(schemas, plain):
+                for f in s:
+                    by_col.setdefault(f.name, {}).setdefault(str(f.type), pp.relpath)
+            clashes = {c: t for c, t in by_col.items() if len(t) > 1 and c in str(e)}
+            detail = "; ".join(
+                f"column {c!r}: " + ", ".join(f"{ty} in {self.location(p)}" for ty, p in t.items())
+                for c, t in clashes.items()
+            )
+            raise StoreError(f"table {table!r} has incompatible column types across files: {detail or e}") from None
+        unified = unified.append(pa.field("sweep", pa.string()))
+        return unified.with_metadata(file_metadata(table))
+
+    def table(
+        self,
+        name: str,
+        sweep: str | list[str] | None = None,
+        columns: list[str] | None = None,
+        filter: pc.Expression | None = None,
+    ) -> pa.Table:
+        """Read table ``name`` (all sweeps, one, or a list), with column and filter push-down.
+
+        Args:
+            name: table name (``runs``, ``metrics``, ``koopman_spectra``, ...).
+            sweep: None for every sweep, a sweep name, or a list of names; only
+                their partition directories are listed and read.
+            columns: column names to read (``sweep`` may be one of them); None for all.
+            filter: a ``pyarrow.compute`` expression, e.g.
+                ``pc.field("step") >= 100``; pushed down to row groups and
+                partitions (``pc.field("sweep") == "a"`` prunes directories).
+
+        Returns:
+            A ``pyarrow.Table``; see the class docstring for schema unification,
+            unreadable files and missing tables.
+        """
+        validate_name("table", name)
+        sweeps = _sweep_list(sweep)
+        if columns is not None:
+            if isinstance(columns, str) or not all(isinstance(c, str) for c in columns):
+                raise TypeError(f"columns must be a list of column names, got {columns!r}")
+            columns = list(columns)
+        if filter is not None and not isinstance(filter, pc.Expression):
+            raise TypeError(f"filter must be a pyarrow.compute.Expression, got {type(filter).__name__}")
+        dataset, parts = self._dataset(name, sweeps)
+        if dataset is None:
+            return _empty_table(name, columns)
+        schema = dataset.schema
+        if columns is not None:
+            missing = [c for c in columns if c not in schema.names]
+            if missing:
+                raise StoreError(
+                    f"table {name!r} in {self.location()} has no column(s) {missing}; "
+                    f"available: {schema.names}"
+                )
+        if filter is not None:
+            try:  # bind against an empty table of the same schema: a cheap, exact validation
+                ds.dataset(schema.empty_table()).to_table(filter=filter)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+                raise StoreError(f"invalid filter {filter} for table {name!r}: {e}") from None
+        try:
+            return dataset.to_table(columns=columns, filter=filter)
+        except _ERRORS:
+            pass
+        # A file whose footer is fine but whose data is damaged: read part by part, skip the bad ones.
+        pieces = []
+        for i, frag in enumerate(dataset.get_fragments()):
+            one = ds.FileSystemDataset([frag], schema, _parquet_format(), self._fs)
+            try:
+                pieces.append(one.to_table(columns=columns, filter=filter))
+            except _ERRORS as e:
+                self._skip(parts[i].relpath, e)
+        if not pieces:
+            return schema.empty_table().select(columns) if columns is not None else schema.empty_table()
+        return pa.concat_tables(pieces)
+
+    def runs(self, sweep: str | list[str] | None = None, columns: list[str] | None = None, filter: pc.Expression | None = None) -> pa.Table:
+        """``table("runs", ...)``."""
+        return self.table("runs", sweep, columns, filter)
+
+    def metrics(self, sweep: str | list[str] | None = None, columns: list[str] | None = None, filter: pc.Expression | None = None) -> pa.Table:
+        """``table("metrics", ...)``."""
+        return self.table("metrics", sweep, columns, filter)
+
+    def weights(self, sweep: str | list[str] | None = None, columns: list[str] | None = None, filter: pc.Expression | None = None) -> pa.Table:
+        """``table("weights", ...)``."""
+        return self.table("weights", sweep, columns, filter)
+
+    def completed_run_ids(self, sweep: str) -> set[str]:
+        """run_ids of ``sweep`` whose runs row has status ``completed`` or ``diverged``."""
+        validate_name("sweep", sweep)
+        t = self.table(
+            "runs", sweep, columns=["run_id", "status"], filter=pc.field("status").isin(sorted(FINISHED_STATUSES))
+        )
+        return {str(v) for v in t.column("run_id").to_pylist() if v is not None}
+
+    def sweep_meta(self, sweep: str) -> dict[str, Any] | None:
+        """The ``sweep.json`` record of ``sweep``, or None if there is none."""
+        raw = self._read_small(f"{layout.SWEEPS_DIR}/{validate_name('sweep', sweep)}/{layout.SWEEP_JSON}")
+        if raw is None:
+            return None
+        try:
+            out = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise StoreError(f"sweep metadata {self.location(f'{layout.SWEEPS_DIR}/{sweep}/{layout.SWEEP_JSON}')} is not valid JSON: {e}") from None
+        if not isinstance(out, dict):
+            raise StoreError(f"sweep metadata of {sweep!r} is not a JSON object")
+        return out
+
+    def sweep_text(self, sweep: str) -> str | None:
+        """The exact sweep-file text stored for ``sweep``, or None."""
+        relpath = f"{layout.SWEEPS_DIR}/{validate_name('sweep', sweep)}/{layout.SWEEP_YAML}"
+        raw = self._read_small(relpath)
+        if raw is None:
+            return None
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise StoreError(f"sweep file {self.location(relpath)} is not UTF-8: {e}") from None
+
+    def _read_small(self, relpath: str) -> bytes | None:
+        try:
+            with self._fs.open_input_stream(self.path(relpath)) as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+        except _ERRORS as e:
+            if self._fs.get_file_info(self.path(relpath)).type == pafs.FileType.NotFound:
+                return None
+            raise StoreError(f"cannot read {self.location(relpath)}: {e}") from None
+
+    # ------------------------------------------------------------------ SQL
+    def sql(self, query: str) -> pa.Table:
+        """Run one read-only SELECT over the store's tables (each a DuckDB view named after it).
+
+        Table names containing ``-`` or ``.`` must be double-quoted in SQL.
+        Raises StoreError for non-SELECT statements ("raydyn query is
+        read-only"), more than one statement, syntax errors and unknown
+        tables, with DuckDB's message.
+        """
+        from raydyn.store._sql import run_readonly
+
+        return run_readonly(self, query)
+
+    # ------------------------------------------------------------------ integrity
+    def check(self, repair: bool = False, *, stale_tmp_minutes: float = 60.0) -> CheckReport:
+        """Scan every file; report (and with ``repair``, quarantine) problems.
+
+        See :class:`raydyn.store.check.CheckReport` for what is reported and what
+        repair does. Nothing is ever deleted: bad files are moved to
+        ``_quarantine/<UTC timestamp>/<relpath>``.
+        """
+        from raydyn.store.check import check_store
+
+        return check_store(self, repair=repair, stale_tmp_minutes=stale_tmp_minutes)
+
+
+# ---------------------------------------------------------------------- helpers
+def _parquet_format() -> ds.ParquetFileFormat:
+    return ds.ParquetFileFormat()
+
+
+def _sweep_list(sweep: str | Iterable[str] | None) -> list[str] | None:
+    if sweep is None:
+        return None
+    if isinstance(sweep, str):
+        return [validate_name("sweep", sweep)]
+    try:
+        items = list(sweep)
+    except TypeError:
+        raise TypeError(f"sweep must be None, a name or a list of names, got {sweep!r}") from None
+    return [validate_name("sweep", s) for s in dict.fromkeys(items)]
+
+
+_CONTRACT_TYPES: dict[str, pa.DataType] = {"string": pa.string(), "int64": pa.int64(), "float64": pa.float64()}
+_EMPTY_CORE: dict[str, dict[str, pa.DataType]] = {
+    "runs": {k: _CONTRACT_TYPES[v] for k, v in RUNS_REQUIRED.items()},
+    "metrics": {"run_id": pa.string(), "step": pa.int64()},
+    "weights": {"run_id": pa.string(), "step": pa.int64(), "weights": pa.list_(pa.float32())},
+}
+
+
+def _empty_table(name: str, columns: list[str] | None) -> pa.Table:
+    known = dict(_EMPTY_CORE.get(name, {}))
+    known["sweep"] = pa.string()
+    names = columns if columns is not None else list(known)
+    schema = pa.schema([pa.field(c, known.get(c, pa.null())) for c in names], metadata=file_metadata(name))
+    return schema.empty_table()
+
+
+_VERSIONED = ("raydyn", "pyarrow", "duckdb", "numpy", "torch", "ray", "scipy")
+
+
+def _library_versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0]}
+    for dist in _VERSIONED:
+        try:
+            out[dist] = _importlib_metadata.version(dist)
+        except _importlib_metadata.PackageNotFoundError:
+            pass
+    return out
