@@ -16,10 +16,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import urlparse
 
-os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
+# Tune's own console tables are replaced by raydyn's progress line (verbose=0 + the legacy
+# output engine is silent; the new engine still prints a configuration box).
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 import ray  # noqa: E402
 from ray import tune  # noqa: E402
@@ -122,6 +122,11 @@ class _Progress(tune.Callback):
         self.done = self.diverged = self.failed = 0
         self.t0 = time.time()
 
+    def __getstate__(self):  # Tune pickles callbacks with its experiment state; the live display stays here
+        state = self.__dict__.copy()
+        state["update"] = None
+        return state
+
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if not result.get("pop_done"):
             self._emit()
@@ -135,6 +140,8 @@ class _Progress(tune.Callback):
         self._emit()
 
     def _emit(self) -> None:
+        if self.update is None:
+            return
         self.update({"done": self.done, "total": self.total, "diverged": self.diverged,
                      "failed": self.failed, "elapsed": time.time() - self.t0})
 
@@ -152,11 +159,9 @@ class SweepOutcome:
 
 
 def _tune_storage(store: Store) -> str | None:
-    parsed = urlparse(store.uri)
-    if parsed.scheme in ("", "file"):
-        path = Path(parsed.path if parsed.scheme == "file" else store.uri).resolve() / "_tune"
-        return str(path)
-    return None  # Tune's default (~/ray_results) for remote stores: it is only bookkeeping
+    """Tune's bookkeeping goes under <store>/_tune for local stores, Tune's default otherwise."""
+    local = store.local_path()
+    return str(Path(local) / "_tune") if local else None
 
 
 def register_sweep(spec: SweepSpec, text: str, store: Store) -> None:
@@ -231,8 +236,15 @@ def _fit(spec, store, param_space, cb, max_failures, tune_config, spec_text=None
         callbacks=[cb],
         failure_config=tune.FailureConfig(max_failures=max_failures),
     )
+    tune_config.trial_name_creator = _trial_name
+    tune_config.trial_dirname_creator = _trial_name
     tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
     return tuner.fit()
+
+
+def _trial_name(trial) -> str:
+    pop = trial.config.get("population")
+    return f"{pop['pop_id']}" if pop else f"optuna-{trial.trial_id}"
 
 
 def _run_optuna(spec, text, store, *, address, num_cpus, progress, max_failures, t0) -> SweepOutcome:

@@ -127,7 +127,19 @@ def _edges(values: list[Any], log: bool) -> tuple[np.ndarray, np.ndarray, bool]:
 
 
 def draw_phase_map(info: PhaseMapInfo, path: str | Path, title: str | None = None, diverged_at: float = 0.5) -> Path:
-    """Draw one heatmap panel per facet value to a PNG; returns the path.
+    """Draw the phase map to a PNG (see :func:`render_phase_map`); returns the path."""
+    import matplotlib.pyplot as plt
+
+    fig = render_phase_map(info, title, diverged_at)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def render_phase_map(info: PhaseMapInfo, title: str | None = None, diverged_at: float = 0.5):
+    """One heatmap panel per facet value, as a matplotlib Figure.
 
     Cells where at least ``diverged_at`` of the runs diverged are hatched red with an x;
     missing cells are left blank (light grey, "no runs").
@@ -142,7 +154,8 @@ def draw_phase_map(info: PhaseMapInfo, path: str | Path, title: str | None = Non
     n = len(info.facet_values)
     ncols = min(n, 3)
     nrows = math.ceil(n / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols + 1.2, 3.9 * nrows + 0.6), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols + 1.2, 3.9 * nrows + 0.9), squeeze=False)
+    fig.subplots_adjust(top=1 - 0.9 / (3.9 * nrows + 0.9), hspace=0.35)
     finite = info.median[np.isfinite(info.median)]
     positive = finite.size and (finite > 0).all()
     use_log = bool(positive and finite.max() / finite.min() > 100)
@@ -192,13 +205,9 @@ def draw_phase_map(info: PhaseMapInfo, path: str | Path, title: str | None = Non
         cb.set_label(f"{info.metric} (median over seeds)")
     handles = [Patch(facecolor="#f4c7c3", hatch="xx", edgecolor="#c0392b", label=f"diverged (≥{diverged_at:.0%} of runs)"),
                Patch(facecolor="#e6e6e6", hatch="..", edgecolor="#b0b0b0", label="no runs")]
-    fig.legend(handles=handles, loc="lower left", fontsize=8, frameon=False, ncol=2)
-    fig.suptitle(title or f"{info.metric} over {info.x} × {info.y}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    fig.legend(handles=handles, loc="upper left", fontsize=8, frameon=False, ncol=2)
+    fig.suptitle(title or f"{info.metric} over {info.x} × {info.y}", y=0.985)
+    return fig
 
 
 def default_facets(axes: Sequence[str], x: str, y: str) -> list[str]:
@@ -210,5 +219,5 @@ def facet_combinations(info: PhaseMapInfo) -> list[str]:
     return [", ".join(f"{f}={v}" for f, v in zip(info.facets, fv)) for fv in info.facet_values]
 
 
-__all__ = ["PhaseMapInfo", "phase_map_info", "draw_phase_map", "default_facets", "is_log_spaced",
+__all__ = ["PhaseMapInfo", "phase_map_info", "draw_phase_map", "render_phase_map", "default_facets", "is_log_spaced",
            "facet_combinations"]

@@ -237,6 +237,10 @@ class Store:
         """The filesystem path of ``relpath`` (``/``-separated, relative to the root)."""
         return layout.join(self._root, relpath)
 
+    def local_path(self) -> str | None:
+        """The root as an OS path for stores on the local filesystem, else None."""
+        return self.location() if self._local else None
+
     def location(self, relpath: str = "") -> str:
         """A human-readable name of ``relpath`` for messages: an OS path for local stores, else a URI."""
         if self._local:
