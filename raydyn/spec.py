@@ -151,12 +151,20 @@ class TrainSpec(_Model):
         default_factory=lambda: ["weights"]
     )
     weights: WeightsSpec = Field(default_factory=WeightsSpec)
+    eval_every: int | None = Field(
+        None, ge=1,
+        description="full train/test evaluation every this many steps (and at the first and last step); "
+        "default: record_every when it is >= 100, else 100. Between evaluations train/test columns are NaN, "
+        "batch_loss is always recorded",
+    )
     eval_size: int = Field(2048, ge=1, description="train-set samples used to evaluate train loss/accuracy")
     divergence_factor: float = Field(1e4, gt=1, description="diverged when loss > factor x initial loss (or NaN/inf)")
     dtype: Literal["float32", "float64"] = "float32"
 
     @model_validator(mode="after")
     def _check(self) -> "TrainSpec":
+        if self.eval_every is None:
+            object.__setattr__(self, "eval_every", max(self.record_every, 100))
         if self.nesterov and self.momentum == 0:
             raise ValueError("nesterov: true needs momentum > 0")
         return self

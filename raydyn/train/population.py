@@ -225,29 +225,38 @@ def train_population(
     active = torch.ones(P, dtype=torch.bool)
     init_loss: torch.Tensor | None = None
     factor = float(cfg["divergence_factor"])
-    steps, every = int(cfg["steps"]), int(cfg["record_every"])
+    steps, every, eval_every = int(cfg["steps"]), int(cfg["record_every"]), int(cfg["eval_every"])
+    nan = torch.full((P,), float("nan"), dtype=dtype)
 
     for step in range(steps + 1):
         idx = torch.stack([s.next() for s in streams])  # (P, B): each member its own order
         xb, yb = data.x_train[idx], data.y_train[idx]
         grads, (batch_loss, _) = step_fn(params, buffers, xb, yb)
 
-        record_now = step % every == 0 or step == steps
-        if record_now or init_loss is None:
+        eval_now = step % eval_every == 0 or step == steps
+        record_now = eval_now or step % every == 0
+        if eval_now:
             tr_loss, tr_acc = evaluate(x_eval, y_eval)
-        if init_loss is None:
+        if init_loss is None:  # step 0 is always evaluated
             init_loss = tr_loss.clone().clamp_min(1e-12)
         # divergence: NaN/inf or loss above factor x initial, on the batch or the eval set
         bad = ~torch.isfinite(batch_loss) | (batch_loss > factor * init_loss)
-        if record_now:
+        if eval_now:
             bad |= ~torch.isfinite(tr_loss) | (tr_loss > factor * init_loss)
         newly = active & bad
         mask = active.clone() if record_now else newly
         if mask.any():
-            if not record_now:
-                tr_loss, tr_acc = evaluate(x_eval, y_eval)
-            te_loss, te_acc = evaluate(data.x_test, data.y_test)
-            recorder.record(step, mask, params, grads, opt, train=(tr_loss, tr_acc), test=(te_loss, te_acc))
+            if eval_now or newly.any():  # a diverging run gets a full evaluation at its last step
+                if not eval_now:
+                    tr_loss, tr_acc = evaluate(x_eval, y_eval)
+                te_loss, te_acc = evaluate(data.x_test, data.y_test)
+                train, test = (tr_loss, tr_acc), (te_loss, te_acc)
+                if not eval_now:  # only the diverging members get the evaluation on this step
+                    train = (torch.where(newly, tr_loss, nan), torch.where(newly, tr_acc, nan))
+                    test = (torch.where(newly, te_loss, nan), torch.where(newly, te_acc, nan))
+            else:
+                train, test = (nan, nan), (nan, nan)
+            recorder.record(step, mask, params, grads, opt, train=train, test=test, batch_loss=batch_loss)
         for i in torch.nonzero(newly).flatten().tolist():
             results[i].status, results[i].diverged_step, results[i].steps_done = "diverged", step, step
         active &= ~newly

@@ -1,8 +1,9 @@
 """The recorder: what a population writes every ``record_every`` steps, and its Arrow tables.
 
-Per run and record step: train/test loss and accuracy, minibatch gradient norm,
+Per run and record step: the minibatch loss (``batch_loss``), minibatch gradient norm,
 learning rate, per-parameter-tensor weight norms (``norm_<name>``), and a weight
-snapshot. Snapshots hold every parameter as float32 while the model has at most
+snapshot; at evaluation steps (``eval_every``, the first and the last step) also
+train/test loss and accuracy on the evaluation sets (NaN on other rows). Snapshots hold every parameter as float32 while the model has at most
 ``weights.max_size`` of them; above that (or when ``weights.layers`` names a
 subset) the layout actually stored is written into the run's ``weights_layout``
 metadata: a chosen subset of tensors, and/or a seeded CountSketch projection to
@@ -99,6 +100,7 @@ class Recorder:
         for g in grads.values():
             gn += g.reshape(self.P, -1).pow(2).sum(1)
         cols: dict[str, torch.Tensor] = {
+            "batch_loss": extra.pop("batch_loss"),
             "train_loss": train[0],
             "train_acc": train[1],
             "test_loss": test[0],
@@ -150,9 +152,11 @@ class Recorder:
         for step, idx, arrays in self._metric_chunks:
             for j, i in enumerate(idx):
                 d = out[self.run_ids[i]]
+                tl = float(arrays["train_loss"][j])
+                if np.isnan(tl) and np.isfinite(arrays["batch_loss"][j]):
+                    continue  # not an evaluation step
                 for k in ("train_loss", "train_acc", "test_loss", "test_acc"):
                     d[f"final_{k}"] = float(arrays[k][j])
-                tl = float(arrays["train_loss"][j])
                 d.setdefault("initial_train_loss", tl)
                 if np.isfinite(tl):
                     d["max_train_loss"] = max(d.get("max_train_loss", -np.inf), tl)

@@ -34,18 +34,19 @@ def train_single(cfg: dict[str, Any], data: Dataset | None = None, record: bool 
     stream = BatchStream(len(data.x_train), cfg["batch_size"], cfg["seed"])
     loss_name = cfg["loss"] or data.default_loss
     n_eval = min(cfg["eval_size"], len(data.x_train))
-    steps, every = int(cfg["steps"]), int(cfg["record_every"])
+    steps, every, eval_every = int(cfg["steps"]), int(cfg["record_every"]), int(cfg["eval_every"])
     out: dict[str, list] = {"step": [], "train_loss": [], "train_acc": [], "test_loss": [], "test_acc": [], "weights": []}
 
     for step in range(steps + 1):
         idx = stream.next()
         loss = loss_fn(loss_name, model(data.x_train[idx]), data.y_train[idx])
-        if record and (step % every == 0 or step == steps):
+        eval_now = step % eval_every == 0 or step == steps
+        if record and (eval_now or step % every == 0):
             with torch.no_grad():
                 for split, x, y in (("train", data.x_train[:n_eval], data.y_train[:n_eval]), ("test", data.x_test, data.y_test)):
                     o = model(x)
-                    out[f"{split}_loss"].append(float(loss_fn(loss_name, o, y)))
-                    out[f"{split}_acc"].append(float(accuracy(data.kind, o, y)))
+                    out[f"{split}_loss"].append(float(loss_fn(loss_name, o, y)) if eval_now else float("nan"))
+                    out[f"{split}_acc"].append(float(accuracy(data.kind, o, y)) if eval_now else float("nan"))
                 out["step"].append(step)
                 out["weights"].append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy().copy())
         if step == steps:
