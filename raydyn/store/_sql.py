@@ -58,21 +58,30 @@ def run_readonly(store: Store, query: str) -> pa.Table:
         if kind != duckdb.StatementType.SELECT:
             raise StoreError(f"{READ_ONLY}: {kind.name} statements are not allowed, only SELECT")
 
-        from raydyn.store.store import _empty_table
+        from raydyn.store.store import _READ_ATTEMPTS, _empty_table
 
         names = store._table_dirs()
-        for name in _mentioned(query, sorted(set(names) | set(CORE_TABLES))):
-            dataset, _ = store._dataset(name, None) if name in names else (None, {})
-            if dataset is not None:
-                con.register(name, dataset)
-            elif name in CORE_TABLES:
-                # an absent core table reads as empty with its contract columns
-                con.register(name, _empty_table(name, None))
-        con.execute("SET enable_external_access = false")
-        con.execute("SET lock_configuration = true")
-        try:
-            return con.sql(query).to_arrow_table()
-        except duckdb.Error as e:
-            raise StoreError(f"SQL query failed on store {store.location()}: {e}") from None
+        wanted = _mentioned(query, sorted(set(names) | set(CORE_TABLES)))
+        for attempt in range(_READ_ATTEMPTS):
+            scans = []
+            for name in wanted:
+                scan = store._scan(name, None) if name in names else None
+                if scan is not None:
+                    con.register(name, scan.dataset)
+                    scans.append(scan)
+                elif name in CORE_TABLES:
+                    # an absent core table reads as empty with its contract columns
+                    con.register(name, _empty_table(name, None))
+            if attempt == 0:
+                con.execute("SET enable_external_access = false")
+                con.execute("SET lock_configuration = true")
+            try:
+                return con.sql(query).to_arrow_table()
+            except duckdb.Error as e:
+                # a part replaced by a concurrent writer mid-query: re-read; otherwise the query's fault
+                if attempt + 1 < _READ_ATTEMPTS and any(scan.changed(store) for scan in scans):
+                    continue
+                raise StoreError(f"SQL query failed on store {store.location()}: {e}") from None
+        raise AssertionError("unreachable")  # pragma: no cover
     finally:
         con.close()

@@ -8,6 +8,7 @@ import re
 import sys
 import uuid
 import warnings
+from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from importlib import metadata as _importlib_metadata
@@ -51,6 +52,12 @@ _MAX_ROW_GROUP_ROWS = 1_000_000
 _FOOTER_THREADS = 16
 
 _ERRORS = (OSError, pa.ArrowException)
+#: What reading a damaged file can raise (a garbled footer can also give undecodable names).
+_READ_ERRORS = (OSError, pa.ArrowException, ValueError)
+#: How often a read is retried when the files it read were replaced under it.
+_READ_ATTEMPTS = 3
+#: Part schemas remembered per Store (keyed by path, size, mtime); cleared when full.
+_SCHEMA_CACHE_SIZE = 50_000
 
 
 class StoreWarning(UserWarning):
@@ -208,6 +215,7 @@ class Store:
         self._uri = uri if uri is not None else root
         self._local = isinstance(filesystem, pafs.LocalFileSystem)
         self._writable_checked = False
+        self._schema_cache: dict[tuple[str, tuple[int, int]], pa.Schema] = {}
 
     # ------------------------------------------------------------------ basics
     @property
@@ -231,6 +239,7 @@ class Store:
         # Picklable for shipping to Ray workers; the writability proof is per process.
         state = self.__dict__.copy()
         state["_writable_checked"] = False
+        state["_schema_cache"] = {}
         return state
 
     def path(self, relpath: str) -> str:
@@ -471,19 +480,33 @@ class Store:
         except _ERRORS as e:
             raise StoreError(f"cannot list {self.location(reldir)}: {e}") from None
 
-    def _list_parts(self, table: str, sweeps: list[str] | None) -> list[PartPath]:
+    def _listing(self, table: str, sweeps: list[str] | None) -> dict[PartPath, tuple[int, int]]:
+        """The table's part files (in the given sweeps) -> (size, mtime_ns) as listed."""
         if sweeps is None:
             infos = self._list_files(table, recursive=True)
         else:
             infos = [i for s in sweeps for i in self._list_files(layout.sweep_dir_relpath(table, s), False)]
-        parts = []
+        found = {}
         for info in infos:
             if info.type != pafs.FileType.File:
                 continue
             pp = layout.parse_relpath(self._relpath(info.path))
             if pp is not None and pp.table == table:
-                parts.append(pp)
-        return sorted(parts, key=lambda p: p.relpath)
+                found[pp] = (info.size, info.mtime_ns)
+        return dict(sorted(found.items(), key=lambda kv: kv[0].relpath))
+
+    def _list_parts(self, table: str, sweeps: list[str] | None) -> list[PartPath]:
+        return list(self._listing(table, sweeps))
+
+    def _stamp(self, relpath: str) -> tuple[int, int] | None:
+        """(size, mtime_ns) of a file now, None if it is gone."""
+        try:
+            info = self._fs.get_file_info(self.path(relpath))
+        except _ERRORS:
+            return None
+        if info.type != pafs.FileType.File:
+            return None
+        return (info.size, info.mtime_ns)
 
     def _table_dirs(self) -> list[str]:
         names = []
@@ -507,45 +530,73 @@ class Store:
         return sorted(found)
 
     # ------------------------------------------------------------------ reading
-    def _open_fragments(self, parts: list[PartPath]) -> list[tuple[PartPath, Any, BaseException | None]]:
-        """Read every part's footer once (in parallel); the fragment caches it for the scan."""
+    def _part_schemas(
+        self, listing: dict[PartPath, tuple[int, int]]
+    ) -> list[tuple[PartPath, pa.Schema | None, BaseException | None]]:
+        """Each listed part's Arrow schema (from its footer), or the error reading it.
+
+        Footers are read in parallel (object stores pay a round trip each) and
+        remembered per (path, size, mtime) for the life of this Store object, so
+        repeated queries only list the directory.
+        """
         fmt = _parquet_format()
 
-        def one(pp: PartPath):
+        def one(item: tuple[PartPath, tuple[int, int]]):
+            pp, stamp = item
+            key = (pp.relpath, stamp)
+            cached = self._schema_cache.get(key)
+            if cached is not None:
+                return pp, cached, None
             try:
-                frag = fmt.make_fragment(
-                    self.path(pp.relpath), filesystem=self._fs, partition_expression=pc.field("sweep") == pp.sweep
-                )
-                frag.ensure_complete_metadata()
-                frag.physical_schema  # noqa: B018 -- cached by the metadata read
-                return pp, frag, None
-            except _ERRORS as e:
+                frag = fmt.make_fragment(self.path(pp.relpath), filesystem=self._fs)
+                schema = frag.physical_schema
+                schema.names  # noqa: B018 -- a garbled footer can hold undecodable names
+            except _READ_ERRORS as e:
                 return pp, None, e
+            if len(self._schema_cache) >= _SCHEMA_CACHE_SIZE:
+                self._schema_cache.clear()
+            self._schema_cache[key] = schema
+            return pp, schema, None
 
-        if len(parts) <= 2:
-            return [one(pp) for pp in parts]
-        with ThreadPoolExecutor(max_workers=min(_FOOTER_THREADS, len(parts))) as pool:
-            return list(pool.map(one, parts))
+        items = list(listing.items())
+        if sum(1 for pp, st in items if (pp.relpath, st) not in self._schema_cache) <= 2:
+            return [one(it) for it in items]
+        with ThreadPoolExecutor(max_workers=min(_FOOTER_THREADS, len(items))) as pool:
+            return list(pool.map(one, items))
 
     def _skip(self, relpath: str, err: BaseException) -> None:
-        warnings.warn(
-            StoreWarning(f"skipping unreadable store file {self.location(relpath)}: {err}"), stacklevel=3
-        )
+        warnings.warn(StoreWarning(f"skipping unreadable store file {self.location(relpath)}: {err}"), stacklevel=4)
 
-    def _dataset(self, table: str, sweeps: list[str] | None) -> tuple[ds.FileSystemDataset | None, dict[int, PartPath]]:
-        """The table's dataset over its readable parts with the unified schema (None if no parts)."""
-        opened = self._open_fragments(self._list_parts(table, sweeps))
+    def _scan(self, table: str, sweeps: list[str] | None) -> _Scan | None:
+        """The table's dataset over its readable parts, with the unified schema (None if no parts).
+
+        The dataset's fragments are plain paths: a scan opens each file once and
+        reads its footer and data through that one handle, so a part replaced
+        by a concurrent writer is read whole, old or new. A part that vanished
+        since the listing (a rewrite's rename, a repair) is ignored; a part whose
+        footer cannot be read is skipped with a StoreWarning.
+        """
+        listing = self._listing(table, sweeps)
         good = []
-        for pp, frag, err in opened:
-            if err is not None:
+        for pp, schema, err in self._part_schemas(listing):
+            if err is None:
+                good.append((pp, schema))
+            elif self._stamp(pp.relpath) is not None:
                 self._skip(pp.relpath, err)
-            else:
-                good.append((pp, frag))
         if not good:
-            return None, {}
-        schema = self._unify(table, [(pp, frag.physical_schema) for pp, frag in good])
-        dataset = ds.FileSystemDataset([f for _, f in good], schema, _parquet_format(), self._fs)
-        return dataset, {i: pp for i, (pp, _) in enumerate(good)}
+            return None
+        unified = self._unify(table, good)
+        fmt = _parquet_format()
+        frags = [
+            fmt.make_fragment(self.path(pp.relpath), filesystem=self._fs, partition_expression=pc.field("sweep") == pp.sweep)
+            for pp, _ in good
+        ]
+        dataset = ds.FileSystemDataset(frags, unified, fmt, self._fs)
+        return _Scan(dataset, list(zip([pp for pp, _ in good], frags)), listing)
+
+    def _dataset(self, table: str, sweeps: list[str] | None) -> ds.FileSystemDataset | None:
+        scan = self._scan(table, sweeps)
+        return None if scan is None else scan.dataset
 
     def _unify(self, table: str, schemas: list[tuple[PartPath, pa.Schema]]) -> pa.Schema:
         plain = []
@@ -600,10 +651,38 @@ class Store:
             columns = list(columns)
         if filter is not None and not isinstance(filter, pc.Expression):
             raise TypeError(f"filter must be a pyarrow.compute.Expression, got {type(filter).__name__}")
-        dataset, parts = self._dataset(name, sweeps)
-        if dataset is None:
-            return _empty_table(name, columns)
-        schema = dataset.schema
+        for attempt in range(_READ_ATTEMPTS):
+            scan = self._scan(name, sweeps)
+            if scan is None:
+                return _empty_table(name, columns)
+            if attempt == 0:
+                self._validate_request(name, scan.dataset.schema, columns, filter)
+            try:
+                return scan.dataset.to_table(columns=columns, filter=filter)
+            except _READ_ERRORS:
+                pass
+            # Some part failed: replaced since the listing with a version whose columns
+            # no longer fit the unified schema (start over), or damaged data pages
+            # (read part by part and skip the damaged ones with a warning).
+            if scan.changed(self) and attempt + 1 < _READ_ATTEMPTS:
+                continue
+            pieces = []
+            for pp, frag in scan.parts:
+                one = ds.FileSystemDataset([frag], scan.dataset.schema, _parquet_format(), self._fs)
+                try:
+                    pieces.append(one.to_table(columns=columns, filter=filter))
+                except _READ_ERRORS as e:
+                    if self._stamp(pp.relpath) is not None:
+                        self._skip(pp.relpath, e)
+            if pieces:
+                return pa.concat_tables(pieces)
+            empty = scan.dataset.schema.empty_table()
+            return empty.select(columns) if columns is not None else empty
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _validate_request(
+        self, name: str, schema: pa.Schema, columns: list[str] | None, filter: pc.Expression | None
+    ) -> None:
         if columns is not None:
             missing = [c for c in columns if c not in schema.names]
             if missing:
@@ -616,21 +695,6 @@ class Store:
                 ds.dataset(schema.empty_table()).to_table(filter=filter)
             except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
                 raise StoreError(f"invalid filter {filter} for table {name!r}: {e}") from None
-        try:
-            return dataset.to_table(columns=columns, filter=filter)
-        except _ERRORS:
-            pass
-        # A file whose footer is fine but whose data is damaged: read part by part, skip the bad ones.
-        pieces = []
-        for i, frag in enumerate(dataset.get_fragments()):
-            one = ds.FileSystemDataset([frag], schema, _parquet_format(), self._fs)
-            try:
-                pieces.append(one.to_table(columns=columns, filter=filter))
-            except _ERRORS as e:
-                self._skip(parts[i].relpath, e)
-        if not pieces:
-            return schema.empty_table().select(columns) if columns is not None else schema.empty_table()
-        return pa.concat_tables(pieces)
 
     def runs(self, sweep: str | list[str] | None = None, columns: list[str] | None = None, filter: pc.Expression | None = None) -> pa.Table:
         """``table("runs", ...)``."""
@@ -714,8 +778,25 @@ class Store:
 
 
 # ---------------------------------------------------------------------- helpers
+@dataclass
+class _Scan:
+    """One read's view of a table: the dataset, its opened parts, and the listing it came from."""
+
+    dataset: ds.FileSystemDataset
+    parts: list[tuple[PartPath, Any]]
+    listing: dict[PartPath, tuple[int, int]]
+
+    def changed(self, store: Store) -> bool:
+        """Whether any opened part was replaced or removed since it was listed."""
+        return any(store._stamp(pp.relpath) != self.listing[pp] for pp, _ in self.parts)
+
+
 def _parquet_format() -> ds.ParquetFileFormat:
-    return ds.ParquetFileFormat()
+    # Page checksums (written by the store) are verified on every read: a damaged
+    # page is an error, and the reader skips that file with a warning.
+    return ds.ParquetFileFormat(
+        default_fragment_scan_options=ds.ParquetFragmentScanOptions(page_checksum_verification=True)
+    )
 
 
 def _sweep_list(sweep: str | Iterable[str] | None) -> list[str] | None:
