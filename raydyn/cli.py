@@ -25,6 +25,8 @@ app = typer.Typer(
 )
 sweep_app = typer.Typer(help="Launch and inspect sweeps.", no_args_is_help=True)
 app.add_typer(sweep_app, name="sweep")
+store_app = typer.Typer(help="Inspect and repair the result store.", no_args_is_help=True)
+app.add_typer(store_app, name="store")
 
 console = Console(stderr=True)
 out = Console()
@@ -202,6 +204,23 @@ def phase_map(
                   f"{n_div} diverged, {n_missing} missing")
     out.print(f"wrote {path.resolve()}")
     out.print(f"store: {st.uri}")
+
+
+# ------------------------------------------------------------------------------ store
+@store_app.command("check")
+def store_check(
+    store: Optional[str] = StoreOpt,
+    repair: bool = typer.Option(False, "--repair", help="Move bad files and orphans into <store>/_quarantine/ "
+                                "(never deletes)."),
+) -> None:
+    """Find unreadable or truncated Parquet files, runs without trajectories, trajectories without a run.
+
+    Exit code 0 when the store is healthy (or was repaired), 1 when problems remain.
+    """
+    report = _store(store).check(repair=repair)
+    out.print(report.summary(), highlight=False, markup=False)
+    if not report.ok and not repair:
+        raise typer.Exit(1)
 
 
 def main() -> None:
