@@ -196,6 +196,8 @@ class ParamSpec(_Model):
                 raise ValueError(f"min ({self.min}) must be < max ({self.max})")
             if self.distribution == "log_uniform" and self.min <= 0:
                 raise ValueError(f"log_uniform needs min > 0, got {self.min}")
+            if self.distribution == "int_uniform" and math.ceil(self.min) > math.floor(self.max):
+                raise ValueError(f"int_uniform: no integer lies in [{self.min}, {self.max}]; the search space is empty")
         elif self.min is not None or self.max is not None:
             raise ValueError("'min'/'max' only go with 'distribution'")
         return self
@@ -301,7 +303,17 @@ class SweepSpec(_Model):
                 points.extend({**pt, "seed": s} for s in seeds)
         else:
             raise SpecError("optuna sweeps are expanded by the searcher, one population per trial")
-        runs = [self.run_config(pt) for pt in points]
+        runs, bad = [], []
+        for pt in points:
+            try:
+                runs.append(self.run_config(pt))
+            except ValidationError as e:
+                reason = "; ".join(x["msg"].removeprefix("Value error, ") for x in e.errors())
+                bad.append(f"{pt}: {reason}")
+        if bad:
+            head = "no point of the search space is valid" if not runs else f"{len(bad)} of {len(points)} points are invalid"
+            raise SpecError(f"sweep {self.name!r}: {head}:\n  " + "\n  ".join(bad[:5])
+                            + (f"\n  ... and {len(bad) - 5} more" if len(bad) > 5 else ""))
         # identical points (e.g. a one-value list next to the default) collapse to one run
         unique = {r.run_id: r for r in runs}
         return list(unique.values())

@@ -201,6 +201,8 @@ def run_sweep(
 ) -> SweepOutcome:
     """Train every run of ``spec`` not already in ``store``; returns counts."""
     t0 = time.time()
+    if spec.method != "optuna":
+        spec.expand()  # every point valid, before anything is written
     store.ensure_writable()
     register_sweep(spec, text, store)
     progress = progress or (lambda info: None)

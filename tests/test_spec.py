@@ -65,6 +65,8 @@ CASES = [
      ["parameters.lr", "grid", "values"]),
     ("log_uniform min <= 0", GOOD.replace("method: grid", "method: random\nnum_samples: 3").replace(
         "{values: [0.01, 0.1]}", "{distribution: log_uniform, min: 0, max: 1}"), ["parameters.lr", "log_uniform", "min > 0"]),
+    ("int_uniform with no integer", GOOD.replace("method: grid", "method: random\nnum_samples: 3").replace(
+        "{values: [8, 16]}", "{distribution: int_uniform, min: 8.2, max: 8.7}"), ["parameters.width", "no integer", "empty"]),
     ("random without num_samples", GOOD.replace("method: grid", "method: random"), ["num_samples", "random"]),
     ("optuna without metric", GOOD.replace("method: grid", "method: optuna\nnum_samples: 3"), ["metric", "optuna"]),
     ("unknown data option", GOOD.replace("width: 16}", "width: 16, data: {pixels: 3}}"), ["pixels", "digits", "test_fraction"]),
@@ -99,3 +101,17 @@ def test_random_is_deterministic_and_crosses_seeds():
     assert [r.run_id for r in a] == [r.run_id for r in b]
     assert len(a) == 10  # 5 points x 2 seeds
     assert all(0.001 <= r["lr"] <= 1.0 for r in a)
+
+
+def test_combinations_that_are_invalid_together_are_named():
+    text = """
+name: tr
+task: {dataset: modular, model: transformer, depth: 1, width: 16, heads: 4}
+train: {steps: 10}
+parameters:
+  width: {values: [12, 20]}
+  heads: {values: [8, 16]}
+"""
+    spec = parse_sweep(text)  # each value is valid next to the file's other settings, no pair is
+    with pytest.raises(SpecError, match=r"no point of the search space is valid:\n  \{'width': 12, 'heads': 8\}: .*divisible by heads"):
+        spec.expand()

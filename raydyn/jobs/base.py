@@ -1,0 +1,107 @@
+"""The Job contract and its runner (the runner delegates every Ray call to raydyn.fanout)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from raydyn.errors import RaydynError
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One unit of work: a key (used in messages and tables), its run ids, and group values."""
+
+    key: str
+    run_ids: tuple[str, ...]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Job:
+    """Subclass per analysis. ``compute`` runs on Ray workers and must be picklable (module-level class)."""
+
+    name: str = ""
+
+    def __init__(self, **options: Any):
+        self.options = options
+
+    # driver -----------------------------------------------------------------
+    def plan(self, store, sweep: str) -> list[Unit]:
+        raise NotImplementedError
+
+    def finish(self, store, sweep: str, tables: dict[str, pa.Table]) -> dict[str, pa.Table]:
+        """Combine the units' tables on the driver; default: nothing more."""
+        return {}
+
+    # worker -----------------------------------------------------------------
+    def compute(self, store, sweep: str, unit: Unit) -> dict[str, pa.Table]:
+        raise NotImplementedError
+
+
+def group_units(runs: pa.Table, group_by: list[str] | None, status: tuple[str, ...] = ("completed",)) -> list[Unit]:
+    """Units from the runs table: one per run (no group_by) or one per distinct group_by value."""
+    for g in group_by or []:
+        if g not in runs.column_names:
+            raise RaydynError(f"--group-by {g!r} is not a column of the runs table; columns: {', '.join(runs.column_names)}")
+    d = runs.to_pydict()
+    keep = [i for i, s in enumerate(d["status"]) if s in status]
+    if not group_by:
+        return [Unit(d["run_id"][i], (d["run_id"][i],), {}) for i in keep]
+    groups: dict[tuple, list[str]] = {}
+    for i in keep:
+        groups.setdefault(tuple(d[g][i] for g in group_by), []).append(d["run_id"][i])
+    return [Unit(",".join(f"{g}={v}" for g, v in zip(group_by, key)), tuple(ids), dict(zip(group_by, key)))
+            for key, ids in sorted(groups.items(), key=lambda kv: str(kv[0]))]
+
+
+def _compute_unit(payload: tuple[Job, Unit], shared: dict[str, Any]) -> dict[str, pa.Table]:
+    from raydyn.store import open_store
+
+    job, unit = payload
+    return job.compute(open_store(shared["store_uri"]), shared["sweep"], unit)
+
+
+@dataclass
+class JobOutcome:
+    units: int
+    failed: dict[str, str]
+    tables: dict[str, int]
+
+
+def run_job(job: Job, store, sweep: str, *, progress: Callable[[int, int, int], None] | None = None,
+            tag: str = "main") -> JobOutcome:
+    """Plan, fan out, finish, and write every table of ``job`` for ``sweep`` (part ``tag``).
+
+    Re-running a job with the same tag replaces its previous tables (atomically per table).
+    """
+    from raydyn import fanout
+
+    if sweep not in store.sweeps():
+        known = store.sweeps()
+        raise RaydynError(f"no sweep named {sweep!r} in store {store.uri}"
+                          + (f"; sweeps there: {', '.join(known)}" if known else ""))
+    units = job.plan(store, sweep)
+    if not units:
+        raise RaydynError(f"{job.name}: nothing to analyse in sweep {sweep!r} (no completed runs match)")
+    outcomes = fanout.map_tasks(_compute_unit, [(job, u) for u in units],
+                                shared={"store_uri": store.uri, "sweep": sweep}, progress=progress)
+    failed = {units[o.index].key: o.error for o in outcomes if o.error}
+    parts: dict[str, list[pa.Table]] = {}
+    for o in outcomes:
+        for name, t in (o.value or {}).items():
+            parts.setdefault(name, []).append(t)
+    tables = {name: pa.concat_tables(ts, promote_options="permissive") for name, ts in parts.items()}
+    tables.update(job.finish(store, sweep, tables))
+    opts = json.dumps(job.options, sort_keys=True, default=str)
+    for name, t in tables.items():
+        if t.num_rows:
+            t = t.append_column("options_json", pa.array([opts] * t.num_rows, pa.string()))
+        store.write_part(name, sweep, tag, t)
+    return JobOutcome(len(units), failed, {k: v.num_rows for k, v in tables.items()})
+
+
+def run_filter(run_ids) -> pc.Expression:
+    return pc.field("run_id").isin(list(run_ids))
