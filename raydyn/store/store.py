@@ -251,7 +251,8 @@ class Store:
         if self._local:
             p = self.path(relpath) if relpath else self._root
             return p.replace("/", os.sep) if os.sep != "/" else p
-        return f"{self._uri}/{relpath}" if relpath else self._uri
+        base = self._uri.split("?", 1)[0]  # drop URI options such as ?region=
+        return f"{base}/{relpath}" if relpath else base
 
     def _relpath(self, path: str) -> str:
         prefix = self._root.rstrip("/") + "/" if self._root else ""
@@ -318,10 +319,13 @@ class Store:
             raise TypeError(f"data for table {table!r} must be a pyarrow.Table, got {type(data).__name__}")
         if "sweep" in data.column_names:
             col = data.column("sweep")
-            if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)) or (
-                len(col) and (col.null_count or not pc.all(pc.equal(col, sweep)).as_py())
-            ):
-                bad = sorted({str(v) for v in pc.unique(col).to_pylist()} - {sweep})[:5]
+            try:
+                values = pc.cast(col, pa.string())  # also decodes pandas categoricals
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+                raise StoreError(f"table {table!r}: column 'sweep' has type {col.type}, expected string") from None
+            distinct = set(pc.unique(values).to_pylist())
+            if distinct - {sweep}:
+                bad = sorted(map(str, distinct - {sweep}))[:5]
                 raise StoreError(
                     f"table {table!r}: column 'sweep' holds {bad} but the rows are being written "
                     f"to sweep {sweep!r}; drop the column or fix its values"
@@ -458,6 +462,9 @@ class Store:
             "schema_version": SCHEMA_VERSION,
             "versions": _library_versions(),
         }
+        for key in ("sweep", "sha256"):
+            if key in meta and meta[key] != record[key]:
+                raise StoreError(f"sweep {sweep!r} metadata key {key!r} is computed by the store; got {meta[key]!r}")
         record.update(meta)
         try:
             payload = json.dumps(record, indent=2, sort_keys=True, allow_nan=False).encode("utf-8")
@@ -751,7 +758,11 @@ class Store:
     def sql(self, query: str) -> pa.Table:
         """Run one read-only SELECT over the store's tables (each a DuckDB view named after it).
 
-        Table names containing ``-`` or ``.`` must be double-quoted in SQL.
+        Views are created for the store tables the query text mentions (whole-word,
+        case-insensitive match), so a query does not open the footers of every
+        table in the store; absent core tables (runs/metrics/weights) are empty
+        views with their contract columns. Table names containing ``-`` or ``.``
+        must be double-quoted in SQL.
         Raises StoreError for non-SELECT statements ("raydyn query is
         read-only"), more than one statement, syntax errors and unknown
         tables, with DuckDB's message.
