@@ -13,7 +13,6 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 import polars as pl
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pytest
