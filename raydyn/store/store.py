@@ -156,7 +156,9 @@ class Store:
     Atomicity: a part is written to ``.tmp-<part>-<uuid>.parquet`` in its final
     directory and then renamed over ``part-<part>.parquet`` (``os.replace``
     semantics on local disks; a single object PUT on object stores). A reader
-    therefore sees the old part or the new one, never a half-written file, and
+    opens each part once and reads its footer and data through that handle, so
+    it sees the old part or the new one, never a half-written file (a part
+    replaced between listing and reading makes the read start over), and
     re-writing a part replaces it rather than adding rows. Writers of different
     parts or sweeps never touch each other's files. Two writers of the SAME part
     race: the last rename wins (still a whole file). Renames are not fsync'ed;
@@ -171,7 +173,8 @@ class Store:
     Reading: :meth:`table` reads only ``part-*.parquet`` files (tmp files, the
     quarantine and foreign files are invisible), pushes column selection and
     filters down to Parquet (row groups and sweep partitions are pruned), and
-    unifies schemas across parts and sweeps (int64 + float64 -> float64,
+    remembers each part's schema per (path, size, mtime) for the life of the
+    Store object, unifies schemas across parts and sweeps (int64 + float64 -> float64,
     null -> typed, string -> large_string; a column missing from some files is
     null there; incompatible types raise StoreError naming the column and
     files). The ``sweep`` column is a string column at the end. An unreadable
