@@ -141,7 +141,7 @@ class CheckReport:
             else:
                 lines.append("repair: nothing to do")
         elif not self.ok:
-            lines.append("run check(repair=True) / `raydyn store check --repair` to quarantine (nothing is deleted)")
+            lines.append("run check(repair=True) to quarantine the bad files and rows (nothing is deleted)")
         return "\n".join(lines)
 
     __str__ = summary

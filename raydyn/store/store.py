@@ -156,7 +156,9 @@ class Store:
     Atomicity: a part is written to ``.tmp-<part>-<uuid>.parquet`` in its final
     directory and then renamed over ``part-<part>.parquet`` (``os.replace``
     semantics on local disks; a single object PUT on object stores). A reader
-    therefore sees the old part or the new one, never a half-written file, and
+    opens each part once and reads its footer and data through that handle, so
+    it sees the old part or the new one, never a half-written file (a part
+    replaced between listing and reading makes the read start over), and
     re-writing a part replaces it rather than adding rows. Writers of different
     parts or sweeps never touch each other's files. Two writers of the SAME part
     race: the last rename wins (still a whole file). Renames are not fsync'ed;
@@ -171,7 +173,8 @@ class Store:
     Reading: :meth:`table` reads only ``part-*.parquet`` files (tmp files, the
     quarantine and foreign files are invisible), pushes column selection and
     filters down to Parquet (row groups and sweep partitions are pruned), and
-    unifies schemas across parts and sweeps (int64 + float64 -> float64,
+    remembers each part's schema per (path, size, mtime) for the life of the
+    Store object, unifies schemas across parts and sweeps (int64 + float64 -> float64,
     null -> typed, string -> large_string; a column missing from some files is
     null there; incompatible types raise StoreError naming the column and
     files). The ``sweep`` column is a string column at the end. An unreadable
@@ -255,7 +258,8 @@ class Store:
         if self._local:
             p = self.path(relpath) if relpath else self._root
             return p.replace("/", os.sep) if os.sep != "/" else p
-        return f"{self._uri}/{relpath}" if relpath else self._uri
+        base = self._uri.split("?", 1)[0]  # drop URI options such as ?region=
+        return f"{base}/{relpath}" if relpath else base
 
     def _relpath(self, path: str) -> str:
         prefix = self._root.rstrip("/") + "/" if self._root else ""
@@ -322,10 +326,13 @@ class Store:
             raise TypeError(f"data for table {table!r} must be a pyarrow.Table, got {type(data).__name__}")
         if "sweep" in data.column_names:
             col = data.column("sweep")
-            if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)) or (
-                len(col) and (col.null_count or not pc.all(pc.equal(col, sweep)).as_py())
-            ):
-                bad = sorted({str(v) for v in pc.unique(col).to_pylist()} - {sweep})[:5]
+            try:
+                values = pc.cast(col, pa.string())  # also decodes pandas categoricals
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+                raise StoreError(f"table {table!r}: column 'sweep' has type {col.type}, expected string") from None
+            distinct = set(pc.unique(values).to_pylist())
+            if distinct - {sweep}:
+                bad = sorted(map(str, distinct - {sweep}))[:5]
                 raise StoreError(
                     f"table {table!r}: column 'sweep' holds {bad} but the rows are being written "
                     f"to sweep {sweep!r}; drop the column or fix its values"
@@ -462,6 +469,9 @@ class Store:
             "schema_version": SCHEMA_VERSION,
             "versions": _library_versions(),
         }
+        for key in ("sweep", "sha256"):
+            if key in meta and meta[key] != record[key]:
+                raise StoreError(f"sweep {sweep!r} metadata key {key!r} is computed by the store; got {meta[key]!r}")
         record.update(meta)
         try:
             payload = json.dumps(record, indent=2, sort_keys=True, allow_nan=False).encode("utf-8")
@@ -755,7 +765,11 @@ class Store:
     def sql(self, query: str) -> pa.Table:
         """Run one read-only SELECT over the store's tables (each a DuckDB view named after it).
 
-        Table names containing ``-`` or ``.`` must be double-quoted in SQL.
+        Views are created for the store tables the query text mentions (whole-word,
+        case-insensitive match), so a query does not open the footers of every
+        table in the store; absent core tables (runs/metrics/weights) are empty
+        views with their contract columns. Table names containing ``-`` or ``.``
+        must be double-quoted in SQL.
         Raises StoreError for non-SELECT statements ("raydyn query is
         read-only"), more than one statement, syntax errors and unknown
         tables, with DuckDB's message.

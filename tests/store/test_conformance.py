@@ -131,6 +131,11 @@ def test_write_part_sweep_column_must_match(store: Store):
     with pytest.raises(StoreError, match=r"'s2'.*sweep 's1'"):
         store.write_part("metrics", "s1", "1", bad)
     assert files(store) == ["metrics/sweep=s1/part-0.parquet"]
+    categorical = make_metrics(IDS_A).append_column("sweep", pa.array(["s1"] * 30).dictionary_encode())
+    store.write_part("metrics", "s1", "2", categorical)  # e.g. from pandas
+    assert store.metrics().schema.field("sweep").type == pa.string()
+    with pytest.raises(StoreError, match=r"'sweep' has type list"):
+        store.write_part("metrics", "s1", "3", make_metrics(IDS_A).append_column("sweep", pa.array([[1]] * 30)))
 
 
 # ---------------------------------------------------------------------- commit order
@@ -456,6 +461,8 @@ def test_put_sweep_round_trips_text_and_json_meta(store: Store):
         store.put_sweep("s2", "a: 1\n", {"bad": object()})
     with pytest.raises(StoreError, match="JSON"):
         store.put_sweep("s2", "a: 1\n", {"bad": float("nan")})
+    with pytest.raises(StoreError, match="'sha256' is computed"):
+        store.put_sweep("s2", "a: 1\n", {"sha256": "forged"})
     assert store.sweep_text("s2") is None
 
 
