@@ -28,8 +28,8 @@ app.add_typer(sweep_app, name="sweep")
 store_app = typer.Typer(help="Inspect and repair the result store.", no_args_is_help=True)
 app.add_typer(store_app, name="store")
 
-console = Console(stderr=True)
-out = Console()
+console = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
 
 STORE_HELP = "Store URI: a directory, file://, s3:// or gs:// (default: $RAYDYN_STORE or ./raydyn-results)."
 StoreOpt = typer.Option(None, "--store", help=STORE_HELP, show_default=False)
