@@ -175,7 +175,8 @@ def _cell(v: Any) -> str:
 @app.command("phase-map")
 def phase_map(
     sweep: str = typer.Argument(..., help="Sweep name in the store, or its sweep file."),
-    metric: str = typer.Option("final_test_loss", "--metric", help="Column of the runs table to map."),
+    metric: str = typer.Option("final_test_loss", "--metric", help="Column of the runs table, or of an analysis "
+                               "summary table (e.g. koopman_class, hmm_n_states, cmd_modes_needed)."),
     x: str = typer.Option("lr", "--x", help="Swept parameter on the x axis."),
     y: str = typer.Option("width", "--y", help="Swept parameter on the y axis."),
     facet: list[str] = typer.Option(None, "--facet", help="Axis for panels (repeatable). Default: every other "
@@ -184,11 +185,11 @@ def phase_map(
     store: Optional[str] = StoreOpt,
 ) -> None:
     """Draw a phase map: the metric's median over seeds on an x-by-y grid, diverged cells marked."""
-    from raydyn.phase.maps import default_facets, draw_phase_map, phase_map_info
+    from raydyn.phase.maps import default_facets, draw_phase_map, phase_map_info, runs_with_metrics
 
     st = _store(store)
     spec, _ = _resolve_sweep(sweep, st)
-    runs = st.table("runs", sweep=spec.name)
+    runs = runs_with_metrics(st, spec.name)
     if runs.num_rows == 0:
         raise RaydynError(f"sweep {spec.name!r} has no runs in store {st.uri}; run `raydyn sweep run` first")
     facets = list(facet) if facet else default_facets(spec.axes(), x, y)

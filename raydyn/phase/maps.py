@@ -104,6 +104,25 @@ def phase_map_info(
                         is_log_spaced(xv), is_log_spaced(yv))
 
 
+def runs_with_metrics(store: Any, sweep: str) -> pa.Table:
+    """The runs table of ``sweep`` joined with every analysis summary table (``*_summary``, keyed by run_id).
+
+    This is how any analysis becomes a phase-map metric: its job writes a
+    ``<analysis>_summary`` table with one row per run.
+    """
+    runs = store.table("runs", sweep=sweep)
+    for name in store.tables():
+        if not name.endswith("_summary"):
+            continue
+        summary = store.table(name, sweep=sweep)
+        if summary.num_rows == 0 or "run_id" not in summary.column_names:
+            continue
+        drop = [c for c in summary.column_names if c != "run_id" and (c in runs.column_names or c == "options_json")]
+        summary = summary.drop_columns(drop)
+        runs = runs.join(summary, "run_id", join_type="left outer")
+    return runs
+
+
 def _sort_key(v: Any) -> tuple[int, Any]:
     if isinstance(v, (int, float)) and not isinstance(v, bool):
         return (0, v)
@@ -219,5 +238,5 @@ def facet_combinations(info: PhaseMapInfo) -> list[str]:
     return [", ".join(f"{f}={v}" for f, v in zip(info.facets, fv)) for fv in info.facet_values]
 
 
-__all__ = ["PhaseMapInfo", "phase_map_info", "draw_phase_map", "render_phase_map", "default_facets", "is_log_spaced",
+__all__ = ["runs_with_metrics", "PhaseMapInfo", "phase_map_info", "draw_phase_map", "render_phase_map", "default_facets", "is_log_spaced",
            "facet_combinations"]
