@@ -207,6 +207,35 @@ def phase_map(
     out.print(f"store: {st.uri}")
 
 
+# ------------------------------------------------------------------------------ report
+@app.command("report")
+def report(
+    sweep: str = typer.Argument(..., help="Sweep name in the store, or its sweep file."),
+    metric: list[str] = typer.Option(None, "--metric", help="Metric to map (repeatable; default final_test_loss, "
+                                     "final_test_acc and every analysis metric present)."),
+    x: Optional[str] = typer.Option(None, "--x", help="x axis (default: first swept parameter)."),
+    y: Optional[str] = typer.Option(None, "--y", help="y axis (default: second swept parameter)."),
+    out_path: Optional[Path] = typer.Option(None, "--out", help="HTML path (default: <store>/reports/<sweep>.html)."),
+    store: Optional[str] = StoreOpt,
+) -> None:
+    """Write one self-contained HTML page: phase maps, the run table, per-run curves, and the analyses."""
+    from raydyn.phase.maps import runs_with_metrics
+    from raydyn.report import build_report
+
+    st = _store(store)
+    spec, _ = _resolve_sweep(sweep, st)
+    metrics = list(metric) if metric else None
+    if metrics is None:
+        cols = runs_with_metrics(st, spec.name).column_names
+        metrics = ["final_test_loss", "final_test_acc"] + [c for c in cols if c.startswith(
+            ("koopman_", "hmm_", "cmd_", "sym_", "opt_", "basin_", "convergence")) and c != "koopman_group"]
+    if out_path is None:
+        local = st.local_path()
+        out_path = (Path(local) / "reports" if local else Path("raydyn-reports")) / f"{spec.name}.html"
+    path = build_report(st, spec.name, out_path, metrics=metrics, x=x, y=y, axes=spec.axes())
+    out.print(f"wrote {path.resolve()}")
+
+
 # ------------------------------------------------------------------------------ store
 @store_app.command("check")
 def store_check(

@@ -174,7 +174,8 @@ def render_phase_map(info: PhaseMapInfo, title: str | None = None, diverged_at: 
     ncols = min(n, 3)
     nrows = math.ceil(n / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols + 1.2, 3.9 * nrows + 0.9), squeeze=False)
-    fig.subplots_adjust(top=1 - 0.9 / (3.9 * nrows + 0.9), hspace=0.35)
+    height = 3.9 * nrows + 0.9
+    fig.subplots_adjust(top=1 - 0.55 / height, bottom=0.85 / height, hspace=0.35)
     finite = info.median[np.isfinite(info.median)]
     positive = finite.size and (finite > 0).all()
     use_log = bool(positive and finite.max() / finite.min() > 100)
@@ -224,7 +225,7 @@ def render_phase_map(info: PhaseMapInfo, title: str | None = None, diverged_at: 
         cb.set_label(f"{info.metric} (median over seeds)")
     handles = [Patch(facecolor="#f4c7c3", hatch="xx", edgecolor="#c0392b", label=f"diverged (≥{diverged_at:.0%} of runs)"),
                Patch(facecolor="#e6e6e6", hatch="..", edgecolor="#b0b0b0", label="no runs")]
-    fig.legend(handles=handles, loc="upper left", fontsize=8, frameon=False, ncol=2)
+    fig.legend(handles=handles, loc="lower left", fontsize=8, frameon=False, ncol=2)
     fig.suptitle(title or f"{info.metric} over {info.x} × {info.y}", y=0.985)
     return fig
 
