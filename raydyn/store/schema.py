@@ -190,15 +190,18 @@ def runs_schema_check(table: pa.Table) -> None:
 
 def metrics_schema_check(table: pa.Table) -> None:
     """Raise :class:`StoreError` unless ``table`` meets the ``metrics`` contract:
-    ``run_id`` string (no nulls), ``step`` int64, every other column float64."""
+    ``run_id`` string (no nulls), ``step`` int64, every other column float64 or list<float64>
+    (a per-parameter vector such as ``weight_norms``)."""
     if not isinstance(table, pa.Table):
         raise TypeError(f"metrics must be a pyarrow.Table, got {type(table).__name__}")
     problems = _require(table, METRICS_REQUIRED, "metrics")
     for field in table.schema:
         if field.name in METRICS_REQUIRED or field.name == "sweep":
             continue
-        if not (pa.types.is_float64(field.type) or pa.types.is_null(field.type)):
-            problems.append(f"metric column {field.name!r} has type {field.type}, expected float64")
+        ok = pa.types.is_float64(field.type) or pa.types.is_null(field.type) or (
+            pa.types.is_list(field.type) and pa.types.is_float64(field.type.value_type))
+        if not ok:
+            problems.append(f"metric column {field.name!r} has type {field.type}, expected float64 or list<float64>")
     problems += _check_run_ids(table, "metrics")
     _raise(problems, "metrics")
 

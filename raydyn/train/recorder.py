@@ -1,7 +1,9 @@
 """The recorder: what a population writes every ``record_every`` steps, and its Arrow tables.
 
 Per run and record step: the minibatch loss (``batch_loss``), minibatch gradient norm,
-learning rate, per-parameter-tensor weight norms (``norm_<name>``), and a weight
+learning rate, per-parameter-tensor Frobenius norms (``weight_norms``, a list in the
+order of ``param_names`` in the run's ``weights_layout``, so that every population of
+a sweep has the same metrics schema), and a weight
 snapshot; at evaluation steps (``eval_every``, the first and the last step) also
 train/test loss and accuracy on the evaluation sets (NaN on other rows). Snapshots hold every parameter as float32 while the model has at most
 ``weights.max_size`` of them; above that (or when ``weights.layers`` names a
@@ -16,7 +18,6 @@ in :data:`PROBES` taking the recorder context and returning (P,) tensors.
 from __future__ import annotations
 
 import json
-import re
 from importlib import metadata
 from typing import Any, Callable
 
@@ -25,10 +26,6 @@ import pyarrow as pa
 import torch
 
 SKETCH_SEED = 20240601
-
-
-def _col(name: str) -> str:
-    return "norm_" + re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
 
 
 def versions() -> dict[str, str]:
@@ -74,7 +71,8 @@ class Recorder:
         sizes = [int(np.prod(s)) for s in shapes]
         offsets = np.concatenate([[0], np.cumsum(sizes)]).tolist()
         dim = offsets[-1]
-        layout: dict[str, Any] = {"kind": kind, "names": names, "shapes": shapes, "offsets": offsets, "dim": dim}
+        layout: dict[str, Any] = {"kind": kind, "names": names, "shapes": shapes, "offsets": offsets, "dim": dim,
+                                  "param_names": list(self.names)}
         if dim > wcfg["max_size"]:
             k = int(wcfg["projection_dim"])
             g = torch.Generator().manual_seed(SKETCH_SEED)
@@ -107,12 +105,12 @@ class Recorder:
             "test_acc": test[1],
             "grad_norm": gn.sqrt(),
         }
-        for n in self.names:
-            cols[_col(n)] = params[n].reshape(self.P, -1).norm(dim=1)
         ctx = {"cfg": self.cfg, "params": params, "grads": grads, "opt": opt, "step": step, **extra}
         for probe in self.probes:
             cols.update(PROBES[probe](ctx))
         arrays = {k: v.detach().double().numpy()[idx] for k, v in cols.items()}
+        norms = torch.stack([params[n].detach().reshape(self.P, -1).norm(dim=1) for n in self.names], dim=1)
+        arrays["weight_norms"] = norms.double().numpy()[idx]  # (len(idx), n_params)
         arrays["lr"] = self.lrs[idx]
         self._metric_chunks.append((step, idx, arrays))
         if self.want_weights:
@@ -132,7 +130,15 @@ class Recorder:
             cols["step"].append(np.full(len(idx), step, dtype=np.int64))
             for n in names:
                 cols[n].append(arrays[n])
-        table = pa.table({k: np.concatenate(v) for k, v in cols.items()})
+        data = {}
+        for k, v in cols.items():
+            arr = np.concatenate(v)
+            if arr.ndim == 2:  # one list per row
+                data[k] = pa.FixedSizeListArray.from_arrays(pa.array(arr.reshape(-1)), arr.shape[1]).cast(
+                    pa.list_(pa.float64()))
+            else:
+                data[k] = arr
+        table = pa.table(data)
         return table.sort_by([("run_id", "ascending"), ("step", "ascending")])
 
     def weights_table(self) -> pa.Table | None:
