@@ -91,7 +91,11 @@ def sweep_run(
             bar.update(task, completed=info["done"], total=info["total"] or None, diverged=info["diverged"],
                        failed=info["failed"])
 
-        outcome = run_sweep(spec, text, st, address=address, num_cpus=num_cpus, progress=update)
+        try:
+            outcome = run_sweep(spec, text, st, address=address, num_cpus=num_cpus, progress=update)
+        except KeyboardInterrupt:
+            console.print(f"interrupted. Completed runs are in {st.uri}; run the same command again to resume.")
+            raise typer.Exit(130)
     if outcome.trained == 0 and outcome.skipped == outcome.total and not outcome.failed_populations:
         console.print(f"sweep [bold]{spec.name}[/]: all {outcome.total} runs already in the store; nothing to train.")
     else:
@@ -254,9 +258,15 @@ def store_check(
 
 
 def main() -> None:
-    """Entry point: run the app, turning user errors into one clear message."""
+    """Entry point: run the app (click reports usage errors itself), turning user errors into one message."""
+    import signal
+
+    def _terminate(signum, frame):  # SIGTERM (a scheduler stopping the job) ends like Ctrl-C
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _terminate)
     try:
-        app(standalone_mode=False)
+        app()
     except RaydynError as e:
         from rich.text import Text
 
@@ -265,17 +275,6 @@ def main() -> None:
     except KeyboardInterrupt:
         console.print("interrupted. Completed runs are in the store; run the same command again to resume.")
         sys.exit(130)
-    except Exception as e:  # click usage errors come through here in non-standalone mode
-        import click
-
-        if isinstance(e, click.exceptions.Exit):
-            sys.exit(e.exit_code)
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(130)
-        raise
 
 
 if __name__ == "__main__":
