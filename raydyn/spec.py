@@ -56,7 +56,7 @@ MODELS = ("mlp", "cnn", "transformer")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LOSSES = ("cross_entropy", "mse", "hinge")
 ACTIVATIONS = ("relu", "tanh", "gelu", "linear", "leaky_relu", "sigmoid")
-RECORDABLE = ("weights",)  # grows as analysis probes land
+RECORDABLE = ("weights", "weight_stats")  # raydyn.train.recorder.PROBES plus weights
 
 # Data-set options, their defaults and types. Kept as plain dicts so the data
 # module and the validator agree on one table.
@@ -147,7 +147,7 @@ class TrainSpec(_Model):
     loss: Literal["cross_entropy", "mse", "hinge"] | None = None
     seed: int = Field(0, ge=0, lt=2**31)
     record_every: int = Field(10, ge=1)
-    record: list[Literal["weights"]] = Field(
+    record: list[Literal["weights", "weight_stats"]] = Field(
         default_factory=lambda: ["weights"]
     )
     weights: WeightsSpec = Field(default_factory=WeightsSpec)

@@ -38,8 +38,17 @@ def versions() -> dict[str, str]:
     return out
 
 
-# Probes: name -> fn(ctx) -> {column: (P,) tensor}. Registered by analysis integrations.
-PROBES: dict[str, Callable[[dict[str, Any]], dict[str, torch.Tensor]]] = {}
+def _weight_stats(ctx: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Hu et al. (2023) weight metrics per member (see raydyn.analysis.weight_stats.FEATURES)."""
+    from raydyn.analysis.weight_stats import weight_stats
+
+    return weight_stats(ctx["params"])
+
+
+# Probes: name -> fn(ctx) -> {column: (P,) tensor}; a name here is a valid `train.record` entry.
+PROBES: dict[str, Callable[[dict[str, Any]], dict[str, torch.Tensor]]] = {
+    "weight_stats": _weight_stats,
+}
 
 
 class Recorder:
