@@ -27,6 +27,9 @@ sweep_app = typer.Typer(help="Launch and inspect sweeps.", no_args_is_help=True)
 app.add_typer(sweep_app, name="sweep")
 store_app = typer.Typer(help="Inspect and repair the result store.", no_args_is_help=True)
 app.add_typer(store_app, name="store")
+analyze_app = typer.Typer(help="Run an analysis over a sweep's trajectories on Ray; results go to the store.",
+                          no_args_is_help=True)
+app.add_typer(analyze_app, name="analyze")
 
 console = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
@@ -238,6 +241,43 @@ def report(
         out_path = (Path(local) / "reports" if local else Path("raydyn-reports")) / f"{spec.name}.html"
     path = build_report(st, spec.name, out_path, metrics=metrics, x=x, y=y, axes=spec.axes())
     out.print(f"wrote {path.resolve()}")
+
+
+# ------------------------------------------------------------------------------ analyze
+def run_analysis(job, sweep: str, store: str | None, address: str | None, tag: str = "main") -> None:
+    """Shared by every `raydyn analyze <name>` command: fan out, show progress, print what was written."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from raydyn.jobs import run_job
+    from raydyn.sweep import ensure_ray
+
+    st = _store(store)
+    spec, _ = _resolve_sweep(sweep, st)
+    ensure_ray(address)
+    with Progress(TextColumn(f"[bold]{job.name}[/] {spec.name}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("units · {task.fields[failed]} failed"), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task(job.name, total=None, failed=0)
+        outcome = run_job(job, st, spec.name, tag=tag,
+                          progress=lambda done, total, failed: bar.update(task, completed=done, total=total,
+                                                                         failed=failed))
+    for name, n in sorted(outcome.tables.items()):
+        out.print(f"wrote {name}: {n} rows (sweep={spec.name})")
+    out.print(f"store: {st.uri}")
+    if outcome.failed:
+        for key, err in list(outcome.failed.items())[:10]:
+            console.print(f"[red]failed[/] {key}: {err.splitlines()[0]}", highlight=False)
+        console.print(f"{len(outcome.failed)} of {outcome.units} units failed; the others' results were written.")
+        raise typer.Exit(1)
+
+
+def _register_analyses() -> None:
+    from raydyn.jobs import cli_commands
+
+    for register in cli_commands():
+        register(analyze_app)
+
+
+_register_analyses()
 
 
 # ------------------------------------------------------------------------------ store

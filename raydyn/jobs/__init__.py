@@ -19,4 +19,15 @@ def register(cls: type[Job]) -> type[Job]:
     return cls
 
 
-__all__ = ["Job", "Unit", "run_job", "JOBS", "register"]
+# job modules; each defines a Job subclass and `register_cli(analyze_app)` adding its command
+MODULES: tuple[str, ...] = ()
+
+
+def cli_commands():
+    """The `register_cli` functions of every job module (imported lazily by the CLI)."""
+    import importlib
+
+    return [importlib.import_module(f"raydyn.jobs.{m}").register_cli for m in MODULES]
+
+
+__all__ = ["Job", "Unit", "run_job", "JOBS", "register", "MODULES", "cli_commands"]
