@@ -136,7 +136,12 @@ def _pairs(values: Any, labels: Any) -> list[tuple[float, str]]:
         raise ValueError("values must be finite")
     out: list[tuple[float, str]] = []
     for x, lab in zip(vals.tolist(), labels):
-        seeds = [lab] if isinstance(lab, str) else list(lab)
+        if isinstance(lab, str):
+            seeds = [lab]
+        elif isinstance(lab, (list, tuple, np.ndarray)):
+            seeds = list(lab)
+        else:
+            raise ValueError(f"labels must be strings (phase names) or sequences of them, got {lab!r} at value {x}")
         if not seeds:
             raise ValueError(f"no label given at value {x}")
         for s in seeds:
