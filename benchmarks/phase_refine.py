@@ -50,7 +50,8 @@ def planted_2d(tol: float, ny: int = 21) -> tuple[int, int, bool]:
         return "lazy" if x <= xc(y) else "catapult"
 
     xs, ys = np.linspace(0, 1, 5), np.linspace(0, 1, ny)
-    g = GridRefiner(xs, ys, [[oracle(x, y) for x in xs] for y in ys], log=False, tol=tol).run(oracle, batch_size=8)
+    labels = [[oracle(x, y) for x in xs] for y in ys]
+    g = GridRefiner(xs, ys, labels, log=False, tol=tol).run(oracle, batch_size=8)
     ok = all(len(bs) == 1 and bs[0].contains(xc(y)) for y, bs in g.boundaries().items())
     return g.n_told_, ny * dense_grid_size(0, 1, tol, False), ok
 

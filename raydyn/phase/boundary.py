@@ -232,7 +232,9 @@ def find_boundaries(values: Any, labels: Any, log: LogArg = "auto") -> list[Boun
     return out
 
 
-def find_boundaries_rows(x_values: Any, labels_2d: Sequence[Sequence[Any]], log: LogArg = "auto") -> list[list[Boundary]]:
+def find_boundaries_rows(
+    x_values: Any, labels_2d: Sequence[Sequence[Any]], log: LogArg = "auto"
+) -> list[list[Boundary]]:
     """:func:`find_boundaries` along ``x`` for every row of a 2-D grid.
 
     ``labels_2d[i][j]`` is the label (or seed labels) at ``(x_values[j], row i)``.

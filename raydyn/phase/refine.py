@@ -289,7 +289,9 @@ class GridRefiner:
             return True
         return all(r.done for r in self.rows_.values())
 
-    def run(self, oracle: Callable[[float, float], Any], batch_size: int = 1, max_rounds: int = 100_000) -> "GridRefiner":
+    def run(
+        self, oracle: Callable[[float, float], Any], batch_size: int = 1, max_rounds: int = 100_000
+    ) -> "GridRefiner":
         """Drive ask/tell with a pure ``oracle(x, y) -> label``."""
         for _ in range(max_rounds):
             pts = self.ask(batch_size)

@@ -11,6 +11,9 @@ from raydyn.analysis import curvature as C
 
 D = torch.float64
 
+# torch.func's first jvp calls torch.jit.script internally, which torch itself deprecates.
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -123,7 +126,8 @@ def test_ntk_top_eigenvalue_matches_explicit_jacobian(backend):
     assert abs(lam - top) < 1e-9 * top
     assert abs(C.ntk_top_eigenvalue_exact(model, p, X) - top) < 1e-10 * top
     # scale convention: Theta = scale * J J^T
-    assert abs(C.ntk_top_eigenvalue(model, p, X, n_iter=2000, tol=1e-14, scale=1.0) - top * X.shape[0]) < 1e-8 * top * 20
+    lam_sum = C.ntk_top_eigenvalue(model, p, X, n_iter=2000, tol=1e-14, scale=1.0)
+    assert abs(lam_sum - top * X.shape[0]) < 1e-8 * top * X.shape[0]
 
 
 def test_ntk_default_tolerance_and_warm_start():
