@@ -100,7 +100,8 @@ def population_trial(config: dict[str, Any], store_uri: str, sweep: str, spec_te
     def on_record(step: int, active: int, diverged: int) -> None:
         tune.report({"step": step, "members": n, "active": active, "diverged": diverged, "pop_done": 0})
 
-    result = train_population(pop, on_record=on_record)
+    # Optuna's searcher expects its objective in every result: report only the final one there
+    result = train_population(pop, on_record=None if metric else on_record)
     runs = runs_table(result, pop.pop_id)
     store = open_store(store_uri)
     store.write_runs(sweep, pop.pop_id, runs=runs, metrics=result.recorder.metrics_table(),

@@ -184,3 +184,47 @@ def test_interrupt_then_resume(ray_session, tmp_path):
     m = store.metrics(sweep="resume", columns=["run_id", "step"]).to_pandas()
     assert not m.duplicated().any() and set(m.run_id) == set(final.run_id)
     assert store.check().ok
+
+
+OPTUNA = """
+name: opt
+task: {dataset: teacher, model: mlp, depth: 1, width: 8, data: {n_train: 64, n_test: 32, d_in: 4}}
+train: {steps: 30, batch_size: 16, optimizer: sgd, lr: 0.05, record_every: 10}
+method: optuna
+num_samples: 4
+metric: final_train_loss
+goal: minimize
+parameters:
+  lr: {distribution: log_uniform, min: 0.001, max: 0.5}
+  width: {values: [4, 16]}
+  seed: {values: [0, 1]}
+resources: {cpu: 1}
+"""
+
+
+def test_optuna_sweep_trains_seeds_as_populations_and_resumes(ray_session, tmp_path):
+    store = open_store(tmp_path)
+    spec = parse_sweep(OPTUNA)
+    outcome = run_sweep(spec, OPTUNA, store)
+    runs = store.runs(sweep="opt").to_pandas()
+    assert outcome.trained == 8 and len(runs) == 8 and not outcome.failed_populations
+    # each Optuna trial is one point crossed with every seed, trained as one population
+    assert runs.population.nunique() == 4
+    assert (runs.groupby("population").seed.apply(sorted).map(lambda s: s == [0, 1])).all()
+    assert (runs.groupby("population").lr.nunique() == 1).all()
+    assert runs.lr.between(0.001, 0.5).all() and set(runs.width) <= {4, 16}
+    again = run_sweep(spec, OPTUNA, store)  # all trials already in the store
+    assert again.trained == 0 and len(store.runs(sweep="opt")) == 8
+    assert sweep_status(spec, store)["missing"] == 0
+
+
+RANDOM = OPTUNA.replace("name: opt", "name: rnd").replace("method: optuna", "method: random").replace(
+    "metric: final_train_loss\ngoal: minimize\n", "")
+
+
+def test_random_sweep_is_reproducible_in_the_store(ray_session, tmp_path):
+    store = open_store(tmp_path)
+    spec = parse_sweep(RANDOM)
+    run_sweep(spec, RANDOM, store)
+    runs = store.runs(sweep="rnd").to_pandas()
+    assert len(runs) == 8 and set(runs.run_id) == {r.run_id for r in spec.expand()}
