@@ -51,9 +51,10 @@ from raydyn.errors import SpecError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
-DATASETS = ("teacher", "digits", "modular", "parity")
-MODELS = ("mlp", "cnn", "transformer")
-OPTIMIZERS = ("sgd", "adam", "adamw")
+DATASETS = ("teacher", "digits", "modular", "parity", "tan_sum")
+MODELS = ("mlp", "cnn", "transformer", "none")
+OPTIMIZERS = ("sgd", "adam", "adamw", "omd", "ogd", "bisection")
+DYNAMICS_OPTIMIZERS = ("omd", "ogd", "bisection")
 LOSSES = ("cross_entropy", "mse", "hinge")
 ACTIVATIONS = ("relu", "tanh", "gelu", "linear", "leaky_relu", "sigmoid")
 RECORDABLE = ("weights", "weight_stats")  # raydyn.train.recorder.PROBES plus weights
@@ -65,6 +66,9 @@ DATA_OPTIONS: dict[str, dict[str, Any]] = {
     "digits": {"test_fraction": 0.2, "seed": 0},
     "modular": {"p": 97, "train_fraction": 0.3, "seed": 0},
     "parity": {"n_bits": 40, "k": 3, "n_train": 1000, "n_test": 1000, "seed": 0},
+    # optimiser-as-dynamical-system task (Redman et al. 2024): f(x) = sum tan(x_i), d = 2,
+    # initial conditions on a grid x grid lattice (a run's seed indexes it)
+    "tan_sum": {"grid": 5},
 }
 
 # Parameters that may differ between members of one population (one Tune trial):
@@ -80,9 +84,9 @@ class _Model(BaseModel):
 class TaskSpec(_Model):
     """What is trained: data set, model and fixed model options."""
 
-    dataset: Literal["teacher", "digits", "modular", "parity"]
+    dataset: Literal["teacher", "digits", "modular", "parity", "tan_sum"]
     data: dict[str, Any] = Field(default_factory=dict)
-    model: Literal["mlp", "cnn", "transformer"] = "mlp"
+    model: Literal["mlp", "cnn", "transformer", "none"] = "mlp"
     depth: int = Field(2, ge=1, le=64, description="hidden layers (mlp), conv layers (cnn), blocks (transformer, 1-2)")
     width: int = Field(64, ge=1, le=65536, description="hidden units (mlp), channels (cnn), d_model (transformer)")
     activation: Literal["relu", "tanh", "gelu", "linear", "leaky_relu", "sigmoid"] = "relu"
@@ -112,6 +116,8 @@ class TaskSpec(_Model):
             raise ValueError(f"model 'transformer' needs dataset 'modular' (token inputs), got dataset {self.dataset!r}")
         if self.model == "cnn" and self.dataset != "digits":
             raise ValueError(f"model 'cnn' needs dataset 'digits' (8x8 images), got dataset {self.dataset!r}")
+        if (self.model == "none") != (self.dataset == "tan_sum"):
+            raise ValueError("dataset 'tan_sum' (optimisers as dynamical systems) goes with model 'none', and only it")
         if self.model == "transformer" and self.depth > 2:
             raise ValueError(f"depth: the transformer has 1 or 2 layers, got {self.depth}")
         if self.model == "transformer" and self.width % self.heads:
@@ -135,7 +141,7 @@ class TrainSpec(_Model):
 
     steps: int = Field(ge=1, le=10_000_000)
     batch_size: int = Field(64, ge=1, description="minibatch size; >= data size means full batch")
-    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    optimizer: Literal["sgd", "adam", "adamw", "omd", "ogd", "bisection"] = "sgd"
     lr: float = Field(0.1, gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)
     dampening: float = Field(0.0, ge=0, le=1)
@@ -216,6 +222,19 @@ class ResourcesSpec(_Model):
     population_size: int = Field(64, ge=1, description="at most this many runs vectorised in one trial")
 
 
+def _cross_check(task: TaskSpec, train: TrainSpec) -> None:
+    """Rules that tie task and train together (raised as ValueError, reported with the point)."""
+    dyn = train.optimizer in DYNAMICS_OPTIMIZERS
+    if dyn != (task.model == "none"):
+        raise ValueError(f"optimizer {train.optimizer!r} "
+                         + ("is an optimiser-as-dynamical-system method and needs model 'none' (dataset tan_sum)"
+                            if dyn else "trains a network and needs a model (mlp, cnn, transformer), not 'none'"))
+    if dyn:
+        n = task.data_options()["grid"] ** 2
+        if not 0 <= train.seed < n:
+            raise ValueError(f"seed {train.seed} is not an initial condition of the tan_sum grid (seeds 0..{n - 1})")
+
+
 class SweepSpec(_Model):
     """A whole sweep file, validated."""
 
@@ -240,6 +259,9 @@ class SweepSpec(_Model):
 
     @model_validator(mode="after")
     def _check(self) -> "SweepSpec":
+        swept = set(self.parameters)
+        if not {"optimizer", "model", "seed"} & swept:
+            _cross_check(self.task, self.train)
         if self.method == "grid":
             for pname, p in self.parameters.items():
                 if not p.is_list():
@@ -272,6 +294,11 @@ class SweepSpec(_Model):
             else:
                 train[name] = value
         t, tr = TaskSpec.model_validate(task), TrainSpec.model_validate(train)
+        try:
+            _cross_check(t, tr)
+        except ValueError as e:  # reported per point by expand()
+            raise ValidationError.from_exception_data("RunConfig", [
+                {"type": "value_error", "loc": ("train",), "input": point, "ctx": {"error": e}}]) from None
         data = t.data_options()
         for k, v in data.items():  # data options keep the type of their default
             data[k] = type(DATA_OPTIONS[t.dataset][k])(v)

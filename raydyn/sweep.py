@@ -101,7 +101,12 @@ def population_trial(config: dict[str, Any], store_uri: str, sweep: str, spec_te
         tune.report({"step": step, "members": n, "active": active, "diverged": diverged, "pop_done": 0})
 
     # Optuna's searcher expects its objective in every result: report only the final one there
-    result = train_population(pop, on_record=None if metric else on_record)
+    if pop.shared["model"] == "none":  # optimiser-as-dynamical-system task: no network to vectorise
+        from raydyn.train.dynamics import train_dynamics
+
+        result = train_dynamics(pop, on_record=None if metric else on_record)
+    else:
+        result = train_population(pop, on_record=None if metric else on_record)
     runs = runs_table(result, pop.pop_id)
     store = open_store(store_uri)
     store.write_runs(sweep, pop.pop_id, runs=runs, metrics=result.recorder.metrics_table(),

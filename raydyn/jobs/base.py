@@ -105,3 +105,44 @@ def run_job(job: Job, store, sweep: str, *, progress: Callable[[int, int, int], 
 
 def run_filter(run_ids) -> pc.Expression:
     return pc.field("run_id").isin(list(run_ids))
+
+
+def load_trajectories(store, sweep: str, run_ids, layers: list[str] | None = None,
+                      ) -> dict[str, tuple["np.ndarray", "np.ndarray", dict]]:
+    """Weight trajectories of runs: run_id -> (steps (T,), weights (T, D) float64, layout).
+
+    ``layers`` keeps only stored parameters whose names start with one of the prefixes
+    (possible when the run stored full parameter vectors, not a sketch).
+    """
+    import numpy as np
+
+    runs = store.table("runs", sweep=sweep, columns=["run_id", "weights_layout"], filter=run_filter(run_ids))
+    layouts = {r: json.loads(lay) for r, lay in zip(runs.column("run_id").to_pylist(), runs.column("weights_layout").to_pylist())}
+    w = store.table("weights", sweep=sweep, columns=["run_id", "step", "weights"], filter=run_filter(run_ids))
+    if w.num_rows == 0:
+        raise RaydynError(f"sweep {sweep!r} has no weight snapshots for runs {', '.join(list(run_ids)[:3])}...: "
+                          "record them with `train.record: [weights]`")
+    out = {}
+    rid = np.array(w.column("run_id").to_pylist(), dtype=object)
+    steps = w.column("step").to_numpy()
+    flat = w.column("weights").combine_chunks()
+    dim = len(flat[0])
+    mat = flat.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+    for r in run_ids:
+        sel = np.nonzero(rid == r)[0]
+        if not len(sel):
+            continue
+        order = sel[np.argsort(steps[sel])]
+        x = mat[order].astype(np.float64)
+        layout = layouts.get(r, {})
+        if layers:
+            if "countsketch" in layout.get("kind", ""):
+                raise RaydynError(f"run {r}: --layers needs full snapshots, but this run stored a CountSketch "
+                                  f"({layout.get('dim')} dims); record fewer parameters with train.weights.layers")
+            names, offs = layout["names"], layout["offsets"]
+            keep = [i for i, n in enumerate(names) if any(n.startswith(p) for p in layers)]
+            if not keep:
+                raise RaydynError(f"--layers {layers} match no stored parameter of run {r}; stored: {', '.join(names)}")
+            x = np.concatenate([x[:, offs[i]:offs[i + 1]] for i in keep], axis=1)
+        out[r] = (steps[order], x, layout)
+    return out
