@@ -16,6 +16,15 @@ print(f"test_symmetry seed={SEED}")
 LR, WD, BETA, STEPS = 0.1, 5e-4, 0.9, 1000
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: intra-op threads only add hand-off cost (and suffer on a busy box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _float64():
     old = torch.get_default_dtype()
@@ -259,16 +268,11 @@ def _train(momentum, dampening=0.0, steps=STEPS, seed=SEED):
 @pytest.fixture(scope="module")
 def runs():
     torch.set_default_dtype(torch.float64)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: thread hand-off costs more than it saves
-    try:
-        return {
-            "sgd": _train(0.0),
-            "momentum": _train(BETA),
-            "momentum_damp": _train(BETA, dampening=0.3, steps=300),
-        }
-    finally:
-        torch.set_num_threads(threads)
+    return {
+        "sgd": _train(0.0),
+        "momentum": _train(BETA),
+        "momentum_damp": _train(BETA, dampening=0.3, steps=300),
+    }
 
 
 CASES = [("sgd", 0.0, 0.0), ("momentum", BETA, 0.0), ("momentum_damp", BETA, 0.3)]
