@@ -113,11 +113,14 @@ def test_linearity_probe_zero_for_all_positive_layer():
     l1 = nn.Linear(3, 5).double()
     with torch.no_grad():
         l1.bias.fill_(100.0)  # pre-activations all > 0 on X
-    model = nn.Sequential(l1, nn.ReLU(inplace=True), nn.Linear(5, 6).double(), nn.ReLU(),
-                          nn.Linear(6, 3).double())
+    l2 = nn.Linear(5, 6).double()
+    with torch.no_grad():  # centre layer 2 so every neuron is NPT (positive on half of X)
+        l2.bias -= (l1(X).relu() @ l2.weight.T + l2.bias).median(0).values
+    model = nn.Sequential(l1, nn.ReLU(inplace=True), l2, nn.ReLU(), nn.Linear(6, 3).double())
     y = torch.randint(0, 3, (64,), generator=g)
     before = model(X).detach().clone()
     assert NR.neuron_modes(model, X)["1"] == (1.0, 0.0, 0.0)
+    assert NR.neuron_modes(model, X)["3"] == (0.0, 1.0, 0.0)
     res = NR.linearity_probe(model, X, y, batch_size=10)
     assert res.delta_loss["1"] == 0.0 and res.delta_accuracy["1"] == 0.0
     assert res.delta_loss["3"] != 0.0  # the NPT layer does change (test can fail)
