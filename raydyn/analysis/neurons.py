@@ -236,7 +236,7 @@ def neuron_modes(
     for n, r in rates.items():
         opt = float(np.mean(r == 1.0))
         dead = float(np.mean(r == 0.0))
-        out[n] = (opt, 1.0 - opt - dead, dead)
+        out[n] = (opt, float(np.mean((r > 0.0) & (r < 1.0))), dead)
     return out
 
 

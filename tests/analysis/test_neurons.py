@@ -55,7 +55,7 @@ def test_modes_hand_built_mlp(inplace):
     # layer 1: x0+x1 (OPT), x0-x1 (NPT), -x0-x1 (dead), constant 1 (OPT)
     assert modes["1"] == pytest.approx((0.5, 0.25, 0.25), abs=0)
     # layer 2: 1-2 = -1 (dead), x0+x1 (OPT), exactly 0 (not > 0: dead)
-    assert modes["3"] == pytest.approx((1 / 3, 0.0, 2 / 3), abs=1e-15)
+    assert modes["3"] == (1 / 3, 0.0, 2 / 3)
     rates = NR.activation_rates(_hand_mlp(inplace), X)
     frac = float((X[:, 0] > X[:, 1]).double().mean())
     np.testing.assert_allclose(rates["1"], [1.0, frac, 0.0, 1.0])
