@@ -295,6 +295,15 @@ def test_exact_prediction_matches_training(runs, run, beta, damp, kind):
 @pytest.mark.parametrize("run,beta", [("sgd", 0.0), ("momentum", BETA)])
 @pytest.mark.parametrize("kind", S.KINDS)
 def test_continuous_prediction_within_one_percent(runs, run, beta, kind):
+    """The paper's modified-flow laws hold to <1% for all three quantities here.
+
+    Translation is the purest test (closed form, no recorded input: pure
+    exponential decay for SGD, damped oscillator for momentum). Scale and rescale
+    need the recorded per-step norms as the driving term, and hold because the
+    symmetry identities are exact (BN eps = 1e-300, ReLU) and eta*lam = 5e-5 is
+    small, so the O(eta) modified-equation error stays far below 1%.
+    Measured (seed 0): SGD 1e-6 / 3e-5 / 7e-5; momentum 2e-4 / 4e-4 / 1.2e-3.
+    """
     _, Q, SQ = runs[run]
     pred = S.predict(kind, Q[kind][0], STEPS, LR, WD, beta, SQ.get(kind), "continuous")
     err = S.relative_error(pred, Q[kind])
