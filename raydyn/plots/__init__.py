@@ -1,0 +1,1 @@
+"""Plotting helpers: matplotlib (Agg) pictures of analysis results; no math, no store I/O."""
