@@ -1,0 +1,1 @@
+"""Plotting helpers (matplotlib, Agg backend) that draw the result objects of raydyn.analysis."""
