@@ -319,10 +319,12 @@ def _row_stats(w: np.ndarray) -> _RowStats:
             )
         m = x.mean(axis=1)
         xc = x - m[:, None]
+        is_const = (x == x[:, :1]).all(axis=1)
+        m[is_const] = x[is_const, 0]  # exact value, not a rounded mean: b is then exact
         mean[s:e] = m
         css[s:e] = np.einsum("ij,ij->i", xc, xc)
         sumsq[s:e] = np.einsum("ij,ij->i", x, x)
-        const[s:e] = (x == x[:, :1]).all(axis=1)
+        const[s:e] = is_const
     css[const] = 0.0
     return _RowStats(mean, css, sumsq, const)
 
