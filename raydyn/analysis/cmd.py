@@ -21,11 +21,13 @@ Post-hoc CMD (:func:`decompose`):
 5. closed-form least squares for ``(a_i, b_i)``.
 
 With ``n_modes=None`` M is the smallest value in ``1..min(K, 50)`` whose relative
-reconstruction error ``||W - W_hat||_F / ||W||_F`` is below ``tolerance``.  The whole
+reconstruction error ``||W - W_hat||_F / ||W||_F`` is below ``tolerance``.  The
 error-vs-M curve is exact and cheap: clusterings for different M are cuts of one
-dendrogram, so at most ``2*M_max - 1`` distinct references exist, and the
+dendrogram, so at most ``2*M - 1`` distinct references exist for M = 1..M, and the
 least-squares residual of parameter ``i`` against reference ``r`` is
-``||w_i - mean(w_i)||^2 * (1 - corr(w_i, r)^2)``.
+``||w_i - mean(w_i)||^2 * (1 - corr(w_i, r)^2)``.  M is searched upwards in blocks
+(1..8, 9..16, 17..32, 33..50), one pass over the weights per block, stopping after
+the first block that reaches the tolerance.
 
 Online CMD (:class:`OnlineCMD`) fixes modes, assignment and reference parameters on a
 warm-up window and afterwards keeps only O(N) running sums, from which ``(a, b)`` over
@@ -329,16 +331,28 @@ def _row_stats(w: np.ndarray) -> _RowStats:
     return _RowStats(mean, css, sumsq, const)
 
 
+def _inv_norm(css: np.ndarray, const: np.ndarray) -> np.ndarray:
+    """``1 / ||x_c||`` per row; 0 for constant rows (their correlation is 0, never NaN)."""
+    scale = np.zeros_like(css)
+    ok = ~const & (css > 0)
+    scale[ok] = 1.0 / np.sqrt(css[ok])
+    return scale
+
+
+def _centred(w: np.ndarray, s: int, e: int, mean: np.ndarray) -> np.ndarray:
+    """Rows ``s:e`` as a fresh float64 array, centred in place (one allocation)."""
+    xc = np.array(w[s:e], dtype=np.float64)
+    xc -= mean[s:e, None]
+    return xc
+
+
 def _normalise(x: np.ndarray, mean: np.ndarray, css: np.ndarray, const: np.ndarray) -> np.ndarray:
     """Rows centred and scaled to unit norm, so that ``Z @ Z.T`` is the Pearson correlation.
 
     Constant rows become exactly zero (correlation 0 with everything, never NaN).
     """
     z = x - mean[:, None]
-    scale = np.zeros_like(css)
-    ok = ~const & (css > 0)
-    scale[ok] = 1.0 / np.sqrt(css[ok])
-    z *= scale[:, None]
+    z *= _inv_norm(css, const)[:, None]
     return z
 
 
@@ -429,18 +443,50 @@ def _ref_rows(w: np.ndarray, idx: np.ndarray) -> np.ndarray:
 
 
 def _error_curve(w: np.ndarray, stats: _RowStats, z_cand: np.ndarray,
-                 modes_for_m: list[list[int]]) -> np.ndarray:
-    """Exact relative error for every M, from correlations with all candidate references."""
+                 modes_for_m: list[list[int]], m_lo: int, m_hi: int) -> np.ndarray:
+    """Exact relative error for M = m_lo..m_hi from correlations with candidate references.
+
+    The residual of row i fitted to reference r is ``css_i * (1 - corr(i, r)^2)``, so the
+    error for M modes needs only ``max_{r in S_M} |corr(i, r)|``.  Consecutive cuts of a
+    dendrogram differ by one split (S_{M+1} = S_M - {parent} + {children}), so the
+    running maximum is updated with the children, and recomputed over S_{M+1} only for
+    the rows whose best reference was the removed parent.  One chunked pass over W;
+    correlations only with the candidates used by some M in the range.
+    """
     n, t = w.shape
-    sse = np.zeros(len(modes_for_m))
+    sets = modes_for_m[m_lo - 1:m_hi]
+    used = sorted({c for cur in sets for c in cur})
+    col = {c: j for j, c in enumerate(used)}  # candidate id -> row of corr
+    sets = [np.asarray([col[c] for c in cur]) for cur in sets]
+    z_used = z_cand[used]
+    sse = np.zeros(len(sets))
     for s, e in _chunks(n, t):
-        x = np.asarray(w[s:e], dtype=np.float64)
-        z = _normalise(x, stats.mean[s:e], stats.css[s:e], stats.const[s:e])
-        rho2 = np.square(z @ z_cand.T)  # (rows, n_candidates)
+        z = _centred(w, s, e, stats.mean)
+        z *= _inv_norm(stats.css[s:e], stats.const[s:e])[:, None]
+        corr = np.abs(z_used @ z.T)  # (n_used, rows), contiguous per candidate
+        del z
         css = stats.css[s:e]
-        for m, cols in enumerate(modes_for_m):
-            best = rho2[:, cols].max(axis=1)
-            sse[m] += float(np.dot(css, np.clip(1.0 - best, 0.0, None)))
+        prev = sets[0]
+        best = corr[prev].max(axis=0)
+        arg = prev[corr[prev].argmax(axis=0)]
+        sse[0] += float(np.dot(css, np.clip(1.0 - best * best, 0.0, None)))
+        for m in range(1, len(sets)):
+            cur = sets[m]
+            removed = np.setdiff1d(prev, cur)
+            added = np.setdiff1d(cur, prev)
+            if removed.size:
+                rows = np.flatnonzero(np.isin(arg, removed))
+                if rows.size:
+                    sub = corr[np.ix_(cur, rows)]
+                    j = sub.argmax(axis=0)
+                    best[rows] = sub[j, np.arange(rows.size)]
+                    arg[rows] = cur[j]
+            for c in added:
+                better = corr[c] > best
+                np.copyto(arg, c, where=better)
+                np.maximum(best, corr[c], out=best)
+            sse[m] += float(np.dot(css, np.clip(1.0 - best * best, 0.0, None)))
+            prev = cur
     total = float(stats.sumsq.sum())
     return np.sqrt(sse / total) if total > 0 else np.zeros_like(sse)
 
@@ -465,9 +511,9 @@ def _fit(w: np.ndarray, stats: _RowStats, reference_index: np.ndarray,
     b = np.empty(n)
     layer_sse = np.zeros(len(layer_names))
     for s, e in _chunks(n, t):
-        x = np.asarray(w[s:e], dtype=np.float64)
-        z = _normalise(x, stats.mean[s:e], stats.css[s:e], stats.const[s:e])
-        corr = z @ z_ref.T  # (rows, M)
+        xc = _centred(w, s, e, stats.mean)
+        inv = _inv_norm(stats.css[s:e], stats.const[s:e])
+        corr = (xc @ z_ref.T) * inv[:, None]  # (rows, M) Pearson correlations
         if assignment is None:
             out_assign[s:e] = np.argmax(np.abs(corr), axis=1)
         mode = out_assign[s:e]
@@ -475,11 +521,14 @@ def _fit(w: np.ndarray, stats: _RowStats, reference_index: np.ndarray,
         # a = <x_c, r_c> / ||r_c||^2 = rho * ||x_c|| / ||r_c||; 0 for a constant reference.
         rn = r_norm[mode]
         ai = np.divide(rho * np.sqrt(stats.css[s:e]), rn, out=np.zeros(e - s), where=rn > 0)
-        bi = stats.mean[s:e] - ai * r_mean[mode]
         a[s:e] = ai
-        b[s:e] = bi
-        resid = x - (ai[:, None] * refs[mode] + bi[:, None])
-        row_sse = np.einsum("ij,ij->i", resid, resid)
+        b[s:e] = stats.mean[s:e] - ai * r_mean[mode]
+        # residual x - (a r + b) = x_c - a r_c, formed in place in xc
+        fitted = rc[mode]
+        fitted *= ai[:, None]
+        xc -= fitted
+        del fitted
+        row_sse = np.einsum("ij,ij->i", xc, xc)
         layer_sse += np.bincount(layer_index[s:e], weights=row_sse, minlength=len(layer_names))
     layer_sq = np.bincount(layer_index, weights=stats.sumsq, minlength=len(layer_names))
     total_sq = float(layer_sq.sum())
@@ -507,9 +556,10 @@ def decompose(weights: np.ndarray, n_modes: int | None = None, tolerance: float 
         in float64 row chunks of ~64 MiB.
     n_modes : int or None
         Number of modes M; None chooses the smallest M in ``1..min(K, 50)`` whose
-        relative error is below ``tolerance`` (the error for every M is recorded in
-        ``error_curve``; if none is below, the M with the smallest error is used and a
-        ``RuntimeWarning`` is issued).
+        relative error is below ``tolerance`` (the exact error for every M searched --
+        up to the end of the block of M values where the tolerance was first met, see
+        the module docstring -- is recorded in ``error_curve``; if no M reaches it, the
+        M with the smallest error is used and a ``RuntimeWarning`` is issued).
     tolerance : float in (0, 1]
         Target relative Frobenius error ``||W - W_hat|| / ||W||`` for the automatic choice.
     n_samples : int
@@ -559,7 +609,17 @@ def decompose(weights: np.ndarray, n_modes: int | None = None, tolerance: float 
         cand_index = sample[cand_ref]
         z_cand = _normalise(_ref_rows(w, cand_index), stats.mean[cand_index],
                             stats.css[cand_index], stats.const[cand_index])
-        curve = _error_curve(w, stats, z_cand, modes_for_m)
+        # Increasing search in blocks of M (1..8, 9..16, 17..32, 33..50): one pass over W
+        # per block, stopping at the first block that reaches the tolerance.
+        curve = np.zeros(0)
+        lo = 1
+        while lo <= max_modes:
+            hi = min(max_modes, max(8, 2 * (lo - 1)))
+            curve = np.concatenate([curve, _error_curve(w, stats, z_cand, modes_for_m, lo, hi)])
+            if (curve < tol).any():
+                break
+            lo = hi + 1
+        curve_modes = np.arange(1, curve.size + 1)
         below = np.flatnonzero(curve < tol)
         if below.size:
             chosen = int(below[0]) + 1
@@ -569,7 +629,6 @@ def decompose(weights: np.ndarray, n_modes: int | None = None, tolerance: float 
                 f"CMD: no number of modes in 1..{max_modes} reaches tolerance={tol:g} "
                 f"(best error {curve.min():.3g} at M={chosen}); using M={chosen}",
                 RuntimeWarning, stacklevel=2)
-        curve_modes = np.arange(1, max_modes + 1)
     else:
         chosen = n_modes
     ref_index = sample[cand_ref[modes_for_m[chosen - 1]]]
