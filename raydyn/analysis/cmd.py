@@ -575,6 +575,14 @@ def decompose(weights: np.ndarray, n_modes: int | None = None, tolerance: float 
     Returns
     -------
     CMDResult
+
+    Notes
+    -----
+    Cost: two or three chunked passes over ``weights`` (statistics; the error curve,
+    one pass per block of M; the final fit), each O(N * T * R) with R the number of
+    references involved (<= 2M - 1), plus O(K^2) memory and time for the clustering.
+    The error is relative to ``||W||_F``, which includes the weights' static part; for
+    weights far from zero even M = 1 can give a small error.
     """
     w = _as_weights(weights)
     n_modes = _check_n_modes(n_modes)
