@@ -1,1 +1,1 @@
-"""Plotting helpers: matplotlib (Agg) pictures of analysis results; no math, no store I/O."""
+"""Plots of analysis results (matplotlib, Agg backend): info in raydyn.analysis, drawing here."""
