@@ -32,12 +32,16 @@ class Job:
     def plan(self, store, sweep: str) -> list[Unit]:
         raise NotImplementedError
 
-    def finish(self, store, sweep: str, tables: dict[str, pa.Table]) -> dict[str, pa.Table]:
-        """Combine the units' tables on the driver; default: nothing more."""
+    def finish(self, store, sweep: str, tables: dict[str, pa.Table], results: list[tuple[Unit, Any]]
+               ) -> dict[str, pa.Table]:
+        """Combine on the driver. ``tables``: the units' table results concatenated by name;
+        ``results``: every successful (unit, value) pair, for jobs whose units return other
+        things than tables (e.g. one HMM fit). Default: nothing more."""
         return {}
 
     # worker -----------------------------------------------------------------
-    def compute(self, store, sweep: str, unit: Unit) -> dict[str, pa.Table]:
+    def compute(self, store, sweep: str, unit: Unit) -> Any:
+        """One unit on a Ray worker: a dict of table name -> Arrow table, or any picklable value."""
         raise NotImplementedError
 
 
@@ -57,7 +61,7 @@ def group_units(runs: pa.Table, group_by: list[str] | None, status: tuple[str, .
             for key, ids in sorted(groups.items(), key=lambda kv: str(kv[0]))]
 
 
-def _compute_unit(payload: tuple[Job, Unit], shared: dict[str, Any]) -> dict[str, pa.Table]:
+def _compute_unit(payload: tuple[Job, Unit], shared: dict[str, Any]) -> Any:
     from raydyn.store import open_store
 
     job, unit = payload
@@ -90,11 +94,14 @@ def run_job(job: Job, store, sweep: str, *, progress: Callable[[int, int, int], 
                                 shared={"store_uri": store.uri, "sweep": sweep}, progress=progress)
     failed = {units[o.index].key: o.error for o in outcomes if o.error}
     parts: dict[str, list[pa.Table]] = {}
-    for o in outcomes:
-        for name, t in (o.value or {}).items():
-            parts.setdefault(name, []).append(t)
+    results = [(units[o.index], o.value) for o in outcomes if not o.error]
+    for _, value in results:
+        if isinstance(value, dict):
+            for name, t in value.items():
+                if isinstance(t, pa.Table):
+                    parts.setdefault(name, []).append(t)
     tables = {name: pa.concat_tables(ts, promote_options="permissive") for name, ts in parts.items()}
-    tables.update(job.finish(store, sweep, tables))
+    tables.update(job.finish(store, sweep, tables, results))
     opts = json.dumps(job.options, sort_keys=True, default=str)
     for name, t in tables.items():
         if t.num_rows:

@@ -59,7 +59,7 @@ class KoopmanJob(Job):
         })
         return {"koopman_spectra": spectra}
 
-    def finish(self, store, sweep: str, tables: dict[str, pa.Table]) -> dict[str, pa.Table]:
+    def finish(self, store, sweep: str, tables: dict[str, pa.Table], results) -> dict[str, pa.Table]:
         from raydyn import fanout
         from raydyn.analysis.koopman import conjugacy_classes
 
