@@ -1,0 +1,1 @@
+"""Plotting helpers (matplotlib, Agg): each takes the result objects of one analysis module."""
