@@ -57,6 +57,9 @@ __all__ = [
 COVARIANCE_TYPES: tuple[str, ...] = ("full", "diag")
 """Covariance types accepted by :func:`fit_one` / :func:`fit_hmm`."""
 
+_COVARS_PRIOR = 1e-2
+"""Ridge added to the covariance numerator in EM (z-units squared); hmmlearn's default size."""
+
 
 # --------------------------------------------------------------------------- validation
 
@@ -326,12 +329,17 @@ def fit_one(
     lengths = [len(s) for s in seqs]
     if x.shape[0] < k:
         raise ValueError(f"k={k} states but only {x.shape[0]} training time points; need at least k")
+    # hmmlearn adds a scalar covars_prior to *every* entry of a full covariance (a rank-1
+    # term that does not keep it positive-definite when features are constant or
+    # collinear); a ridge prior * I does. For diag the scalar already acts per variance.
+    prior = _COVARS_PRIOR * np.eye(x.shape[1]) if covariance_type == "full" else _COVARS_PRIOR
     model = GaussianHMM(
         n_components=k,
         covariance_type=covariance_type,
         n_iter=n_iter,
         tol=tol,
         random_state=int(seed),
+        covars_prior=prior,
     )
     # One BLAS thread: the matrices are tiny (F x F), so threading only adds overhead (we
     # measured 25x slowdowns on a loaded 2-core machine), and parallelism belongs one level
