@@ -20,9 +20,13 @@ The pipeline, split so that the expensive part can be fanned out (e.g. as Ray ta
 :func:`fit_hmm` runs all four in a loop. :func:`training_map`, :func:`convergence_steps`
 and :func:`detour_analysis` interpret the result.
 
-Units: features are in "z-units" (per-run standard deviations) after :func:`prepare`;
+Units: features are in "z-units" after :func:`prepare` (per-run standard deviations by
+default, as in the paper; see :func:`zscore_runs` for the pooled alternative);
 log-likelihoods are natural logs of densities of those z-scored observations; time is the
 row index of a sequence unless step numbers are given.
+
+Reference: Hu, Chen, Saphra, Cho, "Latent State Models of Training Dynamics", TMLR 2023;
+their code is github.com/michahu/modeling-training (read, not copied).
 """
 from __future__ import annotations
 
@@ -349,6 +353,7 @@ def fit_one(
         loglik = float(model.score(x, lengths))
     if not np.isfinite(loglik):
         loglik = -math.inf
+    covars = np.array(model.covars_, dtype=np.float64)  # full form (k, F, F) for every type
     return HMMFit(
         n_states=k,
         seed=int(seed),
@@ -356,7 +361,7 @@ def fit_one(
         startprob=np.asarray(model.startprob_, dtype=np.float64).copy(),
         transmat=np.asarray(model.transmat_, dtype=np.float64).copy(),
         means=np.asarray(model.means_, dtype=np.float64).copy(),
-        covars=np.asarray(model._covars_, dtype=np.float64).copy(),
+        covars=covars if covariance_type == "full" else np.diagonal(covars, axis1=1, axis2=2).copy(),
         loglik=loglik,
         n_obs=int(x.shape[0]),
         converged=bool(model.monitor_.converged),
