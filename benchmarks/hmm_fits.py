@@ -1,0 +1,133 @@
+"""Benchmark: HMM model selection over many groups, sequential loop vs Ray tasks.
+
+Each *group* stands for one cell of a sweep (e.g. one hyperparameter setting): a set of
+training runs whose metric sequences get their own HMM. For every group we fit
+k = 1..max_states with `restarts` random restarts (the independent ``fit_one`` jobs of
+:mod:`raydyn.analysis.hmm`), then ``select`` in the driver.
+
+    python benchmarks/hmm_fits.py                 # 16 groups: ~2-3 min on 2 cores
+    python benchmarks/hmm_fits.py --groups 64     # the full size: 64 x 6 x 3 = 1152 fits
+
+Fairness: BLAS/OpenMP threads are pinned to 1 for BOTH paths (environment variables set
+before numpy is imported, inherited by Ray workers; ``fit_one`` additionally limits BLAS
+to one thread). The only difference is that the Ray path runs ``num_cpus`` fits at once.
+Ray workers are started and warmed up before timing; ``ray.init`` time is printed apart.
+Both paths must give identical selections (checked).
+"""
+from __future__ import annotations
+
+import os
+
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
+    os.environ[_var] = "1"
+
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from raydyn.analysis.hmm import HMMData, fit_one, fit_plan, prepare, select  # noqa: E402
+
+
+def make_groups(n_groups: int, n_seq: int, length: int, n_features: int, seed: int = 0) -> list[HMMData]:
+    """Synthetic groups: runs drawn from a random sticky 3-state Gaussian HMM per group,
+    drifting left to right like training metrics."""
+    from hmmlearn.hmm import GaussianHMM
+
+    rng = np.random.default_rng(seed)
+    groups = []
+    for g in range(n_groups):
+        m = GaussianHMM(3, covariance_type="diag", init_params="")
+        m.startprob_ = np.array([1.0, 0.0, 0.0])
+        m.transmat_ = np.array([[0.95, 0.05, 0.0], [0.0, 0.95, 0.05], [0.02, 0.0, 0.98]])
+        m.means_ = rng.normal(0, 3, size=(3, n_features))
+        m.covars_ = rng.uniform(0.5, 1.5, size=(3, n_features))
+        runs = [m.sample(length, random_state=1000 * g + i)[0] for i in range(n_seq)]
+        groups.append(prepare(runs, held_out=0.2, random_state=g))
+    return groups
+
+
+def run_sequential(groups, jobs, cov):
+    per_group = []
+    results = []
+    t0 = time.perf_counter()
+    for data in groups:
+        tg = time.perf_counter()
+        fits = [fit_one(data.train_sequences, k, s, cov) for k, s in jobs]
+        results.append(select(data, fits))
+        per_group.append(time.perf_counter() - tg)
+    return time.perf_counter() - t0, per_group, results
+
+
+def run_ray(groups, jobs, cov, remote_fit):
+    import ray
+
+    t0 = time.perf_counter()
+    refs = []
+    for data in groups:
+        train = ray.put(data.train_sequences)  # once per group, shared by its jobs
+        refs.append([remote_fit.remote(train, k, s, cov) for k, s in jobs])
+    results = [select(data, ray.get(r)) for data, r in zip(groups, refs)]
+    return time.perf_counter() - t0, results
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--groups", type=int, default=16, help="number of groups (full size: 64)")
+    ap.add_argument("--max-states", type=int, default=6)
+    ap.add_argument("--restarts", type=int, default=3)
+    ap.add_argument("--n-seq", type=int, default=10, help="runs per group")
+    ap.add_argument("--length", type=int, default=100, help="time steps per run")
+    ap.add_argument("--features", type=int, default=6)
+    ap.add_argument("--covariance-type", default="full", choices=("full", "diag"))
+    ap.add_argument("--num-cpus", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=1, help="alternate the two paths this many times")
+    args = ap.parse_args(argv)
+
+    import ray
+
+    groups = make_groups(args.groups, args.n_seq, args.length, args.features)
+    jobs = fit_plan(args.max_states, args.restarts, random_state=0)
+    n_fits = len(groups) * len(jobs)
+    print(
+        f"{len(groups)} groups x {len(jobs)} fits (k=1..{args.max_states} x {args.restarts} restarts) = {n_fits} fits; "
+        f"{args.n_seq} runs x {args.length} steps x {args.features} features per group; "
+        f"{args.covariance_type} covariance; BLAS/OpenMP threads = 1 in both paths"
+    )
+
+    t = time.perf_counter()
+    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    remote_fit = ray.remote(num_cpus=1)(fit_one)
+    # warm-up: start one worker per CPU and import hmmlearn/sklearn there
+    ray.get([remote_fit.remote(groups[0].train_sequences, 2, s, args.covariance_type) for s in range(2 * args.num_cpus)])
+    print(f"ray.init + worker warm-up: {time.perf_counter() - t:.1f} s (not counted below)")
+
+    seq_times, ray_times, group_medians = [], [], []
+    try:
+        for rep in range(args.repeats):
+            ts, per_group, res_seq = run_sequential(groups, jobs, args.covariance_type)
+            tr, res_ray = run_ray(groups, jobs, args.covariance_type, remote_fit)
+            for a, b in zip(res_seq, res_ray):
+                assert a.n_states == b.n_states and a.bic == b.bic, "sequential and Ray selections differ"
+            seq_times.append(ts)
+            ray_times.append(tr)
+            group_medians.append(statistics.median(per_group))
+            print(f"repeat {rep}: sequential {ts:.1f} s, ray {tr:.1f} s, ratio {ts / tr:.2f}x")
+    finally:
+        ray.shutdown()
+
+    ks = [r.n_states for r in res_seq]
+    ms, mr = statistics.median(seq_times), statistics.median(ray_times)
+    print(f"selected k per group: {dict(sorted({k: ks.count(k) for k in set(ks)}.items()))} (identical on both paths)")
+    print(f"median per-group time, sequential: {statistics.median(group_medians):.2f} s")
+    print(f"median total  sequential: {ms:8.1f} s   ({1000 * ms / n_fits:.0f} ms per fit)")
+    print(f"median total  ray tasks:  {mr:8.1f} s   ({1000 * mr / n_fits:.0f} ms per fit, {args.num_cpus} CPUs)")
+    print(f"speed-up sequential / ray: {ms / mr:.2f}x  (ideal: {args.num_cpus}x; os.cpu_count()={os.cpu_count()})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""Draw an HMM training map (Hu et al. 2023) as a directed graph, with matplotlib only.
+
+Takes the :class:`raydyn.analysis.hmm.TrainingMap` computed by
+:func:`raydyn.analysis.hmm.training_map`; no numbers are computed here beyond layout.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.patches import FancyArrowPatch  # noqa: E402
+
+from raydyn.analysis.hmm import TrainingMap  # noqa: E402
+
+__all__ = ["plot_training_map"]
+
+_RAD = 0.25  # curvature of edges, so that i -> j and j -> i are drawn apart
+
+
+def _layout(k: int) -> list[tuple[float, float]]:
+    """Node positions: states on a circle, state 0 at the left, then clockwise."""
+    if k == 1:
+        return [(0.0, 0.0)]
+    if k == 2:
+        return [(-1.0, 0.0), (1.0, 0.0)]
+    return [(-math.cos(2 * math.pi * s / k), math.sin(2 * math.pi * s / k)) for s in range(k)]
+
+
+def plot_training_map(
+    tmap: TrainingMap,
+    path: str | Path | None = None,
+    *,
+    top_features: int = 2,
+    title: str | None = None,
+    ax=None,
+    dpi: int = 120,
+):
+    """Draw states as circles (area ~ occupancy) and observed transitions as arrows.
+
+    Args:
+        tmap: from :func:`raydyn.analysis.hmm.training_map`.
+        path: if given, the figure is written there as PNG (parent directories created).
+        top_features: how many of the largest signed mean changes (z-units) to print on
+            each edge; 0 prints only the transition probability.
+        title: figure title.
+        ax: draw into this matplotlib Axes instead of a new figure.
+        dpi: resolution of the PNG.
+
+    Returns:
+        the matplotlib ``Figure``.
+
+    Edge width is proportional to the fitted transition probability; edges are curved so
+    that ``i -> j`` and ``j -> i`` do not overlap. Nodes are labelled with the state and
+    its occupancy (fraction of all decoded time steps).
+    """
+    if not isinstance(tmap, TrainingMap):
+        raise ValueError(f"tmap must be a TrainingMap from training_map(), got {type(tmap).__name__}")
+    if top_features < 0:
+        raise ValueError(f"top_features={top_features}; must be >= 0")
+    k = len(tmap.nodes)
+    pos = _layout(k)
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6.5, 6.0))
+    else:
+        fig = ax.figure
+
+    max_occ = max((n.occupancy for n in tmap.nodes), default=1.0) or 1.0
+    # Node radius in data units: area proportional to occupancy, capped so nodes don't merge.
+    r_max = 0.28 if k > 2 else 0.35
+    radii = [max(0.06, r_max * math.sqrt(n.occupancy / max_occ)) for n in tmap.nodes]
+    colors = plt.get_cmap("viridis")([s / max(k - 1, 1) for s in range(k)])
+    circles = []
+    for node, (x, y), r, c in zip(tmap.nodes, pos, radii, colors):
+        circles.append(ax.add_patch(plt.Circle((x, y), r, facecolor=c, edgecolor="black", alpha=0.85, zorder=2)))
+        ax.annotate(
+            f"{node.state}\n{node.occupancy:.0%}",
+            (x, y),
+            ha="center",
+            va="center",
+            fontsize=9,
+            color="white" if node.state < 0.6 * k else "black",
+            zorder=3,
+        )
+
+    for e in tmap.edges:
+        (x0, y0), (x1, y1) = pos[e.src], pos[e.dst]
+        arrow = FancyArrowPatch(
+            (x0, y0),
+            (x1, y1),
+            arrowstyle="-|>",
+            mutation_scale=14,
+            connectionstyle=f"arc3,rad={_RAD}",
+            linewidth=0.6 + 6.0 * e.prob,
+            color="0.25",
+            patchA=circles[e.src],
+            patchB=circles[e.dst],
+            shrinkA=2,
+            shrinkB=2,
+            zorder=1,
+        )
+        ax.add_patch(arrow)
+        label = f"p={e.prob:.2f}"
+        for name, change in e.ranked_features[:top_features]:
+            label += f"\n{name} {change:+.2f}"
+        # Label on the arc's midpoint: matplotlib's arc3 control point sits at
+        # mid + rad * (dy, -dx), and a quadratic Bezier passes half-way to it.
+        mx, my = (x0 + x1) / 2, (y0 + y1) / 2
+        dx, dy = x1 - x0, y1 - y0
+        ax.annotate(
+            label,
+            (mx + 0.5 * _RAD * dy, my - 0.5 * _RAD * dx),
+            ha="center",
+            va="center",
+            fontsize=7,
+            zorder=3,
+            bbox=dict(boxstyle="round,pad=0.15", facecolor="white", edgecolor="none", alpha=0.8),
+        )
+
+    ax.set_xlim(-1.6, 1.6)
+    ax.set_ylim(-1.6, 1.6)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    if title:
+        ax.set_title(title)
+    if path is not None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, format="png", dpi=dpi, bbox_inches="tight")
+    return fig
