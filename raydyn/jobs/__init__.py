@@ -20,7 +20,15 @@ def register(cls: type[Job]) -> type[Job]:
 
 
 # job modules; each defines a Job subclass and `register_cli(analyze_app)` adding its command
-MODULES: tuple[str, ...] = ()
+MODULES: tuple[str, ...] = ("hmm",)
+
+
+def load_all() -> None:
+    """Import every job module (they register their CLI command and report section)."""
+    import importlib
+
+    for m in MODULES:
+        importlib.import_module(f"raydyn.jobs.{m}")
 
 
 def cli_commands():
@@ -30,4 +38,4 @@ def cli_commands():
     return [importlib.import_module(f"raydyn.jobs.{m}").register_cli for m in MODULES]
 
 
-__all__ = ["Job", "Unit", "run_job", "JOBS", "register", "MODULES", "cli_commands"]
+__all__ = ["Job", "Unit", "run_job", "JOBS", "register", "MODULES", "cli_commands", "load_all"]

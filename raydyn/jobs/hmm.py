@@ -192,3 +192,63 @@ def register_cli(analyze_app) -> None:
                      covariance_type=covariance, held_out=held_out, random_state=seed, convergence_metric=conv_metric,
                      convergence_threshold=conv_threshold, convergence_mode=conv_mode)
         run_analysis(job, sweep, store, address)
+
+
+def report_section(store, sweep: str) -> list[tuple[str, bytes]]:
+    """Training maps of up to six groups, and the BIC curves."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from raydyn.analysis.hmm import MapEdge, MapNode, TrainingMap
+
+    out = []
+    models = store.table("hmm_models", sweep=sweep).to_pandas()
+    trans = store.table("hmm_transitions", sweep=sweep).to_pandas()
+    states = store.table("hmm_states", sweep=sweep).to_pandas()
+    summary = store.table("hmm_summary", sweep=sweep).to_pandas()
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for g, d in models.groupby("group"):
+        ax.plot(d.k, d.bic, marker="o", label=g)
+    ax.set_xlabel("hidden states k")
+    ax.set_ylabel("BIC (lower is better)")
+    ax.legend(fontsize=7)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    out.append(("HMM model selection: BIC per group", buf.getvalue()))
+    from raydyn.plots.hmm import plot_training_map
+
+    for g in list(models.group.unique())[:6]:
+        chosen = models[(models.group == g) & models.chosen].iloc[0]
+        feats = tuple(json.loads(chosen.features))
+        k = int(chosen.k)
+        runs = summary[summary.hmm_group == g].run_id
+        st = states[states.run_id.isin(runs)]
+        first = st.sort_values("step").groupby("run_id").state.first()
+        nodes = tuple(MapNode(s, float((st.state == s).mean()), int((st.state == s).sum()),
+                              float(st.groupby("run_id").state.apply(lambda x: s in set(x)).mean()),
+                              float((first == s).mean())) for s in range(k))
+        means = np.array(json.loads(chosen.means))
+        edges = []
+        for e in (trans[trans.group == g] if len(trans) else trans).itertuples():
+            change = means[e.dst] - means[e.src]
+            order = np.argsort(-np.abs(change))
+            edges.append(MapEdge(int(e.src), int(e.dst), float(e.prob), int(e.count), int(e.n_runs), change, order,
+                                 tuple((feats[i], float(change[i])) for i in order)))
+        buf = io.BytesIO()
+        fig = plot_training_map(TrainingMap(nodes, tuple(edges), feats), title=f"{g}: {k} states")
+        fig = getattr(fig, "figure", fig)
+        fig.savefig(buf, format="png", dpi=90)
+        plt.close(fig)
+        out.append((f"training map {g}", buf.getvalue()))
+    return out
+
+
+from raydyn.report.html import SECTIONS  # noqa: E402
+
+SECTIONS["hmm_"] = report_section

@@ -111,6 +111,7 @@ def runs_with_metrics(store: Any, sweep: str) -> pa.Table:
     ``<analysis>_summary`` table with one row per run.
     """
     runs = store.table("runs", sweep=sweep)
+    runs = runs.cast(pa.schema([f.with_type(pa.string()) if pa.types.is_null(f.type) else f for f in runs.schema]))
     for name in store.tables():
         if not name.endswith("_summary"):
             continue

@@ -99,6 +99,9 @@ def build_report(store, sweep: str, out: str | Path, metrics: Sequence[str] = ("
             for k in c:
                 c[k].append(_jsonable(md[k][i]))
 
+    from raydyn.jobs import load_all
+
+    load_all()  # job modules register their report sections
     sections = []
     tables = set(store.tables())
     for prefix, fn in SECTIONS.items():
@@ -106,10 +109,10 @@ def build_report(store, sweep: str, out: str | Path, metrics: Sequence[str] = ("
             try:
                 figs = fn(store, sweep)
             except Exception as e:  # a broken section must not lose the rest of the report
-                sections.append((prefix, f"<p class='err'>could not draw {html.escape(prefix)}: {html.escape(str(e))}</p>"))
+                sections.append((prefix.strip("_"), f"<p class='err'>could not draw {html.escape(prefix)}: {html.escape(str(e))}</p>"))
                 continue
             body = "".join(f"<figure>{_img(png, t)}<figcaption>{html.escape(t)}</figcaption></figure>" for t, png in figs)
-            sections.append((prefix, body))
+            sections.append((prefix.strip("_"), body))
 
     page = TEMPLATE.format(
         title=html.escape(f"raydyn report: {sweep}"),

@@ -220,5 +220,7 @@ def runs_table(result: Any, pop_id: str) -> pa.Table:
         if pa.types.is_integer(f.type) and f.name in ("lr", "momentum", "weight_decay", "dampening", "beta1", "beta2", "eps",
                                                       "init_scale", "divergence_factor"):
             f = f.with_type(pa.float64())
+        elif pa.types.is_null(f.type):  # an unset option (e.g. loss: default) stays a typed, nullable column
+            f = f.with_type(pa.string())
         fields.append(f)
     return table.cast(pa.schema(fields))

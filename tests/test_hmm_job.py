@@ -1,0 +1,54 @@
+"""The HMM job end to end: a small sweep trained on Ray, every (group, k, restart) fit fanned out, tables in the store."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from raydyn.jobs import run_job
+from raydyn.jobs.hmm import HMMJob
+from raydyn.phase.maps import phase_map_info, runs_with_metrics
+from raydyn.spec import parse_sweep
+from raydyn.store import open_store
+from raydyn.sweep import run_sweep
+
+pytestmark = pytest.mark.ray
+
+SWEEP = """
+name: hmmjob
+task: {dataset: digits, model: mlp, depth: 1, width: 16}
+train: {steps: 120, batch_size: 32, lr: 0.1, record_every: 10, eval_every: 10, record: [weight_stats]}
+parameters:
+  lr: {values: [0.05, 0.5]}
+  seed: {values: [0, 1, 2, 3, 4]}
+resources: {cpu: 1}
+"""
+
+
+def test_hmm_job_writes_states_models_and_phase_metrics(ray_session, tmp_path):
+    store = open_store(tmp_path)
+    spec = parse_sweep(SWEEP)
+    run_sweep(spec, SWEEP, store)
+    seen = []
+    outcome = run_job(HMMJob(max_states=3, restarts=2, convergence_threshold=0.8), store, "hmmjob",
+                      progress=lambda d, t, f: seen.append((d, t, f)))
+    assert not outcome.failed
+    assert outcome.units == 2 * 3 * 2  # two groups (lr values) x k=1..3 x 2 restarts, one Ray task each
+    assert seen[-1] == (12, 12, 0)
+    models = store.table("hmm_models", sweep="hmmjob").to_pandas()
+    assert set(models.group) == {"lr=0.05", "lr=0.5"} and (models.groupby("group").chosen.sum() == 1).all()
+    # the chosen k has the lowest BIC of its group
+    for _, g in models.groupby("group"):
+        assert g.loc[g.chosen, "bic"].item() == g.bic.min()
+    states = store.table("hmm_states", sweep="hmmjob").to_pandas()
+    assert states.groupby("run_id").step.apply(list).map(lambda s: s == list(range(0, 121, 10))).all()
+    summary = runs_with_metrics(store, "hmmjob").to_pandas()
+    assert summary.hmm_n_states.between(1, 3).all() and summary.convergence_step.notna().all()
+    # the fast learning rate converges (test accuracy > 0.8) no later than the slow one, by median
+    med = summary.groupby("lr").convergence_step.median()
+    assert med[0.5] <= med[0.05]
+    info = phase_map_info(runs_with_metrics(store, "hmmjob"), "hmm_n_states", "lr", "seed")
+    assert np.isfinite(info.median).all()
+    from raydyn.report import build_report
+
+    page = build_report(store, "hmmjob", tmp_path / "r.html", axes=spec.axes()).read_text()
+    assert "<h2>hmm</h2>" in page and page.count("training map lr=") == 2 and "could not draw" not in page
