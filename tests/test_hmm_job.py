@@ -51,4 +51,4 @@ def test_hmm_job_writes_states_models_and_phase_metrics(ray_session, tmp_path):
     from raydyn.report import build_report
 
     page = build_report(store, "hmmjob", tmp_path / "r.html", axes=spec.axes()).read_text()
-    assert "<h2>hmm</h2>" in page and page.count("training map lr=") == 2 and "could not draw" not in page
+    assert "<h2>hmm</h2>" in page and page.count("<figcaption>training map lr=") == 2 and "could not draw" not in page
