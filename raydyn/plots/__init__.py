@@ -1,0 +1,1 @@
+"""Plots: matplotlib (Agg) pictures of analysis results. Compute first, draw second."""
