@@ -69,7 +69,7 @@ def pairwise_distance_matrix(
     ----------
     spectra : list of N (n_k,) complex arrays
     p : Wasserstein order >= 1
-    block_size : spectra per block side; default gives at least ~4 blocks per actor
+    block_size : spectra per block side; default gives at least ~8 blocks per actor
     n_actors : number of actors (each takes 1 CPU)
     """
     _require_ray()
@@ -84,7 +84,7 @@ def pairwise_distance_matrix(
         raise ValueError(f"n_actors must be an int >= 1, got {n_actors!r}")
     if block_size is None:
         k = 1
-        while k * (k + 1) // 2 < 4 * n_actors:
+        while k * (k + 1) // 2 < 8 * n_actors:
             k += 1
         block_size = max(32, math.ceil(n / k))
     if isinstance(block_size, bool) or int(block_size) != block_size or block_size < 1:

@@ -447,9 +447,17 @@ def _check_p(p: float) -> float:
 
 
 def _cost(a: np.ndarray, b: np.ndarray, p: float) -> np.ndarray:
-    """|a_i - b_j|^p for (..., n) and (..., m) -> (..., n, m)."""
-    c = np.abs(a[..., :, None] - b[..., None, :])
-    return c if p == 1.0 else c**p
+    """|a_i - b_j|^p for (..., n) and (..., m) complex -> (..., n, m) float64."""
+    dr = a.real[..., :, None] - b.real[..., None, :]
+    di = a.imag[..., :, None] - b.imag[..., None, :]
+    dr *= dr
+    di *= di
+    dr += di
+    if p == 1.0:
+        return np.sqrt(dr, out=dr)
+    if p == 2.0:
+        return dr
+    return np.power(dr, p / 2, out=dr)
 
 
 def _transport_lp(cost: np.ndarray) -> float:
@@ -504,7 +512,7 @@ def wasserstein(eigs_a, eigs_b, p: float = 1) -> float:
 
 _BRUTE_MAX = 4  # n <= this: enumerate permutations in one vectorised op
 _MATCH_CHUNK = 384  # assignment problems per sparse block-diagonal matching call
-_PAIR_CHUNK = 16384  # pairs whose cost matrices are materialised at once
+_PAIR_CHUNK = 4096  # pairs whose cost matrices are materialised at once
 
 
 @lru_cache(maxsize=8)
@@ -515,7 +523,7 @@ def _perms(n: int) -> np.ndarray:
 @lru_cache(maxsize=64)
 def _block_diag_pattern(n_blocks: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     """CSR indptr/indices of n_blocks dense n x n blocks on the diagonal."""
-    indptr = np.arange(0, n_blocks * n * n + 1, n, dtype=np.int64)
+    indptr = np.arange(0, n_blocks * n * n + 1, n, dtype=np.int32)
     cols = (np.arange(n_blocks)[:, None, None] * n + np.arange(n)[None, None, :]).repeat(n, axis=1)
     indices = cols.ravel().astype(np.int32)
     indptr.setflags(write=False)
@@ -546,8 +554,12 @@ def _assignment_sums(cost: np.ndarray) -> np.ndarray:
     # Exact shortcut: if every row's minimum lies in a distinct column, that
     # assignment attains the lower bound sum_i min_j c_ij and is optimal. Common
     # when the two spectra are close (the interesting case); cheap otherwise.
-    out = cost.min(axis=2).sum(axis=1)
-    easy = np.all(np.sort(cost.argmin(axis=2), axis=1) == np.arange(n), axis=1)
+    arg = cost.argmin(axis=2)  # (B, n)
+    out = np.take_along_axis(cost, arg[:, :, None], axis=2)[:, :, 0].sum(axis=1)
+    if n <= 62:
+        easy = np.bitwise_or.reduce(np.left_shift(1, arg, dtype=np.int64), axis=1) == (1 << n) - 1
+    else:
+        easy = np.all(np.sort(arg, axis=1) == np.arange(n), axis=1)
     hard = np.flatnonzero(~easy)
     if hard.size == 0:
         return out
@@ -557,9 +569,10 @@ def _assignment_sums(cost: np.ndarray) -> np.ndarray:
         k = c.shape[0]
         scale = c.reshape(k, -1).max(axis=1)
         scale[scale == 0] = 1.0
-        data = (c / scale[:, None, None] + 1.0).ravel()
+        data = np.multiply(c, (1.0 / scale)[:, None, None]).reshape(-1)
+        data += 1.0
         indptr, indices = _block_diag_pattern(k, n)
-        mat = csr_matrix((data, indices, indptr), shape=(k * n, k * n))
+        mat = csr_matrix((data, indices, indptr), shape=(k * n, k * n), copy=False)
         row, col = min_weight_full_bipartite_matching(mat)
         cols = np.empty(k * n, dtype=np.intp)
         cols[row] = col
