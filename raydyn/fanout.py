@@ -7,14 +7,19 @@ by name and the others' results are kept).
 """
 from __future__ import annotations
 
+import math
 import time
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import ray
+from ray.util import ActorPool
 
 from raydyn.errors import RaydynError
+
+__all__ = ["map_tasks", "TaskOutcome", "pairwise_distance_matrix"]
 
 
 @dataclass
@@ -78,5 +83,90 @@ def map_tasks(
     return outcomes
 
 
-def elapsed(t0: float) -> float:
-    return time.perf_counter() - t0
+# ------------------------------------------------------------------ pairwise distances (Koopman)
+def _kp():
+    from raydyn.analysis import koopman
+
+    return koopman
+
+
+@ray.remote(num_cpus=1)
+class _WassersteinWorker:
+    """Holds all spectra (zero-copy views of one packed array) and computes blocks."""
+
+    def __init__(self, packed: tuple[np.ndarray, np.ndarray], p: float):
+        values, offsets = packed
+        self._spectra = [values[offsets[k] : offsets[k + 1]] for k in range(offsets.size - 1)]
+        self._p = p
+
+    def block(self, rows: tuple[int, int], cols: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int], np.ndarray]:
+        r0, r1 = rows
+        c0, c1 = cols
+        if rows == cols:
+            out = _kp().pairwise_wasserstein(self._spectra[r0:r1], p=self._p)
+        else:
+            out = _kp().wasserstein_block(self._spectra[r0:r1], self._spectra[c0:c1], p=self._p)
+        return rows, cols, out
+
+
+def _default_n_actors() -> int:
+    return max(1, int(ray.available_resources().get("CPU", 0)))
+
+
+def pairwise_distance_matrix(
+    spectra: Sequence[np.ndarray],
+    p: float = 1,
+    block_size: int | None = None,
+    n_actors: int | None = None,
+) -> np.ndarray:
+    """Symmetric (N, N) matrix of Wasserstein-p distances between spectra, on Ray actors.
+
+    The spectra go into the object store once (one packed complex array plus
+    offsets); ``n_actors`` actors (default: one per available CPU) each hold a
+    reference and compute upper-triangle blocks (block i <= block j) with
+    :func:`raydyn.analysis.koopman.pairwise_wasserstein` (diagonal blocks) and
+    :func:`raydyn.analysis.koopman.wasserstein_block` (off-diagonal ones).
+    Equals ``pairwise_wasserstein(spectra, p)``. Ray must already be initialised.
+
+    Parameters
+    ----------
+    spectra : list of N (n_k,) complex arrays
+    p : Wasserstein order >= 1
+    block_size : spectra per block side; default gives at least ~8 blocks per actor
+    n_actors : number of actors (each takes 1 CPU)
+    """
+    _require_ray()
+    p = _kp()._check_p(p)
+    spectra = _kp()._as_spectra_list(spectra, "spectra")
+    n = len(spectra)
+    if n < 2:
+        return np.zeros((n, n))
+    if n_actors is None:
+        n_actors = _default_n_actors()
+    if isinstance(n_actors, bool) or int(n_actors) != n_actors or n_actors < 1:
+        raise ValueError(f"n_actors must be an int >= 1, got {n_actors!r}")
+    if block_size is None:
+        k = 1
+        while k * (k + 1) // 2 < 8 * n_actors:
+            k += 1
+        block_size = max(32, math.ceil(n / k))
+    if isinstance(block_size, bool) or int(block_size) != block_size or block_size < 1:
+        raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+    edges = list(range(0, n, int(block_size))) + [n]
+    spans = [(edges[k], edges[k + 1]) for k in range(len(edges) - 1)]
+    tasks = [(spans[a], spans[b]) for a in range(len(spans)) for b in range(a, len(spans))]
+
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([s.size for s in spectra])
+    ref = ray.put((np.concatenate(spectra), offsets))
+    workers = [_WassersteinWorker.remote(ref, p) for _ in range(min(int(n_actors), len(tasks)))]
+    out = np.zeros((n, n))
+    try:
+        pool = ActorPool(workers)
+        for (r0, r1), (c0, c1), block in pool.map_unordered(lambda w, t: w.block.remote(*t), tasks):
+            out[r0:r1, c0:c1] = block
+            out[c0:c1, r0:r1] = block.T
+    finally:
+        for w in workers:
+            ray.kill(w)
+    return out
