@@ -8,7 +8,6 @@ by name and the others' results are kept).
 from __future__ import annotations
 
 import math
-import time
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence

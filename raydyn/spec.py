@@ -134,6 +134,8 @@ class WeightsSpec(_Model):
     max_size: int = Field(200_000, ge=1, description="store all parameters as float32 up to this many")
     projection_dim: int = Field(4096, ge=8, description="above max_size: seeded CountSketch to this many dims")
     layers: list[str] | None = Field(None, description="store only these parameter names (prefix match) instead")
+    dtype: Literal["float32", "float64"] = Field(
+        "float32", description="snapshot precision; float64 for full-rank spectral analyses of small systems")
 
 
 class TrainSpec(_Model):

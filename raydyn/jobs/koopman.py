@@ -135,3 +135,40 @@ def register_cli(analyze_app) -> None:
                          delays=delays, rank=_parse_rank(rank), pca=pca, continuous=continuous, threshold=threshold,
                          n_classes=n_classes)
         run_analysis(job, sweep, store, address)
+
+
+def report_section(store, sweep: str) -> list[tuple[str, bytes]]:
+    """Spectra in the complex plane (up to 12 groups) and the clustered distance matrix."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from raydyn.plots.koopman import plot_distance_matrix, plot_spectra
+
+    def png(fig) -> bytes:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=90)
+        plt.close(fig)
+        return buf.getvalue()
+
+    sp = store.table("koopman_spectra", sweep=sweep).to_pandas()
+    groups = sorted(sp.group.unique())
+    spectra = {g: (sp[sp.group == g].real + 1j * sp[sp.group == g].imag).to_numpy() for g in groups[:12]}
+    out = [("Koopman eigenvalues per group (unit circle dashed)", png(plot_spectra(spectra, title=sweep)))]
+    dist = store.table("koopman_distances", sweep=sweep).to_pandas()
+    if len(dist):
+        idx = {g: i for i, g in enumerate(groups)}
+        m = np.zeros((len(groups), len(groups)))
+        for r in dist.itertuples():
+            m[idx[r.group_a], idx[r.group_b]] = m[idx[r.group_b], idx[r.group_a]] = r.distance
+        out.append(("Wasserstein distances between spectra, clustered",
+                    png(plot_distance_matrix(m, labels=groups, title=sweep))))
+    return out
+
+
+from raydyn.report.html import SECTIONS  # noqa: E402
+
+SECTIONS["koopman_"] = report_section

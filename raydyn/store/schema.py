@@ -32,7 +32,7 @@ Core tables (one row per ...):
 
 ``weights`` -- one row per (run, recorded step):
     ``run_id`` string, ``step`` int64, ``weights`` list<float32> or
-    large_list<float32> (the flattened parameter vector; ``runs.weights_layout``
+    large_list<float32> (float64 where the sweep asks for it: ``train.weights.dtype``) (the flattened parameter vector; ``runs.weights_layout``
     says how to unflatten it). Further columns are allowed and unchecked.
 
 Analysis tables (``koopman_spectra``, ``hmm_states``, ``cmd_summary``, ...) have
@@ -217,8 +217,9 @@ def weights_schema_check(table: pa.Table) -> None:
         problems.append("missing column 'weights' (list<float32>)")
     else:
         t = table.schema.field("weights").type
-        ok = (pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_float32(t.value_type)
+        ok = (pa.types.is_list(t) or pa.types.is_large_list(t)) and (
+            pa.types.is_float32(t.value_type) or pa.types.is_float64(t.value_type))
         if not ok:
-            problems.append(f"column 'weights' has type {t}, expected list<float32> or large_list<float32>")
+            problems.append(f"column 'weights' has type {t}, expected list<float32|float64> or large_list<float32|float64>")
     problems += _check_run_ids(table, "weights")
     _raise(problems, "weights")

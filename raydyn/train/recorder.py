@@ -86,16 +86,17 @@ class Recorder:
             k = int(wcfg["projection_dim"])
             g = torch.Generator().manual_seed(SKETCH_SEED)
             self._bucket = torch.randint(0, k, (dim,), generator=g)
-            self._sign = torch.randint(0, 2, (dim,), generator=g).float() * 2 - 1
+            self._sign = torch.randint(0, 2, (dim,), generator=g).double() * 2 - 1
             layout.update(kind=kind + "+countsketch", dim=k, source_dim=dim, sketch_seed=SKETCH_SEED)
         return layout
 
     def flat_weights(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """(P, D) float32 vector of the stored parameters (after any subset/sketch)."""
-        flat = torch.cat([params[n].detach().reshape(self.P, -1) for n in self.layout["names"]], dim=1).float()
+        dtype = torch.float64 if self.cfg["weights"].get("dtype") == "float64" else torch.float32
+        flat = torch.cat([params[n].detach().reshape(self.P, -1) for n in self.layout["names"]], dim=1).to(dtype)
         if "countsketch" in self.layout["kind"]:
-            out = torch.zeros(self.P, self.layout["dim"])
-            out.index_add_(1, self._bucket, flat * self._sign)
+            out = torch.zeros(self.P, self.layout["dim"], dtype=dtype)
+            out.index_add_(1, self._bucket, flat * self._sign.to(dtype))
             return out
         return flat
 
@@ -156,8 +157,9 @@ class Recorder:
         run_ids = np.array(self.run_ids, dtype=object)
         rid = np.concatenate([run_ids[idx] for _, idx, _ in self._weight_chunks])
         steps = np.concatenate([np.full(len(idx), s, dtype=np.int64) for s, idx, _ in self._weight_chunks])
-        mat = np.concatenate([w for _, _, w in self._weight_chunks]).astype(np.float32)
-        vec = pa.FixedSizeListArray.from_arrays(pa.array(mat.reshape(-1)), mat.shape[1]).cast(pa.list_(pa.float32()))
+        mat = np.concatenate([w for _, _, w in self._weight_chunks])
+        vec = pa.FixedSizeListArray.from_arrays(pa.array(mat.reshape(-1)), mat.shape[1])
+        vec = vec.cast(pa.list_(pa.float64() if mat.dtype == np.float64 else pa.float32()))
         table = pa.table({"run_id": rid, "step": steps, "weights": vec})
         return table.sort_by([("run_id", "ascending"), ("step", "ascending")])
 
