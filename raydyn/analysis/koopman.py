@@ -29,11 +29,12 @@ from numbers import Integral, Real
 from typing import Sequence, Union
 
 import numpy as np
-from scipy import integrate, optimize
-from scipy.cluster import hierarchy
+from scipy import optimize
 from scipy.optimize import linear_sum_assignment, linprog
 from scipy.sparse import coo_matrix
-from scipy.spatial.distance import squareform
+
+# scipy.integrate (Gavish-Donoho) and scipy.cluster (classes) are imported where
+# used: Ray workers that only compute distances start faster without them.
 
 __all__ = [
     "DMDResult",
@@ -202,6 +203,8 @@ def hankel_snapshots(trajectories, n_delays: int) -> tuple[np.ndarray, np.ndarra
 @lru_cache(maxsize=256)
 def _mp_median(beta: float) -> float:
     """Median of the Marchenko-Pastur distribution with aspect ratio beta in (0, 1]."""
+    from scipy import integrate
+
     lo, hi = (1 - math.sqrt(beta)) ** 2, (1 + math.sqrt(beta)) ** 2
 
     def density(t: float) -> float:
@@ -865,6 +868,9 @@ def conjugacy_classes(
     -------
     (N,) int labels 0..k-1 numbered in order of first appearance.
     """
+    from scipy.cluster import hierarchy
+    from scipy.spatial.distance import squareform
+
     d = _check_distance_matrix(distance_matrix)
     if method not in _LINKAGES:
         raise ValueError(f"method must be one of {_LINKAGES}, got {method!r}")
