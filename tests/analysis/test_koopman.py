@@ -358,10 +358,14 @@ def test_pairwise_and_block_with_mixed_sizes(rng):
     np.testing.assert_allclose(pairwise_wasserstein(arr), _per_pair(list(arr)), atol=1e-12)
 
 
-def test_sparse_matching_path_many_problems(rng):
-    """More problems than one matching call holds (chunking) and mostly 'hard' ones."""
-    a = cplx(rng, (K._MATCH_CHUNK + 50) * 8).reshape(-1, 8)
+def test_batch_solver_path_mixes_easy_and_hard_problems(rng):
+    """Problems settled by the row-minimum shortcut and by the solver, in one batch."""
+    a = cplx(rng, 500 * 8).reshape(-1, 8)
     b = cplx(rng, a.size).reshape(a.shape)
+    b[:200] = a[:200, ::-1] + 1e-3 * cplx(rng, 200 * 8).reshape(200, 8)  # near-permutations: easy
+    cost = K._cost(a, b, 1.0)
+    easy = np.all(np.sort(cost.argmin(axis=2), axis=1) == np.arange(8), axis=1)
+    assert easy[:200].all() and easy[200:].mean() < 0.2
     got = K._w_equal_batch(a, b, 1.0)
     ref = np.array([wasserstein(x, y) for x, y in zip(a, b)])
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-12)
