@@ -135,8 +135,13 @@ def main(argv=None) -> None:
     try:
         for rep in range(args.repeats):
             load0 = os.getloadavg()[0]
-            ts, cpu_share, per_group, res_seq = run_sequential(groups, jobs, args.covariance_type)
-            tr, ray_cores, res_ray = run_ray(groups, jobs, args.covariance_type, remote_fit, worker_pids)
+            # alternate which path goes first, so a drift in machine load favours neither
+            if rep % 2 == 0:
+                ts, cpu_share, per_group, res_seq = run_sequential(groups, jobs, args.covariance_type)
+                tr, ray_cores, res_ray = run_ray(groups, jobs, args.covariance_type, remote_fit, worker_pids)
+            else:
+                tr, ray_cores, res_ray = run_ray(groups, jobs, args.covariance_type, remote_fit, worker_pids)
+                ts, cpu_share, per_group, res_seq = run_sequential(groups, jobs, args.covariance_type)
             load1 = os.getloadavg()[0]
             for a, b in zip(res_seq, res_ray):
                 assert a.n_states == b.n_states and a.bic == b.bic, "sequential and Ray selections differ"
