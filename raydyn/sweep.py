@@ -42,6 +42,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         except Exception as e:  # ConnectionError, TimeoutError, ValueError depending on the failure
             raise RaydynError(f"could not connect to the Ray cluster at --address {address!r}: {e}") from None
     else:
+        # Ray starts workers at niceness 15; on a shared machine they then lose the CPU to anything
+        # else running, and a sweep crawls. Trials are the work here: run them at normal priority.
+        os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1",
                  _node_ip_address="127.0.0.1", **kwargs)
 
