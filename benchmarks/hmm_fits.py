@@ -84,16 +84,23 @@ def run_sequential(groups, jobs, cov):
     return wall, (time.process_time() - c0) / wall, per_group, results
 
 
+def _fit(payload, shared):
+    train, k, seed, cov = payload
+    return fit_one(train, k, seed, cov)
+
+
 def run_ray(groups, jobs, cov, remote_fit, worker_pids):
-    import ray
+    """raydyn's fan-out (raydyn.fanout.map_tasks, as `raydyn analyze hmm` uses it): one task per fit."""
+    from raydyn.fanout import map_tasks
 
     c0 = _cpu_seconds(worker_pids)
     t0 = time.perf_counter()
-    refs = []
-    for data in groups:
-        train = ray.put(data.train_sequences)  # once per group, shared by its jobs
-        refs.append([remote_fit.remote(train, k, s, cov) for k, s in jobs])
-    results = [select(data, ray.get(r)) for data, r in zip(groups, refs)]
+    payloads = [(data.train_sequences, k, s, cov) for data in groups for k, s in jobs]
+    outcomes = map_tasks(_fit, payloads)
+    assert not any(o.error for o in outcomes), [o.error for o in outcomes if o.error][:1]
+    fits = [o.value for o in outcomes]
+    n = len(jobs)
+    results = [select(data, fits[i * n:(i + 1) * n]) for i, data in enumerate(groups)]
     wall = time.perf_counter() - t0
     return wall, (_cpu_seconds(worker_pids) - c0) / wall, results
 
