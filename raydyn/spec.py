@@ -74,7 +74,8 @@ DATA_OPTIONS: dict[str, dict[str, Any]] = {
 # Parameters that may differ between members of one population (one Tune trial):
 # they are per-member tensors in the vectorised optimiser. Everything else is
 # shared by a population.
-PER_MEMBER = ("seed", "lr", "momentum", "weight_decay", "dampening", "beta1", "beta2", "eps")
+PER_MEMBER = ("seed", "perturb", "init_perturb", "init_scale", "lr", "momentum", "weight_decay", "dampening", "beta1",
+              "beta2", "eps")
 
 
 class _Model(BaseModel):
@@ -94,6 +95,9 @@ class TaskSpec(_Model):
     bias: bool = True
     heads: int = Field(4, ge=1, le=64)
     init_scale: float = Field(1.0, gt=0, description="multiplies every initial parameter tensor")
+    init_perturb: float = Field(0.0, ge=0, description="nearby initialisations: each initial parameter times "
+                                "(1 + init_perturb * U(-1, 1)), drawn from (seed, perturb)")
+    perturb: int = Field(0, ge=0, description="index of the perturbation draw (sweep it for several nearby inits)")
 
     @model_validator(mode="after")
     def _check(self) -> "TaskSpec":

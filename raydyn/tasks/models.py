@@ -136,4 +136,11 @@ def build_model(cfg: dict[str, Any], input_shape: tuple[int, ...], out_dim: int,
         with torch.no_grad():
             for p in m.parameters():
                 p.mul_(scale)
+    eps = float(cfg.get("init_perturb", 0.0))
+    if eps > 0:  # nearby initialisations (Redman et al. 2024): x (1 + eps U(-1, 1)), own generator
+        g = torch.Generator().manual_seed(int(cfg.get("seed", 0)) * 100_003 + int(cfg.get("perturb", 0)) + 1)
+        with torch.no_grad():
+            for p in m.parameters():
+                u = torch.rand(p.shape, generator=g, dtype=torch.float64).to(p.dtype) * 2 - 1
+                p.mul_(1 + eps * u)
     return m
