@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from importlib import metadata as _importlib_metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Callable, TYPE_CHECKING, Any, Iterable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -343,40 +343,16 @@ class Store:
         meta.update(file_metadata(table))
         return data.replace_schema_metadata(meta)
 
-    def _atomic_write_parquet(self, relpath: str, data: pa.Table) -> None:
-        directory, fname = relpath.rsplit("/", 1)
-        stem = fname[len(layout.PART_PREFIX) : -len(layout.PARQUET_SUFFIX)]
-        tmp = self.path(f"{directory}/{layout.TMP_PREFIX}{stem}-{uuid.uuid4().hex}{layout.PARQUET_SUFFIX}")
-        final = self.path(relpath)
-        row_bytes = data.nbytes / max(data.num_rows, 1)
-        rows_per_group = int(max(1, min(_MAX_ROW_GROUP_ROWS, _ROW_GROUP_BYTES // max(row_bytes, 1))))
-        try:
-            self._fs.create_dir(self.path(directory), recursive=True)
-            pq.write_table(
-                data,
-                tmp,
-                filesystem=self._fs,
-                compression="zstd",
-                row_group_size=rows_per_group,
-                write_page_checksum=True,
-            )
-            self._fs.move(tmp, final)
-        except BaseException as e:
-            try:
-                self._fs.delete_file(tmp)
-            except _ERRORS:
-                pass
-            if isinstance(e, _ERRORS):
-                raise StoreError(f"cannot write store file {self.location(relpath)}: {e}") from None
-            raise
+    def _atomic_write(self, relpath: str, tmp_name: str, write: Callable[[str], None]) -> None:
+        """Write through ``write(tmp_path)`` into a temp file beside ``relpath``, then rename over it.
 
-    def _atomic_write_bytes(self, relpath: str, payload: bytes) -> None:
-        directory, fname = relpath.rsplit("/", 1)
-        tmp = self.path(f"{directory}/{layout.TMP_PREFIX}{fname}-{uuid.uuid4().hex}")
+        On any failure the temp file is removed; filesystem errors become StoreError naming the file.
+        """
+        directory = relpath.rsplit("/", 1)[0]
+        tmp = self.path(f"{directory}/{tmp_name}")
         try:
             self._fs.create_dir(self.path(directory), recursive=True)
-            with self._fs.open_output_stream(tmp) as f:
-                f.write(payload)
+            write(tmp)
             self._fs.move(tmp, self.path(relpath))
         except BaseException as e:
             try:
@@ -386,6 +362,27 @@ class Store:
             if isinstance(e, _ERRORS):
                 raise StoreError(f"cannot write store file {self.location(relpath)}: {e}") from None
             raise
+
+    def _atomic_write_parquet(self, relpath: str, data: pa.Table) -> None:
+        fname = relpath.rsplit("/", 1)[1]
+        stem = fname[len(layout.PART_PREFIX) : -len(layout.PARQUET_SUFFIX)]
+        row_bytes = data.nbytes / max(data.num_rows, 1)
+        rows_per_group = int(max(1, min(_MAX_ROW_GROUP_ROWS, _ROW_GROUP_BYTES // max(row_bytes, 1))))
+
+        def write(tmp: str) -> None:
+            pq.write_table(data, tmp, filesystem=self._fs, compression="zstd", row_group_size=rows_per_group,
+                           write_page_checksum=True)
+
+        self._atomic_write(relpath, f"{layout.TMP_PREFIX}{stem}-{uuid.uuid4().hex}{layout.PARQUET_SUFFIX}", write)
+
+    def _atomic_write_bytes(self, relpath: str, payload: bytes) -> None:
+        fname = relpath.rsplit("/", 1)[1]
+
+        def write(tmp: str) -> None:
+            with self._fs.open_output_stream(tmp) as f:
+                f.write(payload)
+
+        self._atomic_write(relpath, f"{layout.TMP_PREFIX}{fname}-{uuid.uuid4().hex}", write)
 
     def write_runs(
         self,
