@@ -509,7 +509,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
             continue
         shown = e.get("input")
         got = "" if isinstance(shown, dict) or e["type"].startswith("value_error") else f" (got {shown!r})"
-        lines.append(f"{path}: {msg}{got}")
+        lines.append(f"{msg}{got}" if msg.startswith(f"{path}.") else f"{path}: {msg}{got}")
     return f"{source}: invalid sweep file\n  " + "\n  ".join(lines)
 
 
