@@ -191,7 +191,11 @@ def phase_map(
     out_path: Optional[Path] = typer.Option(None, "--out", help="PNG path (default: <store>/plots/<sweep>/...)."),
     store: Optional[str] = StoreOpt,
 ) -> None:
-    """Draw a phase map: the metric's median over seeds on an x-by-y grid, diverged cells marked."""
+    """Draw a phase map: the metric's median over seeds on an x-by-y grid, diverged cells marked.
+
+    A label column (--metric phase, after `raydyn analyze phase`) is drawn as a categorical map: the most
+    frequent label per cell, its share, and boundaries between cells of different labels.
+    """
     from raydyn.phase.maps import default_facets, draw_phase_map, phase_map_info, runs_with_metrics
 
     st = _store(store)
@@ -370,7 +374,7 @@ def report(
     metrics = list(metric) if metric else None
     if metrics is None:
         cols = runs_with_metrics(st, spec.name).column_names
-        metrics = ["final_test_loss", "final_test_acc"] + [c for c in cols if c.startswith(
+        metrics = ["phase"] * ("phase" in cols) + ["final_test_loss", "final_test_acc"] + [c for c in cols if c.startswith(
             ("koopman_", "hmm_", "cmd_", "sym_", "opt_", "basin_", "convergence")) and c != "koopman_group"]
     if out_path is None:
         local = st.local_path()
