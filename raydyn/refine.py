@@ -159,6 +159,7 @@ def refine_sweep(
             g.tell([p for p, _ in extra], [s for _, s in extra])
         points_left = (budget - used) // len(seeds)
         proposals = g.ask(min(points_left, batch)) if points_left > 0 else []
+        proposals = [(float(f"{x:.6g}"), y) for x, y in proposals]  # 2.15, not 2.1500000000000004
         if is_int:
             have = {(x, y) for (x, y), _ in extra} | {(c, row_of[r]) for c in common for r in rows}
             proposals = [(float(round(x)), y) for x, y in proposals]
