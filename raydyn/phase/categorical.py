@@ -192,6 +192,15 @@ def _colors(cats: list[str]) -> list[str]:
     return [PHASE_COLORS.get(c) or matplotlib.colors.to_hex(tab(next(extra) % 10)) for c in cats]
 
 
+def _spaced(pos: np.ndarray, gap: float) -> list[int]:
+    """Indices of positions kept greedily left to right at least ``gap`` apart (the first always kept)."""
+    keep: list[int] = []
+    for i, p in enumerate(pos):
+        if not keep or p - pos[keep[-1]] >= gap:
+            keep.append(i)
+    return keep
+
+
 def render_category_map(info: CategoryMapInfo, title: str | None = None):
     """One panel per facet value: the majority label's colour per cell, its share written in the
     cell (when the grid is small), boundaries as thick black lines, missing cells hatched grey."""
@@ -215,6 +224,10 @@ def render_category_map(info: CategoryMapInfo, title: str | None = None):
     xc, xe, _ = _edges(info.x_values, info.x_log)
     yc, ye, _ = _edges(info.y_values, info.y_log)
     annotate = len(info.x_values) * len(info.y_values) <= 100
+    # refined axes have uneven cells: write shares and tick labels only where there is room
+    tx = np.log(xe) if info.x_log else np.asarray(xe, float)
+    wide = np.diff(tx) >= (tx[-1] - tx[0]) / 25
+    xticks = _spaced(np.log(xc) if info.x_log else np.asarray(xc, float), (tx[-1] - tx[0]) / 12)
     for k in range(nrows * ncols):
         ax = axes[k // ncols][k % ncols]
         if k >= n:
@@ -229,7 +242,7 @@ def render_category_map(info: CategoryMapInfo, title: str | None = None):
                 if info.n_runs[k, i, j] == 0:
                     ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, hatch="..", edgecolor="#b0b0b0",
                                            lw=0))
-                elif annotate:
+                elif annotate and wide[j]:
                     r, g, b = to_rgb(colors[ci[info.label[k, i, j]]])
                     dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5
                     ax.text(xc[j], yc[i], f"{info.fraction[k, i, j]:.0%}", ha="center", va="center", fontsize=7,
@@ -244,9 +257,8 @@ def render_category_map(info: CategoryMapInfo, title: str | None = None):
             ax.set_yscale("log")
         ax.set_xlim(xe[0], xe[-1])
         ax.set_ylim(ye[0], ye[-1])
-        step_x = max(1, len(info.x_values) // 10)
-        ax.set_xticks(xc[::step_x], [f"{v:g}" if isinstance(v, (int, float)) else str(v)
-                                     for v in info.x_values[::step_x]], rotation=45 if step_x > 1 else 0)
+        ax.set_xticks(xc[xticks], [f"{v:.4g}" if isinstance(v, (int, float)) else str(v)
+                                   for v in np.asarray(info.x_values, dtype=object)[xticks]])
         ax.set_yticks(yc, [f"{v:g}" if isinstance(v, (int, float)) else str(v) for v in info.y_values])
         ax.minorticks_off()
         ax.set_xlabel(info.x)
