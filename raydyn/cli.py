@@ -191,7 +191,11 @@ def phase_map(
     out_path: Optional[Path] = typer.Option(None, "--out", help="PNG path (default: <store>/plots/<sweep>/...)."),
     store: Optional[str] = StoreOpt,
 ) -> None:
-    """Draw a phase map: the metric's median over seeds on an x-by-y grid, diverged cells marked."""
+    """Draw a phase map: the metric's median over seeds on an x-by-y grid, diverged cells marked.
+
+    A label column (--metric phase, after `raydyn analyze phase`) is drawn as a categorical map: the most
+    frequent label per cell, its share, and boundaries between cells of different labels.
+    """
     from raydyn.phase.maps import default_facets, draw_phase_map, phase_map_info, runs_with_metrics
 
     st = _store(store)
@@ -200,6 +204,23 @@ def phase_map(
     if runs.num_rows == 0:
         raise RaydynError(f"sweep {spec.name!r} has no runs in store {st.uri}; run `raydyn sweep run` first")
     facets = list(facet) if facet else default_facets(spec.axes(), x, y)
+    _need_phase(runs, metric, spec.name)
+    from raydyn.phase.categorical import category_map_info, draw_category_map, is_categorical
+
+    if is_categorical(runs, metric):  # labels (e.g. phase): most frequent per cell, boundaries drawn
+        cinfo = category_map_info(runs, metric, x, y, facets)
+        if out_path is None:
+            local = st.local_path()
+            base = Path(local) / "plots" / spec.name if local else Path("raydyn-plots") / spec.name
+            out_path = base / f"phase_{metric}_{x}_{y}.png"
+        path = draw_category_map(cinfo, out_path, title=f"{spec.name}: {metric}")
+        n_edges = int(cinfo.x_edges.sum() + cinfo.y_edges.sum())
+        console.print(f"phase map: {len(cinfo.facet_values)} panel(s) of {len(cinfo.y_values)}×{len(cinfo.x_values)} "
+                      f"cells, labels {', '.join(cinfo.categories)}; {n_edges} boundary segment(s), "
+                      f"{int((cinfo.n_runs == 0).sum())} missing")
+        out.print(f"wrote {path.resolve()}")
+        out.print(f"store: {st.uri}")
+        return
     info = phase_map_info(runs, metric, x, y, facets)
     if out_path is None:
         local = st.local_path()
@@ -212,6 +233,125 @@ def phase_map(
                   f"{n_div} diverged, {n_missing} missing")
     out.print(f"wrote {path.resolve()}")
     out.print(f"store: {st.uri}")
+
+
+def _need_phase(runs, metric: str, sweep: str) -> None:
+    if metric == "phase" and "phase" not in runs.column_names:
+        raise RaydynError(f"sweep {sweep!r} has no phase labels yet: run `raydyn analyze phase {sweep}` first")
+
+
+@app.command("phase-boundary")
+def phase_boundary(
+    sweep: str = typer.Argument(..., help="Sweep name in the store, or its sweep file."),
+    axis: str = typer.Option("lr", "--axis", help="Numeric swept parameter to locate boundaries along."),
+    metric: str = typer.Option("phase", "--metric", help="Label column (default phase, from `raydyn analyze phase`)."),
+    by: list[str] = typer.Option(None, "--by", help="Report separately per value of this column (repeatable). "
+                                 "Default: every other swept axis except seed."),
+    fmt: str = typer.Option("table", "--format", "-f", help="table | csv | json"),
+    store: Optional[str] = StoreOpt,
+) -> None:
+    """Where each phase boundary lies along an axis, with an uncertainty interval.
+
+    Seeds at one axis value are replicates: the majority label counts, and a value where
+    seeds disagree widens the interval to the next value outward.
+    """
+    from raydyn.phase.categorical import boundaries_along
+    from raydyn.phase.maps import runs_with_metrics
+
+    if fmt not in ("table", "csv", "json"):
+        raise RaydynError(f"--format {fmt!r}: allowed values are table, csv, json")
+    st = _store(store)
+    spec, _ = _resolve_sweep(sweep, st)
+    runs = runs_with_metrics(st, spec.name)
+    if runs.num_rows == 0:
+        raise RaydynError(f"sweep {spec.name!r} has no runs in store {st.uri}; run `raydyn sweep run` first")
+    _need_phase(runs, metric, spec.name)
+    groups = list(by) if by else [a for a in spec.axes() if a not in (axis, "seed")]
+    res = boundaries_along(runs, metric, axis, by=groups)
+    rows = [r for g in res for r in g.rows()]
+    if fmt == "json":
+        sys.stdout.write(json.dumps([{"group": g.group, "points": g.n_points, "runs": g.n_runs,
+                                      "boundaries": g.rows()} for g in res], indent=1, default=str) + "\n")
+        return
+    if fmt == "csv":
+        import csv
+
+        cols = list(rows[0]) if rows else groups + ["left_phase", "right_phase", "location", "lower", "upper"]
+        w = csv.DictWriter(sys.stdout, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+        return
+    from rich.table import Table
+
+    t = Table(title=f"{spec.name}: {metric} boundaries along {axis}")
+    for c in [*groups, "boundary", "location", "interval", "seeds agreeing (left/right)", "points"]:
+        t.add_column(c)
+    for g in res:
+        if not g.boundaries:
+            t.add_row(*[str(g.group[c]) for c in groups], "(none)", "–", "–", "–", str(g.n_points))
+        for b in g.boundaries:
+            t.add_row(*[str(g.group[c]) for c in groups], f"{b.left_phase} → {b.right_phase}", f"{b.location:.4g}",
+                      f"[{b.lower:.4g}, {b.upper:.4g}]", f"{b.left_fraction:.0%} / {b.right_fraction:.0%}",
+                      str(g.n_points))
+    out.print(t)
+
+
+@sweep_app.command("refine")
+def sweep_refine(
+    sweep: str = typer.Argument(..., help="Sweep file or sweep name in the store (a grid sweep already run)."),
+    budget: int = typer.Option(..., "--budget", help="Most new runs to train (each new axis value costs one run "
+                               "per seed)."),
+    axis: str = typer.Option("lr", "--axis", help="Swept numeric parameter to refine along."),
+    tol: Optional[float] = typer.Option(None, "--tol", help="Target boundary interval: absolute on a linear axis, "
+                                        "relative (upper/lower - 1) on a log axis. Default: 1% of the range / 0.05."),
+    batch: Optional[int] = typer.Option(None, "--batch", help="Axis values proposed per round (default: cluster "
+                                        "CPUs, at least 2)."),
+    scale: str = typer.Option("auto", "--scale", help="auto | linear | log"),
+    store: Optional[str] = StoreOpt,
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: $RAY_ADDRESS, "
+                                          "else an embedded local Ray)."),
+    num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help="CPUs for the embedded local Ray."),
+    as_json: bool = typer.Option(False, "--json", help="Print the outcome as JSON."),
+) -> None:
+    """Add runs where the phase label changes between neighbouring values of an axis, until each boundary is
+    within --tol or the budget is spent; prints the boundaries.
+
+    Runs are labelled by `raydyn analyze phase` (run automatically when labels are missing) and the new runs
+    are trained like `sweep run`, as runs of the same sweep (runs column origin = refine).
+    """
+    from raydyn.refine import refine_sweep
+
+    st = _store(store)
+    spec, text = _resolve_sweep(sweep, st)
+
+    def on_round(i: int, points: list[dict[str, Any]]) -> None:
+        vals = ", ".join(f"{p[axis]:.4g}" if isinstance(p[axis], float) else str(p[axis]) for p in points)
+        console.print(f"round {i}: training {axis} = {vals}", highlight=False)
+
+    outcome = refine_sweep(spec, text, st, axis=axis, budget=budget, tol=tol, batch=batch, scale=scale,
+                           address=address, num_cpus=num_cpus, on_round=on_round)
+    if as_json:
+        out.print_json(json.dumps({
+            "axis": axis, "tol": outcome.tol, "log": outcome.log, "resolved": outcome.resolved,
+            "grid_runs": outcome.grid_runs, "refine_runs": outcome.refine_runs, "dense_runs": outcome.dense_runs,
+            "rounds": outcome.rounds, "boundaries": [{"group": g.group, "boundaries": g.rows()} for g in outcome.boundaries],
+        }, default=str))
+    else:
+        for g in outcome.boundaries:
+            head = ", ".join(f"{k}={v}" for k, v in g.group.items())
+            for b in g.boundaries:
+                out.print(f"{head + ': ' if head else ''}{b.left_phase} → {b.right_phase} at {axis} = {b.location:.4g} "
+                          f"[{b.lower:.4g}, {b.upper:.4g}]", highlight=False)
+            if not g.boundaries:
+                out.print(f"{head + ': ' if head else ''}no boundary along {axis}", highlight=False)
+        unit = "relative" if outcome.log else "absolute"
+        out.print(f"{outcome.grid_runs} grid runs + {outcome.refine_runs} refined runs "
+                  f"(a uniform grid at this resolution: {outcome.dense_runs} runs); tol {outcome.tol:g} ({unit}): "
+                  + ("all boundaries resolved" if outcome.resolved else "not all boundaries resolved"), highlight=False)
+    out.print(f"store: {st.uri}")
+    if outcome.failed_populations:
+        console.print(f"[red]{len(outcome.failed_populations)} trial(s) failed[/]: {', '.join(outcome.failed_populations)}")
+        raise typer.Exit(1)
 
 
 # ------------------------------------------------------------------------------ report
@@ -234,7 +374,7 @@ def report(
     metrics = list(metric) if metric else None
     if metrics is None:
         cols = runs_with_metrics(st, spec.name).column_names
-        metrics = ["final_test_loss", "final_test_acc"] + [c for c in cols if c.startswith(
+        metrics = ["phase"] * ("phase" in cols) + ["final_test_loss", "final_test_acc"] + [c for c in cols if c.startswith(
             ("koopman_", "hmm_", "cmd_", "sym_", "opt_", "basin_", "convergence")) and c != "koopman_group"]
     if out_path is None:
         local = st.local_path()

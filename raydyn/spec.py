@@ -51,13 +51,13 @@ from raydyn.errors import SpecError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
-DATASETS = ("teacher", "digits", "modular", "parity", "tan_sum")
-MODELS = ("mlp", "cnn", "transformer", "none")
+DATASETS = ("teacher", "digits", "modular", "parity", "tan_sum", "single", "addition")
+MODELS = ("mlp", "cnn", "transformer", "none", "uv", "toy_grok")
 OPTIMIZERS = ("sgd", "adam", "adamw", "omd", "ogd", "bisection")
 DYNAMICS_OPTIMIZERS = ("omd", "ogd", "bisection")
 LOSSES = ("cross_entropy", "mse", "hinge")
 ACTIVATIONS = ("relu", "tanh", "gelu", "linear", "leaky_relu", "sigmoid")
-RECORDABLE = ("weights", "weight_stats")  # raydyn.train.recorder.PROBES plus weights
+RECORDABLE = ("weights", "weight_stats", "ntk", "sharpness")  # raydyn.train.recorder.PROBES plus weights
 
 # Data-set options, their defaults and types. Kept as plain dicts so the data
 # module and the validator agree on one table.
@@ -69,13 +69,15 @@ DATA_OPTIONS: dict[str, dict[str, Any]] = {
     # optimiser-as-dynamical-system task (Redman et al. 2024): f(x) = sum tan(x_i), d = 2,
     # initial conditions on a grid x grid lattice (a run's seed indexes it)
     "tan_sum": {"grid": 5},
+    "single": {"x": 1.0, "y": 0.0},
+    "addition": {"p": 10, "n_train": 45, "seed": 0},
 }
 
 # Parameters that may differ between members of one population (one Tune trial):
 # they are per-member tensors in the vectorised optimiser. Everything else is
 # shared by a population.
 PER_MEMBER = ("seed", "perturb", "init_perturb", "init_scale", "lr", "momentum", "weight_decay", "dampening", "beta1",
-              "beta2", "eps")
+              "beta2", "eps", "embed_lr", "embed_weight_decay")
 
 
 class _Model(BaseModel):
@@ -85,9 +87,9 @@ class _Model(BaseModel):
 class TaskSpec(_Model):
     """What is trained: data set, model and fixed model options."""
 
-    dataset: Literal["teacher", "digits", "modular", "parity", "tan_sum"]
+    dataset: Literal["teacher", "digits", "modular", "parity", "tan_sum", "single", "addition"]
     data: dict[str, Any] = Field(default_factory=dict)
-    model: Literal["mlp", "cnn", "transformer", "none"] = "mlp"
+    model: Literal["mlp", "cnn", "transformer", "none", "uv", "toy_grok"] = "mlp"
     depth: int = Field(2, ge=1, le=64, description="hidden layers (mlp), conv layers (cnn), blocks (transformer, 1-2)")
     width: int = Field(64, ge=1, le=65536, description="hidden units (mlp), channels (cnn), d_model (transformer)")
     activation: Literal["relu", "tanh", "gelu", "linear", "leaky_relu", "sigmoid"] = "relu"
@@ -122,6 +124,10 @@ class TaskSpec(_Model):
             raise ValueError(f"model 'cnn' needs dataset 'digits' (8x8 images), got dataset {self.dataset!r}")
         if (self.model == "none") != (self.dataset == "tan_sum"):
             raise ValueError("dataset 'tan_sum' (optimisers as dynamical systems) goes with model 'none', and only it")
+        if self.model == "uv" and self.dataset != "single":
+            raise ValueError(f"model 'uv' (f = v.u x / sqrt(width)) needs dataset 'single', got dataset {self.dataset!r}")
+        if self.model == "toy_grok" and self.dataset != "addition":
+            raise ValueError(f"model 'toy_grok' needs dataset 'addition' (pairs of symbols), got dataset {self.dataset!r}")
         if self.model == "transformer" and self.depth > 2:
             raise ValueError(f"depth: the transformer has 1 or 2 layers, got {self.depth}")
         if self.model == "transformer" and self.width % self.heads:
@@ -159,9 +165,23 @@ class TrainSpec(_Model):
     loss: Literal["cross_entropy", "mse", "hinge"] | None = None
     seed: int = Field(0, ge=0, lt=2**31)
     record_every: int = Field(10, ge=1)
-    record: list[Literal["weights", "weight_stats"]] = Field(
+    record: list[Literal["weights", "weight_stats", "ntk", "sharpness"]] = Field(
         default_factory=lambda: ["weights"]
     )
+    curvature_every: int | None = Field(
+        None, ge=1,
+        description="record probes ntk/sharpness every this many steps (a multiple of record_every; default "
+        "eval_every); NaN on other record rows",
+    )
+    curvature_batch: int = Field(256, ge=1, description="training samples (the first n) used for the NTK, "
+                                 "the sharpness and lambda0")
+    lr_units: Literal["absolute", "ntk"] = Field(
+        "absolute", description="ntk: lr is eta*lambda0; each run trains at lr/lambda0, lambda0 = its NTK top "
+        "eigenvalue at init on the curvature batch")
+    embed_lr: float | None = Field(None, gt=0, description="learning rate of embedding parameters (names "
+                                   "starting with 'embed'); default: lr")
+    embed_weight_decay: float | None = Field(None, ge=0, description="weight decay of embedding parameters; "
+                                             "default: weight_decay")
     weights: WeightsSpec = Field(default_factory=WeightsSpec)
     eval_every: int | None = Field(
         None, ge=1,
@@ -179,6 +199,11 @@ class TrainSpec(_Model):
             object.__setattr__(self, "eval_every", max(self.record_every, 100))
         if self.nesterov and self.momentum == 0:
             raise ValueError("nesterov: true needs momentum > 0")
+        if self.curvature_every is None:  # the record step at or before each evaluation
+            object.__setattr__(self, "curvature_every", self.record_every * max(1, self.eval_every // self.record_every))
+        if self.curvature_every % self.record_every:
+            raise ValueError(f"curvature_every ({self.curvature_every}) must be a multiple of record_every "
+                             f"({self.record_every}): curvature is measured on record steps")
         return self
 
 
@@ -255,6 +280,20 @@ class SweepSpec(_Model):
     goal: Literal["minimize", "maximize"] = "minimize"
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     phases: dict[str, Any] = Field(default_factory=dict, description="phase thresholds (see raydyn.phase)")
+
+    @field_validator("phases")
+    @classmethod
+    def _phases(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from raydyn.phase.classify import PhaseThresholds
+
+        PhaseThresholds.from_mapping(v)  # ValueError naming phases.<key>
+        return v
+
+    def thresholds(self):
+        """The phase rules' thresholds (:class:`raydyn.phase.classify.PhaseThresholds`) of this sweep."""
+        from raydyn.phase.classify import PhaseThresholds
+
+        return PhaseThresholds.from_mapping(self.phases)
 
     @field_validator("name")
     @classmethod
@@ -402,8 +441,19 @@ def _hash(obj: Any, n: int) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:n]
 
 
+# Settings added after run ids were first stored: at these values they leave a run's id
+# unchanged, so stores written before they existed still resume.
+_ID_NEUTRAL: dict[str, Any] = {"curvature_batch": 256, "lr_units": "absolute", "embed_lr": None,
+                               "embed_weight_decay": None, "init_perturb": 0.0, "perturb": 0}
+
+
 def run_id_of(cfg: dict[str, Any]) -> str:
-    return "r" + _hash(cfg, 15)
+    keyed = {k: v for k, v in cfg.items() if not (k in _ID_NEUTRAL and v == _ID_NEUTRAL[k])}
+    if isinstance(keyed.get("weights"), dict) and keyed["weights"].get("dtype") == "float32":
+        keyed["weights"] = {k: v for k, v in keyed["weights"].items() if k != "dtype"}
+    if not {"ntk", "sharpness"} & set(cfg.get("record", ())):
+        keyed.pop("curvature_every", None)  # only read by the curvature probes
+    return "r" + _hash(keyed, 15)
 
 
 @dataclass(frozen=True)
@@ -493,7 +543,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
             continue
         shown = e.get("input")
         got = "" if isinstance(shown, dict) or e["type"].startswith("value_error") else f" (got {shown!r})"
-        lines.append(f"{path}: {msg}{got}")
+        lines.append(f"{msg}{got}" if msg.startswith(f"{path}.") else f"{path}: {msg}{got}")
     return f"{source}: invalid sweep file\n  " + "\n  ".join(lines)
 
 

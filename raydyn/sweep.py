@@ -78,6 +78,7 @@ def population_trial(config: dict[str, Any], store_uri: str, sweep: str, spec_te
     ``config`` holds either a ready population (grid/random) or, for optuna, a
     point of the search space that is crossed with the sweep's seeds here.
     """
+    import pyarrow as pa
     import torch
 
     from raydyn.spec import parse_sweep
@@ -88,6 +89,7 @@ def population_trial(config: dict[str, Any], store_uri: str, sweep: str, spec_te
     ctx = tune.get_context()
     cpus = ctx.get_trial_resources().required_resources.get("CPU", 1) if ctx else 1
     torch.set_num_threads(max(1, int(cpus)))
+    origin = config.get("origin", "optuna")
     if "population" in config:
         pop = PopulationSpec.from_dict(config["population"])
         goal, metric = "minimize", None
@@ -111,6 +113,7 @@ def population_trial(config: dict[str, Any], store_uri: str, sweep: str, spec_te
     else:
         result = train_population(pop, on_record=None if metric else on_record)
     runs = runs_table(result, pop.pop_id)
+    runs = runs.append_column("origin", pa.array([origin] * runs.num_rows, pa.string()))  # grid|random|refine|optuna
     store = open_store(store_uri)
     store.write_runs(sweep, pop.pop_id, runs=runs, metrics=result.recorder.metrics_table(),
                      weights=result.recorder.weights_table())
@@ -221,13 +224,40 @@ def run_sweep(
                            max_failures=max_failures, t0=t0)
 
     runs, todo = plan(spec, store)
+    out = train_runs(spec, store, todo, origin=spec.method, address=address, num_cpus=num_cpus, progress=progress,
+                     max_failures=max_failures)
+    out.total, out.skipped, out.elapsed_s = len(runs), len(runs) - len(todo), time.time() - t0
+    return out
+
+
+def train_runs(
+    spec: SweepSpec,
+    store: Store,
+    runs: list[RunConfig],
+    *,
+    origin: str = "grid",
+    address: str | None = None,
+    num_cpus: int | None = None,
+    progress: Callable[[dict[str, Any]], None] | None = None,
+    max_failures: int = 1,
+) -> SweepOutcome:
+    """Train an explicit list of runs of ``spec`` (built with ``spec.run_config(point)``) as runs of the sweep.
+
+    The runs are grouped into populations and trained as Tune trials exactly like ``sweep run``;
+    each gets the runs column ``origin`` (``grid``, ``random`` or ``refine``). The sweep must be
+    registered (:func:`register_sweep`). Runs already in the store are not trained again.
+    """
+    t0 = time.time()
+    progress = progress or (lambda info: None)
+    done = store.completed_run_ids(spec.name)
+    todo = list({r.run_id: r for r in runs if r.run_id not in done}.values())
     if not todo:
         progress({"done": 0, "total": 0, "diverged": 0, "failed": 0, "elapsed": 0.0})
         return SweepOutcome(spec.name, len(runs), len(runs), 0, 0, elapsed_s=time.time() - t0)
     ensure_ray(address, num_cpus)
     check_resources(spec)
     pops = populations(todo, spec.resources.population_size)
-    param_space = {"population": tune.grid_search([p.to_dict() for p in pops])}
+    param_space = {"population": tune.grid_search([p.to_dict() for p in pops]), "origin": origin}
     cb = _Progress(len(todo), progress)
     grid = _fit(spec, store, param_space, cb, max_failures, tune.TuneConfig(
         max_concurrent_trials=spec.resources.max_concurrent))
@@ -305,7 +335,10 @@ def sweep_status(spec: SweepSpec, store: Store) -> dict[str, Any]:
     else:
         total = len(spec.expand())
     in_store = sum(by_status.values())
-    return {"sweep": spec.name, "total": total, "in_store": in_store, "missing": max(0, total - in_store),
+    missing = max(0, total - in_store)
+    if spec.method != "optuna" and table is not None:  # refined runs are extra: count the file's runs
+        missing = len({r.run_id for r in spec.expand()} - set(table.column("run_id").to_pylist()))
+    return {"sweep": spec.name, "total": total, "in_store": in_store, "missing": missing,
             "by_status": by_status, "meta": store.sweep_meta(spec.name)}
 
 

@@ -1,15 +1,18 @@
 """The CLI: every command has --help; user mistakes end in one clear message and exit code 2, never a traceback."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from raydyn.cli import app
 
-COMMANDS = [["sweep", "run"], ["sweep", "status"], ["query"], ["phase-map"], ["report"], ["store", "check"]]
+COMMANDS = [["sweep", "run"], ["sweep", "status"], ["sweep", "refine"], ["query"], ["phase-map"], ["phase-boundary"],
+            ["report"], ["store", "check"], ["analyze", "phase"]]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=[" ".join(c) for c in COMMANDS])
@@ -19,13 +22,22 @@ def test_every_command_has_help_and_a_store_option(cmd):
     assert "--store" in r.output
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
 def run(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "raydyn.cli", *args], capture_output=True, text=True, timeout=120, cwd=cwd)
+    # PYTHONPATH: the raydyn of this tree, also when cwd is elsewhere (an installed copy may differ)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, "-m", "raydyn.cli", *args], capture_output=True, text=True, timeout=120,
+                          cwd=cwd, env=env)
 
 
 @pytest.mark.parametrize("args,fragment", [
     (["sweep", "run", "no-such-file.yaml"], "no-such-file.yaml: no such sweep file"),
     (["phase-map", "nosweep"], "no sweep named 'nosweep'"),
+    (["phase-boundary", "nosweep"], "no sweep named 'nosweep'"),
+    (["phase-boundary", "nosweep", "--format", "xml"], "--format 'xml': allowed values are table, csv, json"),
+    (["sweep", "refine", "nosweep", "--budget", "4"], "no sweep named 'nosweep'"),
     (["query", "SELECT * FROM runs", "--format", "xml"], "--format 'xml': allowed values are table, csv, json"),
     (["query", "SELEC 1"], "syntax"),
 ])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from raydyn.spec import parse_sweep, populations
-from raydyn.train.population import train_population
+from raydyn.train.population import init_model, load_data, train_population
 from raydyn.train.recorder import runs_table
 from raydyn.train.reference import train_single
 
@@ -38,6 +38,15 @@ CASES = {
     "adamw-transformer": dict(dataset="modular", model="transformer", depth=1, width=16, bn="false",
                               extra_task=", heads: 2, data: {p: 11, train_fraction: 0.5}", steps=15, batch=16,
                               opt="adamw", opt_extra="weight_decay: 1.0", lrs="[0.001, 0.003]"),
+    "uv-lr-in-ntk-units": dict(dataset="single", model="uv", depth=1, width=50, bn="false", extra_task="", steps=20,
+                               batch=1, opt="sgd", opt_extra="lr_units: ntk", lrs="[1.5, 2.5]"),
+    "sgd-mlp-lr-in-ntk-units": dict(dataset="teacher", model="mlp", depth=1, width=16, bn="false",
+                                    extra_task=", data: {n_train: 40, n_test: 20, d_in: 4}", steps=15, batch=40,
+                                    opt="sgd", opt_extra="lr_units: ntk\n  curvature_batch: 40", lrs="[0.5, 1.5]"),
+    "adamw-toy-grok-embedding-group": dict(dataset="addition", model="toy_grok", depth=2, width=16, bn="false",
+                                           extra_task="", steps=15, batch=45, opt="adamw",
+                                           opt_extra="weight_decay: 1.0\n  embed_lr: 0.01\n  embed_weight_decay: 0.1",
+                                           lrs="[0.001, 0.003]"),
     "sgd-cnn": dict(dataset="digits", model="cnn", depth=2, width=4, bn="true", extra_task="", steps=12, batch=16,
                     opt="sgd", opt_extra="momentum: 0.9", lrs="[0.05, 0.1]"),
 }
@@ -63,6 +72,25 @@ def test_population_equals_runs_trained_one_by_one(case):
         w = np.array([weights["weights"][i] for i, r in enumerate(weights["run_id"]) if r == m.run_id])
         # snapshots are stored as float32: equal to float32 rounding of the reference
         np.testing.assert_allclose(w, ref["weights"].astype(np.float32), rtol=1e-6, atol=1e-7)
+
+
+def test_lr_in_ntk_units_records_lambda0_and_actual_lr():
+    """lr_units: ntk -- each member trains at lr / lambda0, lambda0 its NTK top eigenvalue at init."""
+    spec = parse_sweep(BASE.format(**CASES["uv-lr-in-ntk-units"]))
+    (pop,) = populations(spec.expand(), 64)
+    res = train_population(pop)
+    runs = runs_table(res, pop.pop_id).to_pydict()
+    for m, lam, lr_actual, lr in zip(pop.members, runs["lambda0"], runs["lr_actual"], runs["lr"]):
+        model = init_model(m.config, load_data(m.config))
+        exact = float((model.u.detach().pow(2).sum() + model.v.detach().pow(2).sum()) / 50)  # uv: (|u|^2+|v|^2)/m
+        assert lam == pytest.approx(exact, rel=1e-10)
+        assert lr_actual == pytest.approx(lr / exact, rel=1e-10)
+    mt = res.recorder.metrics_table().to_pydict()
+    assert set(np.round(mt["lr"], 12)) == set(np.round(runs["lr_actual"], 12))  # the metrics' lr is the actual one
+    # with absolute units lambda0 is not measured and lr_actual = lr
+    (pop,) = populations(parse_sweep(BASE.format(**{**CASES["uv-lr-in-ntk-units"], "opt_extra": ""})).expand(), 64)
+    runs = runs_table(train_population(pop), pop.pop_id).to_pydict()
+    assert np.isnan(runs["lambda0"]).all() and runs["lr_actual"] == runs["lr"]
 
 
 def test_population_of_one():

@@ -75,6 +75,19 @@ CASES = [
     ("bad sweep name", GOOD.replace("name: s", "name: 'my sweep/1'"), ["name", "my sweep/1", "letters"]),
     ("yaml syntax", "name: [unclosed\n", ["not valid YAML", "line"]),
     ("not a mapping", "- a\n- b\n", ["mapping", "list"]),
+    ("unknown phases key", GOOD + "phases: {div_fator: 3}\n", ["phases.div_fator", "unknown", "div_factor"]),
+    ("phases value out of range", GOOD + "phases: {converge_factor: 2}\n", ["phases.converge_factor", "in (0, 1)", "2"]),
+    ("phases value not a number", GOOD + "phases: {lazy_tol: small}\n", ["phases.lazy_tol", "finite number", "small"]),
+    ("phases thresholds inconsistent", GOOD + "phases: {catapult_factor: 20, div_factor: 5}\n",
+     ["phases.catapult_factor", "phases.div_factor"]),
+    ("curvature off the record steps", GOOD.replace("record_every: 5", "record_every: 5, curvature_every: 7"),
+     ["curvature_every", "multiple of record_every"]),
+    ("bad lr_units", GOOD.replace("record_every: 5", "record_every: 5, lr_units: relative"),
+     ["train.lr_units", "'ntk'", "relative"]),
+    ("uv model on other data", GOOD.replace("model: mlp", "model: uv"), ["uv", "single", "digits"]),
+    ("toy_grok model on other data", GOOD.replace("model: mlp", "model: toy_grok"), ["toy_grok", "addition"]),
+    ("unknown probe", GOOD.replace("record_every: 5", "record_every: 5, record: [ntk, hessian]"),
+     ["train.record[1]", "'sharpness'", "hessian"]),
     ("both values and distribution", GOOD.replace("{values: [0.01, 0.1]}", "{values: [0.1], distribution: uniform, min: 0, max: 1}"),
      ["parameters.lr", "exactly one"]),
 ]
@@ -86,6 +99,12 @@ def test_bad_input_names_the_problem(what, text, fragments):
     assert msg.startswith("bad.yaml")
     for f in fragments:
         assert f in msg, f"{what}: {f!r} not in message:\n{msg}"
+
+
+def test_phases_section_gives_the_thresholds():
+    spec = parse_sweep(GOOD + "phases: {lazy_tol: 0.05, grok_min_gap: 2000}\n")
+    th = spec.thresholds()
+    assert th.lazy_tol == 0.05 and th.grok_min_gap == 2000 and th.div_factor == 10.0  # others keep defaults
 
 
 def test_yaml_is_loaded_safely():

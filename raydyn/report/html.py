@@ -67,8 +67,15 @@ def build_report(store, sweep: str, out: str | Path, metrics: Sequence[str] = ("
 
     maps = []
     if x and y:
+        from raydyn.phase.categorical import category_map_info, is_categorical, render_category_map
+
         for m in metrics:
             if m not in runs.column_names:
+                continue
+            if is_categorical(runs, m):  # labels such as phase: a categorical map with boundaries
+                if runs.column(m).null_count < runs.num_rows:
+                    info = category_map_info(runs, m, x, y, default_facets(axes, x, y))
+                    maps.append((m, _png(render_category_map(info, title=f"{sweep}: {m}"))))
                 continue
             col = np.asarray(runs.column(m).to_numpy(zero_copy_only=False), dtype=float)
             if not np.isfinite(col).any():

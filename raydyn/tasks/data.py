@@ -106,7 +106,36 @@ def parity(n_bits: int, k: int, n_train: int, n_test: int, seed: int) -> Dataset
     return Dataset(x[:n_train], y[:n_train], x[n_train:], y[n_train:], "binary", 1, "hinge")
 
 
-BUILDERS = {"teacher": teacher, "digits": digits, "modular": modular, "parity": parity}
+def single(x: float, y: float) -> Dataset:
+    """One sample ``(x, y)`` with a scalar input and target (the uv catapult task of
+    Lewkowycz et al. 2020 uses x = 1, y = 0). The test set is the same sample."""
+    xs = torch.tensor([[float(x)]])
+    ys = torch.tensor([[float(y)]])
+    return Dataset(xs, ys, xs.clone(), ys.clone(), "regression", 1, "mse")
+
+
+def addition(p: int, n_train: int, seed: int) -> Dataset:
+    """Non-modular addition a + b of symbols 0..p-1 (the toy task of Liu et al. 2022).
+
+    Addition is commutative, so a sample is an unordered pair a <= b: p(p+1)/2 samples
+    (55 for p = 10), ``n_train`` of them drawn for training (seeded), the rest for test.
+    Inputs are token pairs [a, b] (vocabulary p); labels are the sums 0..2p-2 (2p-1 classes).
+    """
+    if p < 2:
+        raise ValueError(f"addition: p must be >= 2, got {p}")
+    total = p * (p + 1) // 2
+    if not 1 <= n_train < total:
+        raise ValueError(f"addition: n_train must be in [1, {total - 1}] for p={p} ({total} pairs), got {n_train}")
+    a, b = torch.triu_indices(p, p)  # all pairs a <= b
+    x = torch.stack([a, b], dim=1)
+    y = a + b
+    perm = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
+    tr, te = perm[:n_train], perm[n_train:]
+    return Dataset(x[tr], y[tr], x[te], y[te], "classification", 2 * p - 1, "cross_entropy", vocab=p)
+
+
+BUILDERS = {"teacher": teacher, "digits": digits, "modular": modular, "parity": parity, "single": single,
+            "addition": addition}
 
 
 def make_dataset(name: str, options: dict[str, Any]) -> Dataset:

@@ -11,7 +11,8 @@ def loss_fn(name: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(out, y)
     if name == "mse":
         if y.dtype == torch.long:  # classification with one-hot targets
-            y = F.one_hot(y, out.shape[-1]).to(out.dtype)
+            # (not F.one_hot: it reads the max label with .item(), which vmap cannot do)
+            y = (y.unsqueeze(-1) == torch.arange(out.shape[-1], device=y.device)).to(out.dtype)
         return 0.5 * ((out - y.reshape(out.shape)) ** 2).sum(-1).mean()
     if name == "hinge":  # binary, y in {-1, +1}, scalar output
         return torch.clamp(1 - y * out.reshape(y.shape), min=0).mean()

@@ -27,6 +27,7 @@ from raydyn.spec import PopulationSpec
 from raydyn.tasks.data import Dataset, make_dataset
 from raydyn.tasks.models import build_model
 from raydyn.train.objectives import accuracy, loss_fn
+from raydyn.train.curvature import curvature_batch, member_ntk
 from raydyn.train.recorder import Recorder
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -48,6 +49,17 @@ def init_model(cfg: dict[str, Any], data: Dataset) -> torch.nn.Module:
     with default_dtype(dtype):
         torch.manual_seed(cfg["seed"])
         return build_model(cfg, data.input_shape, data.out_dim, data.vocab)
+
+
+def member_embed_lr(cfg: dict[str, Any]) -> float:
+    """Learning rate of embedding parameters (``embed*``): ``embed_lr`` (absolute units, also with
+    ``lr_units: ntk``), or the run's actual ``lr`` when unset."""
+    return cfg["embed_lr"] if cfg.get("embed_lr") is not None else cfg["lr"]
+
+
+def member_embed_wd(cfg: dict[str, Any]) -> float:
+    """Weight decay of embedding parameters: ``embed_weight_decay``, or ``weight_decay`` when unset."""
+    return cfg["embed_weight_decay"] if cfg.get("embed_weight_decay") is not None else cfg["weight_decay"]
 
 
 def load_data(cfg: dict[str, Any]) -> Dataset:
@@ -91,8 +103,11 @@ class PopulationOptimizer:
     corrected moment update of torch.optim.Adam with eps added to sqrt(v_hat).
     """
 
-    def __init__(self, kind: str, hp: dict[str, torch.Tensor], nesterov: bool = False):
+    def __init__(self, kind: str, hp: dict[str, torch.Tensor], nesterov: bool = False,
+                 param_hp: dict[str, dict[str, torch.Tensor]] | None = None):
+        # param_hp: parameter name -> its own hyperparameters (a param group), else hp
         self.kind, self.hp, self.nesterov = kind, hp, nesterov
+        self.param_hp = param_hp or {}
         self.state: dict[str, dict[str, torch.Tensor]] = {}
         self.t = 0
 
@@ -103,8 +118,8 @@ class PopulationOptimizer:
     @torch.no_grad()
     def step(self, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], active: torch.Tensor) -> None:
         self.t += 1
-        hp = self.hp
         for name, p in params.items():
+            hp = self.param_hp.get(name, self.hp)
             g = grads[name]
             b = lambda v: self._b(v, p)  # noqa: E731
             st = self.state.setdefault(name, {})
@@ -150,6 +165,7 @@ class MemberResult:
     status: str = "completed"
     diverged_step: int | None = None
     steps_done: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)  # more runs-table columns (lambda0, lr_actual)
 
 
 @dataclass
@@ -201,7 +217,22 @@ def train_population(
         k: torch.tensor([float(m.config[k]) for m in members], dtype=dtype)
         for k in ("lr", "momentum", "dampening", "weight_decay", "beta1", "beta2", "eps")
     }
-    opt = PopulationOptimizer(cfg["optimizer"], hp, nesterov=bool(cfg["nesterov"]))
+    # lr in NTK units: member i trains at lr_i / lambda0_i, lambda0 its NTK top eigenvalue at init
+    x_curv, _ = curvature_batch(data, cfg["curvature_batch"])
+    lambda0 = torch.full((P,), float("nan"), dtype=dtype)
+    if cfg["lr_units"] == "ntk":
+        for i in range(P):
+            p_i = {k: v[i] for k, v in params.items()}
+            lambda0[i] = member_ntk(base, p_i, {k: v[i] for k, v in buffers.items()}, x_curv)[0]
+        hp["lr"] = hp["lr"] / lambda0
+    # embedding parameters may have their own lr / weight decay (a second param group)
+    own = lambda key: torch.tensor([m.config[key] is not None for m in members])  # noqa: E731
+    embed_hp = {**hp,
+                "lr": torch.where(own("embed_lr"), torch.tensor([float(member_embed_lr(m.config)) for m in members],
+                                                                dtype=dtype), hp["lr"]),
+                "weight_decay": torch.tensor([float(member_embed_wd(m.config)) for m in members], dtype=dtype)}
+    param_hp = {name: embed_hp for name in params if name.startswith("embed")}
+    opt = PopulationOptimizer(cfg["optimizer"], hp, nesterov=bool(cfg["nesterov"]), param_hp=param_hp)
     streams = [BatchStream(len(data.x_train), cfg["batch_size"], m.config["seed"]) for m in members]
     n_eval = min(cfg["eval_size"], len(data.x_train))
     x_eval, y_eval = data.x_train[:n_eval], data.y_train[:n_eval]
@@ -220,8 +251,10 @@ def train_population(
         w = torch.tensor(ns, dtype=dtype) / sum(ns)
         return (torch.stack(losses, 1) * w).sum(1), (torch.stack(accs, 1) * w).sum(1)
 
-    recorder = Recorder(cfg, members, params)
-    results = [MemberResult(m.run_id, m.config) for m in members]
+    recorder = Recorder(cfg, members, params, lrs=hp["lr"].double().numpy(),
+                        context={"model": base, "buffers": buffers, "data": data, "loss": loss_name})
+    results = [MemberResult(m.run_id, m.config, extra={"lambda0": float(lambda0[i]), "lr_actual": float(hp["lr"][i])})
+               for i, m in enumerate(members)]
     active = torch.ones(P, dtype=torch.bool)
     init_loss: torch.Tensor | None = None
     factor = float(cfg["divergence_factor"])

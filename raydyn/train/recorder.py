@@ -45,19 +45,41 @@ def _weight_stats(ctx: dict[str, Any]) -> dict[str, torch.Tensor]:
     return weight_stats(ctx["params"])
 
 
+def _ntk(ctx: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """NTK top eigenvalue per member (column ``ntk_top``), see raydyn.train.curvature."""
+    from raydyn.train.curvature import ntk_probe
+
+    return ntk_probe(ctx)
+
+
+def _sharpness(ctx: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Top Hessian eigenvalue of the train loss per member (column ``sharpness``), see raydyn.train.curvature."""
+    from raydyn.train.curvature import sharpness_probe
+
+    return sharpness_probe(ctx)
+
+
 # Probes: name -> fn(ctx) -> {column: (P,) tensor}; a name here is a valid `train.record` entry.
+# ctx: cfg, params (stacked, P leading), grads, opt, step, mask (members recorded now), state (a dict
+# a probe may keep between records), and what the trainer passes as `context` (model, buffers, data, loss).
 PROBES: dict[str, Callable[[dict[str, Any]], dict[str, torch.Tensor]]] = {
     "weight_stats": _weight_stats,
+    "ntk": _ntk,
+    "sharpness": _sharpness,
 }
 
 
 class Recorder:
     """Collects metric rows and weight snapshots of a population (P members)."""
 
-    def __init__(self, cfg: dict[str, Any], members: list[Any], params: dict[str, torch.Tensor]):
+    def __init__(self, cfg: dict[str, Any], members: list[Any], params: dict[str, torch.Tensor],
+                 context: dict[str, Any] | None = None, lrs: Any = None):
         self.cfg = cfg
         self.run_ids = [m.run_id for m in members]
-        self.lrs = np.array([float(m.config["lr"]) for m in members])
+        # the learning rate each member actually trains at (differs from config lr with lr_units: ntk)
+        self.lrs = np.array([float(m.config["lr"]) for m in members]) if lrs is None else np.asarray(lrs, float)
+        self.context = dict(context or {})
+        self.probe_state: dict[str, Any] = {}
         self.P = len(members)
         self.names = list(params)
         self.shapes = [tuple(params[n].shape[1:]) for n in self.names]
@@ -115,7 +137,8 @@ class Recorder:
             "test_acc": test[1],
             "grad_norm": gn.sqrt(),
         }
-        ctx = {"cfg": self.cfg, "params": params, "grads": grads, "opt": opt, "step": step, **extra}
+        ctx = {"cfg": self.cfg, "params": params, "grads": grads, "opt": opt, "step": step, "mask": mask,
+               "state": self.probe_state, **self.context, **extra}
         for probe in self.probes:
             cols.update(PROBES[probe](ctx))
         arrays = {k: v.detach().double().numpy()[idx] for k, v in cols.items()}
@@ -209,6 +232,7 @@ def runs_table(result: Any, pop_id: str) -> pa.Table:
             "diverged_step": m.diverged_step if m.diverged_step is not None else -1,
             "steps_done": m.steps_done,
             "population_size": len(result.members),
+            **m.extra,
             "wall_time_s": result.wall_time_s,
             "config_json": json.dumps(m.config, sort_keys=True),
             "weights_layout": layout,
@@ -220,7 +244,8 @@ def runs_table(result: Any, pop_id: str) -> pa.Table:
     fields = []
     for f in table.schema:
         if pa.types.is_integer(f.type) and f.name in ("lr", "momentum", "weight_decay", "dampening", "beta1", "beta2", "eps",
-                                                      "init_scale", "divergence_factor"):
+                                                      "init_scale", "divergence_factor", "embed_lr",
+                                                      "embed_weight_decay", "lambda0", "lr_actual"):
             f = f.with_type(pa.float64())
         elif pa.types.is_null(f.type):  # an unset option (e.g. loss: default) stays a typed, nullable column
             f = f.with_type(pa.string())

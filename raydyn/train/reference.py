@@ -14,23 +14,42 @@ import torch
 
 from raydyn.tasks.data import Dataset
 from raydyn.train.objectives import accuracy, loss_fn
-from raydyn.train.population import BatchStream, init_model, load_data
+from raydyn.train.curvature import curvature_batch, member_ntk
+from raydyn.train.population import BatchStream, init_model, load_data, member_embed_wd
 
 
-def make_optimizer(cfg: dict[str, Any], params) -> torch.optim.Optimizer:
+def make_optimizer(cfg: dict[str, Any], params, lr: float | None = None) -> torch.optim.Optimizer:
+    """PyTorch's optimiser for one run. ``params``: parameters, or ``(name, parameter)`` pairs, in which case
+    parameters named ``embed*`` form a second param group with ``embed_lr`` / ``embed_weight_decay``.
+    ``lr`` overrides ``cfg['lr']`` (the actual step size with ``lr_units: ntk``)."""
+    lr = cfg["lr"] if lr is None else lr
+    params = list(params)
+    if params and isinstance(params[0], tuple):
+        embed = [p for n, p in params if n.startswith("embed")]
+        rest = [p for n, p in params if not n.startswith("embed")]
+        groups = [{"params": rest}]
+        if embed:
+            groups.append({"params": embed, "weight_decay": member_embed_wd(cfg),
+                           "lr": cfg["embed_lr"] if cfg.get("embed_lr") is not None else lr})
+        params = groups
     kind = cfg["optimizer"]
     if kind == "sgd":
-        return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], dampening=cfg["dampening"],
+        return torch.optim.SGD(params, lr=lr, momentum=cfg["momentum"], dampening=cfg["dampening"],
                                weight_decay=cfg["weight_decay"], nesterov=cfg["nesterov"])
     cls = torch.optim.Adam if kind == "adam" else torch.optim.AdamW
-    return cls(params, lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]), eps=cfg["eps"], weight_decay=cfg["weight_decay"])
+    return cls(params, lr=lr, betas=(cfg["beta1"], cfg["beta2"]), eps=cfg["eps"], weight_decay=cfg["weight_decay"])
 
 
 def train_single(cfg: dict[str, Any], data: Dataset | None = None, record: bool = True) -> dict[str, Any]:
     """Train one run; returns recorded steps, train/test loss and accuracy, flat weights (if record)."""
     data = data if data is not None else load_data(cfg)
     model = init_model(cfg, data)
-    opt = make_optimizer(cfg, model.parameters())
+    lr = cfg["lr"]
+    if cfg.get("lr_units") == "ntk":  # lr is eta*lambda0: train at lr / lambda0 (same lambda0 as the population)
+        x_curv, _ = curvature_batch(data, cfg["curvature_batch"])
+        params = {k: v.detach() for k, v in model.named_parameters()}
+        lr = lr / member_ntk(model, params, dict(model.named_buffers()), x_curv)[0]
+    opt = make_optimizer(cfg, model.named_parameters(), lr=lr)
     stream = BatchStream(len(data.x_train), cfg["batch_size"], cfg["seed"])
     loss_name = cfg["loss"] or data.default_loss
     n_eval = min(cfg["eval_size"], len(data.x_train))
@@ -55,4 +74,5 @@ def train_single(cfg: dict[str, Any], data: Dataset | None = None, record: bool 
         loss.backward()
         opt.step()
     out["weights"] = np.stack(out["weights"]) if out["weights"] else np.empty((0, 0))
+    out["lr"] = lr
     return out
