@@ -72,6 +72,8 @@ def sweep_run(
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: $RAY_ADDRESS, "
                                           "else an embedded local Ray bound to localhost)."),
     num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help="CPUs for the embedded local Ray (default: all)."),
+    max_failures: int = typer.Option(2, "--max-failures", min=0, help="Retries of a failed trial (e.g. its node "
+                                     "died); a retry resumes from the trial's last checkpoint."),
 ) -> None:
     """Train every run of a sweep file that is not already in the store (so re-running resumes)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -82,16 +84,25 @@ def sweep_run(
     st = _store(store)
     from raydyn.sweep import run_sweep
 
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("runs · {task.fields[diverged]} diverged · {task.fields[failed]} failed trials"),
-                  TimeElapsedColumn(), console=console, transient=False) as bar:
-        task = bar.add_task(spec.name, total=None, diverged=0, failed=0)
+    # the bar appears with the first progress report, so that errors found before training stand alone
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("runs · {task.fields[diverged]} diverged · {task.fields[retried]} retried · "
+                              "{task.fields[failed]} failed trials"),
+                   TimeElapsedColumn(), console=console, transient=False)
+    task: list[Any] = []
 
-        def update(info: dict[str, Any]) -> None:
-            bar.update(task, completed=info["done"], total=info["total"] or None, diverged=info["diverged"],
-                       failed=info["failed"])
+    def update(info: dict[str, Any]) -> None:
+        if not task:
+            bar.start()
+            task.append(bar.add_task(spec.name, total=None, diverged=0, failed=0, retried=0))
+        bar.update(task[0], completed=info["done"], total=info["total"] or None, diverged=info["diverged"],
+                   failed=info["failed"], retried=info.get("retried", 0))
 
-        outcome = run_sweep(spec, text, st, address=address, num_cpus=num_cpus, progress=update)
+    try:
+        outcome = run_sweep(spec, text, st, address=address, num_cpus=num_cpus, progress=update,
+                            max_failures=max_failures)
+    finally:
+        bar.stop()
     if outcome.trained == 0 and outcome.skipped == outcome.total and not outcome.failed_populations:
         console.print(f"sweep [bold]{spec.name}[/]: all {outcome.total} runs already in the store; nothing to train.")
     else:
@@ -223,18 +234,40 @@ def store_check(
         raise typer.Exit(1)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is so that it stops as on Ctrl-C."""
+
+
+_stopped_by: list[int] = []  # the signals that stopped the command
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    import signal
+
+    _stopped_by.append(signum)
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
 def main() -> None:
-    """Entry point: run the app, turning user errors into one clear message."""
+    """Entry point: run the app, turning user errors into one clear message.
+
+    Ctrl-C (SIGINT) and SIGTERM stop the same way: one message, exit code 128 + signal number.
+    (Typer turns a KeyboardInterrupt into a return value, so the signal is remembered here.)
+    """
+    import signal
+
+    signal.signal(signal.SIGTERM, _on_signal)  # raydyn.sweep.ensure_ray keeps it across ray.init
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where the shell ignores it
+        signal.signal(signal.SIGINT, _on_signal)
     try:
-        app(standalone_mode=False)
+        rv = app(standalone_mode=False)
     except RaydynError as e:
         from rich.text import Text
 
         console.print(Text.assemble(("error: ", "bold red"), str(e)), soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        console.print("interrupted. Completed runs are in the store; run the same command again to resume.")
-        sys.exit(130)
+        _interrupted()
     except Exception as e:  # click usage errors come through here in non-standalone mode
         import click
 
@@ -243,10 +276,22 @@ def main() -> None:
         if isinstance(e, click.ClickException):
             e.show()
             sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(130)
+        if isinstance(e, click.exceptions.Abort):  # click turns KeyboardInterrupt into Abort
+            _interrupted()
         raise
+    if _stopped_by:
+        _interrupted()
+    if isinstance(rv, int) and not isinstance(rv, bool) and rv:  # typer.Exit(code) comes back as a value
+        sys.exit(rv)
 
+
+def _interrupted() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not cut the message short
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    console.print("interrupted. Completed runs are in the store; run the same command again to resume.")
+    sys.exit(128 + (_stopped_by[0] if _stopped_by else signal.SIGINT))
 
 if __name__ == "__main__":
     main()
