@@ -203,6 +203,7 @@ def test_worker_node_lost_mid_sweep_resumes_from_checkpoint(cluster, tmp_path):
                Path(glob.glob(str(store_dir / "_tune" / "*" / victim["pop"] / "result.json"))[0]).read_text().splitlines()]
     final = [r for r in results if r.get("pop_done") == 1]
     assert len(final) == 1 and final[0]["resumed_from"] >= victim["step"] > 0, final
+    assert _checkpoints(store_dir) == []  # a population in the store keeps no checkpoint behind
     print(f"killed node {victim['node'][:8]} after checkpoint at step {victim['step']}; "
           f"retry resumed from step {final[0]['resumed_from']} of {steps}")
 
