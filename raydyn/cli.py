@@ -75,6 +75,8 @@ def sweep_run(
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: $RAY_ADDRESS, "
                                           "else an embedded local Ray bound to localhost)."),
     num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help="CPUs for the embedded local Ray (default: all)."),
+    max_failures: int = typer.Option(2, "--max-failures", min=0, help="Retries of a failed trial (e.g. its node "
+                                     "died); a retry resumes from the trial's last checkpoint."),
 ) -> None:
     """Train every run of a sweep file that is not already in the store (so re-running resumes)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -85,20 +87,25 @@ def sweep_run(
     st = _store(store)
     from raydyn.sweep import run_sweep
 
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("runs · {task.fields[diverged]} diverged · {task.fields[failed]} failed trials"),
-                  TimeElapsedColumn(), console=console, transient=False) as bar:
-        task = bar.add_task(spec.name, total=None, diverged=0, failed=0)
+    # the bar appears with the first progress report, so that errors found before training stand alone
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("runs · {task.fields[diverged]} diverged · {task.fields[retried]} retried · "
+                              "{task.fields[failed]} failed trials"),
+                   TimeElapsedColumn(), console=console, transient=False)
+    task: list[Any] = []
 
-        def update(info: dict[str, Any]) -> None:
-            bar.update(task, completed=info["done"], total=info["total"] or None, diverged=info["diverged"],
-                       failed=info["failed"])
+    def update(info: dict[str, Any]) -> None:
+        if not task:
+            bar.start()
+            task.append(bar.add_task(spec.name, total=None, diverged=0, failed=0, retried=0))
+        bar.update(task[0], completed=info["done"], total=info["total"] or None, diverged=info["diverged"],
+                   failed=info["failed"], retried=info.get("retried", 0))
 
-        try:
-            outcome = run_sweep(spec, text, st, address=address, num_cpus=num_cpus, progress=update)
-        except KeyboardInterrupt:
-            console.print(f"interrupted. Completed runs are in {st.uri}; run the same command again to resume.")
-            raise typer.Exit(130)
+    try:
+        outcome = run_sweep(spec, text, st, address=address, num_cpus=num_cpus, progress=update,
+                            max_failures=max_failures)
+    finally:
+        bar.stop()
     if outcome.trained == 0 and outcome.skipped == outcome.total and not outcome.failed_populations:
         console.print(f"sweep [bold]{spec.name}[/]: all {outcome.total} runs already in the store; nothing to train.")
     else:
@@ -437,25 +444,75 @@ def store_check(
         raise typer.Exit(1)
 
 
-def main() -> None:
-    """Entry point: run the app (click reports usage errors itself), turning user errors into one message."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is so that it stops as on Ctrl-C."""
+
+
+_stopped_by: list[int] = []  # the signals that stopped the command
+
+
+def _on_signal(signum: int, frame: Any) -> None:
     import signal
 
-    def _terminate(signum, frame):  # SIGTERM (a scheduler stopping the job) ends like Ctrl-C
-        raise KeyboardInterrupt
+    _stopped_by.append(signum)
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
-    signal.signal(signal.SIGTERM, _terminate)
+
+def main() -> None:
+    """Entry point: run the app, turning user errors into one clear message.
+
+    Ctrl-C (SIGINT) and SIGTERM stop the same way: one message, exit code 128 + signal number.
+    (Typer turns a KeyboardInterrupt into a return value, so the signal is remembered here.)
+    """
+    import signal
+
+    signal.signal(signal.SIGTERM, _on_signal)  # raydyn.sweep.ensure_ray keeps it across ray.init
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where the shell ignores it
+        signal.signal(signal.SIGINT, _on_signal)
     try:
-        app()
+        rv = app(standalone_mode=False)
     except RaydynError as e:
         from rich.text import Text
 
         console.print(Text.assemble(("error: ", "bold red"), str(e)), soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        console.print("interrupted. Completed runs are in the store; run the same command again to resume.")
-        sys.exit(130)
+        _interrupted()
+    except Exception as e:  # click usage errors come through here in non-standalone mode
+        click = _click_exceptions()
 
+        if isinstance(e, click.Exit):
+            sys.exit(e.exit_code)
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.Abort):  # click turns KeyboardInterrupt into Abort
+            _interrupted()
+        raise
+    if _stopped_by:
+        _interrupted()
+    if isinstance(rv, int) and not isinstance(rv, bool) and rv:  # typer.Exit(code) comes back as a value
+        sys.exit(rv)
+
+
+def _click_exceptions():
+    """The exception classes typer raises (typer >= 0.20 vendors its own copy of click)."""
+    from types import SimpleNamespace
+
+    try:
+        from typer._click.exceptions import ClickException
+    except ImportError:  # older typer: the real click
+        from click.exceptions import ClickException
+    return SimpleNamespace(Exit=typer.Exit, Abort=typer.Abort, ClickException=ClickException)
+
+
+def _interrupted() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not cut the message short
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    console.print("interrupted. Completed runs are in the store; run the same command again to resume.")
+    sys.exit(128 + (_stopped_by[0] if _stopped_by else signal.SIGINT))
 
 if __name__ == "__main__":
     main()

@@ -79,6 +79,10 @@ DATA_OPTIONS: dict[str, dict[str, Any]] = {
 PER_MEMBER = ("seed", "perturb", "init_perturb", "init_scale", "lr", "momentum", "weight_decay", "dampening", "beta1",
               "beta2", "eps", "embed_lr", "embed_weight_decay")
 
+# Train settings that say how a run is executed, not what is trained: they change no result,
+# so they are kept out of run configs (and run ids) and cannot be swept.
+EXECUTION_ONLY = ("checkpoint_every",)
+
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -192,6 +196,12 @@ class TrainSpec(_Model):
     eval_size: int = Field(2048, ge=1, description="train-set samples used to evaluate train loss/accuracy")
     divergence_factor: float = Field(1e4, gt=1, description="diverged when loss > factor x initial loss (or NaN/inf)")
     dtype: Literal["float32", "float64"] = "float32"
+    checkpoint_every: int = Field(
+        1000, ge=0,
+        description="save a population's full training state every this many steps (0: never), so a trial that "
+        "Ray Tune retries (node lost, worker crash) resumes there instead of at step 0. An execution setting: "
+        "not part of a run's config or id, not sweepable",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "TrainSpec":
@@ -347,7 +357,7 @@ class SweepSpec(_Model):
         data = t.data_options()
         for k, v in data.items():  # data options keep the type of their default
             data[k] = type(DATA_OPTIONS[t.dataset][k])(v)
-        cfg = {**t.model_dump(), **tr.model_dump()}
+        cfg = {**t.model_dump(), **tr.model_dump(exclude=set(EXECUTION_ONLY))}
         cfg["data"] = data
         cfg["record"] = sorted(set(cfg["record"]))
         return RunConfig(cfg, run_id_of(cfg))
@@ -555,6 +565,10 @@ def _check_parameters(spec: SweepSpec, source: str) -> None:
     problems = []
     for pname, p in spec.parameters.items():
         where = f"parameters.{pname}"
+        if pname in EXECUTION_ONLY:
+            problems.append(f"{where}: {pname} says how runs are executed, not what is trained; set it under train:, "
+                            "it cannot be swept")
+            continue
         if pname == "dataset":
             problems.append(f"{where}: the dataset cannot be swept within one sweep; write one sweep per dataset")
             continue

@@ -4,7 +4,13 @@ One Tune trial trains one *population* (runs vectorised together, see
 :mod:`raydyn.train.population`) and writes its runs to the raydyn store itself;
 Tune's own result files are bookkeeping. Resume is the store's job: run ids are
 hashes of run configs, so a re-run of ``sweep run`` skips every run already in
-the store and trains only the rest.
+the store and trains only the rest. Within one ``sweep run``, a trial that Tune
+retries (its node or worker died) resumes from its last population checkpoint
+(``train.checkpoint_every``), saved through Tune's checkpoint API.
+
+Tune sees only population ids (``param_space``); the populations themselves go to
+the trials once through the object store, so Tune's per-trial bookkeeping (configs
+in results, experiment state) does not grow with the number of runs.
 """
 from __future__ import annotations
 
@@ -12,6 +18,10 @@ import json
 import logging
 import math
 import os
+import signal
+import socket
+import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +30,12 @@ from typing import Any, Callable
 # Tune's own console tables are replaced by raydyn's progress line (verbose=0 + the legacy
 # output engine is silent; the new engine still prints a configuration box).
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+# Ctrl-C stops a sweep at once (KeyboardInterrupt out of tuner.fit); Tune's own handler would
+# instead wind the experiment down and return as if it had finished. Resume is the store's job.
+os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+# Tune snapshots its (small: population ids only) experiment state whenever a trial checkpoints,
+# and warns about it; raydyn's checkpoints are spaced by train.checkpoint_every already.
+os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
 import ray  # noqa: E402
 from ray import tune  # noqa: E402
@@ -30,13 +46,47 @@ from raydyn.store import Store  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- Ray
+#: Seconds to wait for a TCP connection to --address before calling it unreachable
+#: (Ray itself retries an unreachable GCS for minutes).
+CONNECT_TIMEOUT_S = float(os.environ.get("RAYDYN_CONNECT_TIMEOUT_S", "10"))
+
+
+def _check_reachable(address: str) -> None:
+    """Fail fast, naming the address, when nothing listens at ``[ray://]host:port``."""
+    if address == "auto":
+        return
+    hostport = address.split("://", 1)[1] if "://" in address else address
+    hostport = hostport.split("/", 1)[0]
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        raise RaydynError(f"--address {address!r}: expected host:port (a Ray GCS address) or ray://host:port "
+                          "(Ray Client), e.g. 10.0.0.5:6379 or ray://head:10001")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S):
+            pass
+    except OSError as e:
+        reason = "timed out" if isinstance(e, TimeoutError) else (e.strerror or str(e))
+        raise RaydynError(f"could not connect to the Ray cluster at --address {address!r}: {reason} "
+                          f"(waited {CONNECT_TIMEOUT_S:g} s; is the head node running, and the port open?)") from None
+
+
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Attach to ``address`` (or $RAY_ADDRESS), or start an embedded local Ray bound to localhost."""
+    """Attach to ``address`` (or $RAY_ADDRESS), or start an embedded local Ray.
+
+    The embedded Ray is always a new instance (``address="local"``): it never joins a
+    cluster it happens to find on the machine. It runs without a dashboard and with
+    Ray's token authentication (Ray's default for local instances); note that Ray
+    2.60 binds its gRPC ports on all interfaces whatever ``_node_ip_address`` says.
+    A SIGTERM handler installed by the caller (the CLI's) survives ``ray.init``.
+    """
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "configure_logging": True}
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
     if address:
+        _check_reachable(address)
         try:
             ray.init(address=address, **kwargs)
         except Exception as e:  # ConnectionError, TimeoutError, ValueError depending on the failure
@@ -45,8 +95,10 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         # Ray starts workers at niceness 15; on a shared machine they then lose the CPU to anything
         # else running, and a sweep crawls. Trials are the work here: run them at normal priority.
         os.environ.setdefault("RAY_worker_niceness", "0")
-        ray.init(num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1",
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1",
                  _node_ip_address="127.0.0.1", **kwargs)
+    if main and callable(previous):  # ray.init replaces SIGTERM with a bare sys.exit
+        signal.signal(signal.SIGTERM, previous)
 
 
 def check_resources(spec: SweepSpec) -> None:
@@ -55,7 +107,7 @@ def check_resources(spec: SweepSpec) -> None:
     cpu, gpu = spec.resources.cpu, spec.resources.gpu
     if gpu > 0 and res.get("GPU", 0) < gpu:
         raise RaydynError(
-            f"resources.gpu: each trial asks for {gpu} GPU but the Ray cluster has {res.get('GPU', 0):g}; "
+            f"resources.gpu: each trial asks for {gpu:g} GPU but the Ray cluster has {res.get('GPU', 0):g}; "
             "set resources.gpu: 0 to train on CPU"
         )
     if res.get("CPU", 0) < cpu:
@@ -72,26 +124,31 @@ def _objective(values: list[float], goal: str) -> float:
     return sum(finite) / len(finite)
 
 
-def population_trial(config: dict[str, Any], store_uri: str, sweep: str, spec_text: str | None = None) -> None:
+def population_trial(config: dict[str, Any], store_uri: str, sweep: str, spec_text: str | None = None,
+                     populations_by_id: dict[str, dict[str, Any]] | None = None, checkpoint_every: int = 0) -> None:
     """Tune function trainable: train one population and write it to the store.
 
-    ``config`` holds either a ready population (grid/random) or, for optuna, a
-    point of the search space that is crossed with the sweep's seeds here.
+    ``config`` holds either a population id (grid/random; the population is looked
+    up in ``populations_by_id``) or, for optuna, a point of the search space that is
+    crossed with the sweep's seeds here. Every ``checkpoint_every`` steps the full
+    training state is reported as a Tune checkpoint; a retried trial resumes from
+    the last one (``resumed_from`` in its results says where).
     """
     import pyarrow as pa
     import torch
 
     from raydyn.spec import parse_sweep
     from raydyn.store import open_store
-    from raydyn.train.population import train_population
+    from raydyn.train.population import PopulationCheckpoint, train_population
     from raydyn.train.recorder import runs_table
 
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # one line per checkpoint otherwise
     ctx = tune.get_context()
     cpus = ctx.get_trial_resources().required_resources.get("CPU", 1) if ctx else 1
     torch.set_num_threads(max(1, int(cpus)))
     origin = config.get("origin", "optuna")
     if "population" in config:
-        pop = PopulationSpec.from_dict(config["population"])
+        pop = PopulationSpec.from_dict((populations_by_id or {})[config["population"]])
         goal, metric = "minimize", None
     else:  # optuna: the searcher proposed a point
         spec = parse_sweep(spec_text or "", sweep)
@@ -101,24 +158,43 @@ def population_trial(config: dict[str, Any], store_uri: str, sweep: str, spec_te
         pop = populations(members, len(members))[0]
         goal, metric = spec.goal, spec.metric
     n = len(pop.members)
+    node = ray.get_runtime_context().get_node_id()
+    store = open_store(store_uri)
+
+    resume = None
+    last = tune.get_checkpoint()
+    if last is not None:  # Tune retried this trial: continue where its last checkpoint left off
+        with last.as_directory() as d:
+            resume = PopulationCheckpoint.load(d)
+    resumed_from = resume.step if resume is not None else 0
+    base = {"members": n, "node": node, "resumed_from": resumed_from}
 
     def on_record(step: int, active: int, diverged: int) -> None:
-        tune.report({"step": step, "members": n, "active": active, "diverged": diverged, "pop_done": 0})
+        tune.report({**base, "step": step, "active": active, "diverged": diverged, "pop_done": 0})
 
-    # Optuna's searcher expects its objective in every result: report only the final one there
+    def on_checkpoint(ckpt: PopulationCheckpoint) -> None:
+        ckpt.meta["node"] = node  # provenance: which node wrote it
+        with tempfile.TemporaryDirectory(prefix="raydyn-ckpt-") as d:
+            ckpt.save(d)  # tune.report copies it to the trial's storage before returning
+            tune.report({**base, "step": ckpt.step, "checkpoint_step": ckpt.step, "pop_done": 0},
+                        checkpoint=tune.Checkpoint.from_directory(d))
+
+    # Optuna's searcher expects its objective in every result: only the final report there
+    # (so no progress reports and no checkpoints for Optuna trials)
     if pop.shared["model"] == "none":  # optimiser-as-dynamical-system task: no network to vectorise
         from raydyn.train.dynamics import train_dynamics
 
         result = train_dynamics(pop, on_record=None if metric else on_record)
     else:
-        result = train_population(pop, on_record=None if metric else on_record)
-    runs = runs_table(result, pop.pop_id)
+        result = train_population(pop, on_record=None if metric else on_record,
+                                  checkpoint_every=0 if metric else checkpoint_every,
+                                  on_checkpoint=on_checkpoint, resume=resume)
+    runs = runs_table(result, pop.pop_id, node=node)
     runs = runs.append_column("origin", pa.array([origin] * runs.num_rows, pa.string()))  # grid|random|refine|optuna
-    store = open_store(store_uri)
     store.write_runs(sweep, pop.pop_id, runs=runs, metrics=result.recorder.metrics_table(),
                      weights=result.recorder.weights_table())
     diverged = sum(m.status == "diverged" for m in result.members)
-    final: dict[str, Any] = {"step": int(pop.shared["steps"]), "members": n, "active": n - diverged,
+    final: dict[str, Any] = {**base, "step": int(pop.shared["steps"]), "active": n - diverged,
                              "diverged": diverged, "pop_done": 1}
     if metric:
         final["objective"] = _objective(runs.column(metric).to_pylist() if metric in runs.column_names else [], goal)
@@ -131,7 +207,7 @@ class _Progress(tune.Callback):
 
     def __init__(self, total: int, update: Callable[[dict[str, Any]], None]):
         self.total, self.update = total, update
-        self.done = self.diverged = self.failed = 0
+        self.done = self.diverged = self.failed = self.retried = 0
         self.t0 = time.time()
 
     def __getstate__(self):  # Tune pickles callbacks with its experiment state; the live display stays here
@@ -151,11 +227,15 @@ class _Progress(tune.Callback):
         self.failed += 1
         self._emit()
 
+    def on_trial_recover(self, iteration, trials, trial, **info):  # failed, and Tune retries it
+        self.retried += 1
+        self._emit()
+
     def _emit(self) -> None:
         if self.update is None:
             return
         self.update({"done": self.done, "total": self.total, "diverged": self.diverged,
-                     "failed": self.failed, "elapsed": time.time() - self.t0})
+                     "failed": self.failed, "retried": self.retried, "elapsed": time.time() - self.t0})
 
 
 # ----------------------------------------------------------------------------- sweeps
@@ -170,14 +250,19 @@ class SweepOutcome:
     elapsed_s: float = 0.0
 
 
-def _tune_storage(store: Store) -> str | None:
-    """Tune's bookkeeping goes under <store>/_tune for local stores, Tune's default otherwise."""
+def _tune_storage(store: Store) -> tuple[str | None, Any]:
+    """Tune's bookkeeping and trial checkpoints go under <store>/_tune, on the store's filesystem.
+
+    Every node must see a retried trial's checkpoint, and every node sees the store.
+    """
     local = store.local_path()
-    return str(Path(local) / "_tune") if local else None
+    if local:
+        return str(Path(local) / "_tune"), None
+    return store.path("_tune"), store.filesystem
 
 
-def register_sweep(spec: SweepSpec, text: str, store: Store) -> None:
-    """Store the sweep file with its hash; refuse a changed file under an existing name."""
+def check_sweep_unchanged(spec: SweepSpec, text: str, store: Store) -> None:
+    """Refuse a changed sweep file under an existing name (reads only)."""
     h = sweep_hash(text)
     meta = store.sweep_meta(spec.name)
     if meta is not None and meta.get("hash") != h:
@@ -187,10 +272,16 @@ def register_sweep(spec: SweepSpec, text: str, store: Store) -> None:
             f"to run the changed file, give it a new `name:` (e.g. {spec.name}-v2), or delete the old sweep's "
             "results from the store first."
         )
-    if meta is None:
+
+
+def register_sweep(spec: SweepSpec, text: str, store: Store) -> None:
+    """Store the sweep file with its hash; refuse a changed file under an existing name."""
+    check_sweep_unchanged(spec, text, store)
+    if store.sweep_meta(spec.name) is None:
         from raydyn.train.recorder import versions
 
-        store.put_sweep(spec.name, text, {"hash": h, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        store.put_sweep(spec.name, text, {"hash": sweep_hash(text),
+                                          "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                           "method": spec.method, "versions": versions()})
 
 
@@ -209,14 +300,20 @@ def run_sweep(
     address: str | None = None,
     num_cpus: int | None = None,
     progress: Callable[[dict[str, Any]], None] | None = None,
-    max_failures: int = 1,
+    max_failures: int = 2,
 ) -> SweepOutcome:
-    """Train every run of ``spec`` not already in ``store``; returns counts."""
+    """Train every run of ``spec`` not already in ``store``; returns counts.
+
+    Every check that can fail on user input runs before anything is trained or written:
+    the search space, the store (writable), the sweep file (unchanged under its name),
+    the cluster (reachable, enough CPUs/GPUs). ``max_failures``: how often Tune retries
+    a failed trial (from its last checkpoint) before giving up on it.
+    """
     t0 = time.time()
     if spec.method != "optuna":
         spec.expand()  # every point valid, before anything is written
     store.ensure_writable()
-    register_sweep(spec, text, store)
+    check_sweep_unchanged(spec, text, store)
     progress = progress or (lambda info: None)
 
     if spec.method == "optuna":
@@ -224,8 +321,8 @@ def run_sweep(
                            max_failures=max_failures, t0=t0)
 
     runs, todo = plan(spec, store)
-    out = train_runs(spec, store, todo, origin=spec.method, address=address, num_cpus=num_cpus, progress=progress,
-                     max_failures=max_failures)
+    out = train_runs(spec, store, todo, origin=spec.method, text=text, address=address, num_cpus=num_cpus,
+                     progress=progress, max_failures=max_failures)
     out.total, out.skipped, out.elapsed_s = len(runs), len(runs) - len(todo), time.time() - t0
     return out
 
@@ -236,6 +333,7 @@ def train_runs(
     runs: list[RunConfig],
     *,
     origin: str = "grid",
+    text: str | None = None,
     address: str | None = None,
     num_cpus: int | None = None,
     progress: Callable[[dict[str, Any]], None] | None = None,
@@ -244,48 +342,65 @@ def train_runs(
     """Train an explicit list of runs of ``spec`` (built with ``spec.run_config(point)``) as runs of the sweep.
 
     The runs are grouped into populations and trained as Tune trials exactly like ``sweep run``;
-    each gets the runs column ``origin`` (``grid``, ``random`` or ``refine``). The sweep must be
-    registered (:func:`register_sweep`). Runs already in the store are not trained again.
+    each gets the runs column ``origin`` (``grid``, ``random`` or ``refine``). With ``text`` the
+    sweep file is registered once the cluster checks pass (``sweep run``); without it the sweep
+    must already be registered (``sweep refine``). Runs already in the store are not trained again.
     """
     t0 = time.time()
     progress = progress or (lambda info: None)
     done = store.completed_run_ids(spec.name)
     todo = list({r.run_id: r for r in runs if r.run_id not in done}.values())
     if not todo:
-        progress({"done": 0, "total": 0, "diverged": 0, "failed": 0, "elapsed": 0.0})
+        if text is not None:
+            register_sweep(spec, text, store)
+        progress({"done": 0, "total": 0, "diverged": 0, "failed": 0, "retried": 0, "elapsed": 0.0})
         return SweepOutcome(spec.name, len(runs), len(runs), 0, 0, elapsed_s=time.time() - t0)
     ensure_ray(address, num_cpus)
     check_resources(spec)
+    if text is not None:
+        register_sweep(spec, text, store)
     pops = populations(todo, spec.resources.population_size)
-    param_space = {"population": tune.grid_search([p.to_dict() for p in pops]), "origin": origin}
+    # Tune sees population ids only; the populations reach the trials once via the object store
+    param_space = {"population": tune.grid_search([p.pop_id for p in pops]), "origin": origin}
     cb = _Progress(len(todo), progress)
     grid = _fit(spec, store, param_space, cb, max_failures, tune.TuneConfig(
-        max_concurrent_trials=spec.resources.max_concurrent))
-    failed = [r.config["population"]["pop_id"] for r in grid if r.error is not None]
+        max_concurrent_trials=spec.resources.max_concurrent), populations_by_id={p.pop_id: p.to_dict() for p in pops})
+    failed = [r.config["population"] for r in grid if r.error is not None]
     return SweepOutcome(spec.name, len(runs), len(runs) - len(todo), cb.done, cb.diverged, failed, time.time() - t0)
 
 
-def _fit(spec, store, param_space, cb, max_failures, tune_config, spec_text=None):
+def _fit(spec, store, param_space, cb, max_failures, tune_config, spec_text=None, populations_by_id=None):
     trainable = tune.with_resources(
-        tune.with_parameters(population_trial, store_uri=store.uri, sweep=spec.name, spec_text=spec_text),
+        tune.with_parameters(population_trial, store_uri=store.uri, sweep=spec.name, spec_text=spec_text,
+                             populations_by_id=populations_by_id, checkpoint_every=spec.train.checkpoint_every),
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
     )
+    storage_path, storage_fs = _tune_storage(store)
     run_config = tune.RunConfig(
         name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}",
-        storage_path=_tune_storage(store),
+        storage_path=storage_path,
+        storage_filesystem=storage_fs,
         verbose=0,
         callbacks=[cb],
         failure_config=tune.FailureConfig(max_failures=max_failures),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),  # a retry needs the latest only
     )
     tune_config.trial_name_creator = _trial_name
     tune_config.trial_dirname_creator = _trial_name
     tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
-    return tuner.fit()
+    grid = tuner.fit()
+    for r in grid:  # a population in the store needs no checkpoint: don't keep a second copy of its records
+        if r.error is None and r.checkpoint is not None:
+            try:
+                r.checkpoint.filesystem.delete_dir(r.checkpoint.path)
+            except OSError:
+                pass
+    return grid
 
 
 def _trial_name(trial) -> str:
     pop = trial.config.get("population")
-    return f"{pop['pop_id']}" if pop else f"optuna-{trial.trial_id}"
+    return str(pop) if pop else f"optuna-{trial.trial_id}"
 
 
 def _run_optuna(spec, text, store, *, address, num_cpus, progress, max_failures, t0) -> SweepOutcome:
@@ -300,6 +415,7 @@ def _run_optuna(spec, text, store, *, address, num_cpus, progress, max_failures,
                             elapsed_s=time.time() - t0)
     ensure_ray(address, num_cpus)
     check_resources(spec)
+    register_sweep(spec, text, store)
     space: dict[str, Any] = {}
     for name, p in spec.parameters.items():
         if name == "seed":

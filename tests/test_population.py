@@ -154,3 +154,91 @@ def test_large_models_store_a_countsketch():
     for t in range(len(full)):
         np.add.at(expect[t], bucket, full[t] * sign)
     np.testing.assert_allclose(w, expect, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- checkpoint / resume
+RESUME_CASES = {
+    # minibatches cross epoch boundaries (n_train 128 / batch 16 = 8 batches an epoch), momentum buffers,
+    # one member diverges before the checkpoint and stays frozen after it
+    "sgd-momentum-divergence": (CASES["sgd-nesterov-dampening"], {"steps": 40, "lrs": "[0.01, 60.0]",
+                                                                   "opt_extra": "momentum: 0.5"}, "float64"),
+    "adam-bn-float32": (CASES["sgd-momentum-wd-bn"], {"steps": 30, "opt": "adam", "opt_extra": "weight_decay: 0.01",
+                                                      "lrs": "[0.001, 0.01]"}, "float32"),
+}
+
+
+def _tables(res):
+    return res.recorder.metrics_table(), res.recorder.weights_table()
+
+
+def _bits(col) -> np.ndarray:
+    """A column as raw bits (lists flattened): equal bits means bit-for-bit equal, NaNs included."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    if pa.types.is_list(col.type) or pa.types.is_fixed_size_list(col.type):
+        lengths = pc.list_value_length(col).to_numpy()
+        return np.concatenate([lengths.view(np.uint8), _bits(pc.list_flatten(col)).view(np.uint8)])
+    a = col.to_numpy(zero_copy_only=False)
+    return a.view(np.uint8) if a.dtype.kind in "fiub" else np.array([str(v) for v in a])
+
+
+def assert_identical(a, b, what: str) -> None:
+    assert a.schema.equals(b.schema) and a.num_rows == b.num_rows, what
+    for name in a.column_names:
+        assert np.array_equal(_bits(a.column(name)), _bits(b.column(name))), f"{what}: column {name} differs"
+
+
+@pytest.mark.parametrize("case", list(RESUME_CASES))
+def test_resume_from_a_checkpoint_is_bit_for_bit(case, tmp_path):
+    """Train N steps straight vs k steps, checkpoint to disk, restore in a fresh call, finish: identical tables."""
+    base, over, dtype = RESUME_CASES[case]
+    text = BASE.format(**{**base, **over}).replace("dtype: float64", f"dtype: {dtype}")
+    (pop,) = populations(parse_sweep(text).expand(), 64)
+    straight = train_population(pop)
+
+    saved = []
+
+    def keep(ckpt):
+        d = tmp_path / f"step{ckpt.step}"
+        ckpt.save(d)
+        saved.append(d)
+
+    with_ckpt = train_population(pop, checkpoint_every=7, on_checkpoint=keep)
+    steps = pop.shared["steps"]
+    assert [int(d.name[4:]) for d in saved] == list(range(7, steps, 7))
+    m0, w0 = _tables(straight)
+    assert_identical(_tables(with_ckpt)[0], m0, "checkpointing changed the run")
+    from raydyn.train.population import PopulationCheckpoint
+
+    for d in (saved[0], saved[-1]):  # the first (momentum buffers fresh) and the last checkpoint
+        ckpt = PopulationCheckpoint.load(d)
+        assert ckpt.step == int(d.name[4:])
+        resumed = train_population(pop, resume=ckpt)
+        m, w = _tables(resumed)
+        assert_identical(m, m0, f"{case}: metrics after resuming at step {ckpt.step}")
+        assert_identical(w, w0, f"{case}: weights after resuming at step {ckpt.step}")
+        assert [(r.status, r.diverged_step, r.steps_done) for r in resumed.members] == \
+            [(r.status, r.diverged_step, r.steps_done) for r in straight.members]
+    if case == "sgd-momentum-divergence":
+        assert {r.status for r in straight.members} == {"completed", "diverged"}
+        assert min(r.diverged_step for r in straight.members if r.status == "diverged") < 7
+
+
+def test_checkpoint_is_not_pickle_and_refuses_another_population(tmp_path):
+    from raydyn.train.population import PopulationCheckpoint
+
+    text = BASE.format(**{**CASES["sgd-nesterov-dampening"], "steps": 12})
+    pops = populations(parse_sweep(text.replace("[0, 3]", "[0]")).expand(), 1)
+    got = []
+    train_population(pops[0], checkpoint_every=5, on_checkpoint=got.append)
+    got[0].save(tmp_path / "c")
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["meta.json", "state.npz"]
+    with pytest.raises(ValueError, match="cannot resume population"):
+        train_population(pops[1], resume=PopulationCheckpoint.load(tmp_path / "c"))
+    # an array file that would need pickle to load is refused, not unpickled
+    np.savez(tmp_path / "c" / "state.npz", evil=np.array([{"x": 1}], dtype=object))
+    with pytest.raises(ValueError, match="allow_pickle"):
+        PopulationCheckpoint.load(tmp_path / "c")

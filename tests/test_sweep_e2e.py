@@ -152,25 +152,43 @@ resources: {cpu: 1, max_concurrent: 1, population_size: 4}
 """
 
 
-def test_interrupt_then_resume(ray_session, tmp_path):
-    """SIGINT the driver mid-sweep; a second `sweep run` finishes with no duplicate and no missing run."""
+def _sigint_default() -> None:  # a background pytest ignores SIGINT, and children would inherit that
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.parametrize("sig", [
+    signal.SIGINT,
+    pytest.param(signal.SIGTERM, marks=pytest.mark.slow),
+    pytest.param(signal.SIGKILL, marks=pytest.mark.slow),
+], ids=lambda s: s.name)
+def test_interrupt_then_resume(ray_session, tmp_path, sig):
+    """Stop the driver mid-sweep (Ctrl-C, SIGTERM, SIGKILL); a second `sweep run` finishes with no duplicate
+    and no missing run. SIGINT and SIGTERM end with one message and exit code 128 + signal number."""
     sweep_file = tmp_path / "resume.yaml"
     sweep_file.write_text(RESUME)
     store_dir = tmp_path / "store"
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     proc = subprocess.Popen([sys.executable, "-m", "raydyn.cli", "sweep", "run", str(sweep_file), "--store", str(store_dir)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=_sigint_default)
     runs_dir = store_dir / "runs" / "sweep=resume"
     deadline = time.time() + 240
     while time.time() < deadline and not list(runs_dir.glob("part-*.parquet")) and proc.poll() is None:
         time.sleep(0.2)
     assert proc.poll() is None, "the sweep finished before it could be interrupted"
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     try:
-        proc.wait(timeout=120)
+        out, _ = proc.communicate(timeout=120)
     except subprocess.TimeoutExpired:
         proc.kill()
-        proc.wait()
+        out, _ = proc.communicate()
+        pytest.fail(f"the driver did not stop on {sig.name}:\n{out[-3000:]}")
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL
+    else:
+        assert proc.returncode == 128 + sig, out[-3000:]
+        assert "interrupted. Completed runs are in the store; run the same command again to resume." in out
+        assert "Traceback" not in out
     store = open_store(store_dir)
     first = store.runs(sweep="resume").to_pandas()
     assert 0 < len(first) < 24, "interrupt should leave a partial sweep"

@@ -9,14 +9,22 @@ few. Per-member values (seed, lr, momentum, weight decay, Adam betas/eps) are
 exactly PyTorch's update (``torch.optim.SGD``/``Adam``/``AdamW``), so that a
 member's trajectory equals the same run trained alone (tested).
 
+Everything that changes during training is one :class:`TrainState`; its
+:meth:`TrainState.checkpoint` is a :class:`PopulationCheckpoint` (numpy arrays +
+JSON, no pickle) from which ``train_population(..., resume=...)`` continues
+bit-for-bit as if never interrupted (tested).
+
 Shapes: P members, B batch size, D flattened parameters.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import json
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -90,6 +98,15 @@ class BatchStream:
         idx = self.perm[self.pos : self.pos + self.b]
         self.pos += self.b
         return idx
+
+    def state(self) -> tuple[int, np.ndarray, np.ndarray]:
+        """(position, generator state as uint8, current permutation as int64)."""
+        return self.pos, self.gen.get_state().numpy().copy(), self.perm.numpy().copy()
+
+    def load_state(self, pos: int, gen_state: np.ndarray, perm: np.ndarray) -> None:
+        self.pos = int(pos)
+        self.gen.set_state(torch.from_numpy(np.ascontiguousarray(gen_state, dtype=np.uint8)))
+        self.perm = torch.from_numpy(np.ascontiguousarray(perm, dtype=np.int64))
 
 
 # ---------------------------------------------------------------------------- optimisers
@@ -176,14 +193,145 @@ class PopulationResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+# ---------------------------------------------------------------------------- checkpoints
+CHECKPOINT_FORMAT = 1
+_META, _ARRAYS = "meta.json", "state.npz"
+
+
+@dataclass
+class PopulationCheckpoint:
+    """A population's training state at a step boundary, as JSON metadata plus numpy arrays.
+
+    On disk a checkpoint is a directory with ``state.npz`` (arrays, read back with
+    ``allow_pickle=False``) and ``meta.json`` (written last: a directory with a
+    ``meta.json`` holds a whole checkpoint). Nothing is pickled, so loading a
+    checkpoint cannot run code.
+    """
+
+    meta: dict[str, Any]
+    arrays: dict[str, np.ndarray]
+
+    @property
+    def step(self) -> int:
+        """The step that training resumes at."""
+        return int(self.meta["step"])
+
+    def save(self, directory: str | os.PathLike[str]) -> None:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        np.savez(d / _ARRAYS, **self.arrays)
+        tmp = d / f".{_META}.tmp"
+        tmp.write_text(json.dumps(self.meta, sort_keys=True))
+        os.replace(tmp, d / _META)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str]) -> "PopulationCheckpoint":
+        d = Path(directory)
+        if not (d / _META).is_file():
+            raise ValueError(f"{d}: not a population checkpoint (no {_META})")
+        meta = json.loads((d / _META).read_text())
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{d}: checkpoint format {meta.get('format')!r}, this raydyn reads {CHECKPOINT_FORMAT}")
+        with np.load(d / _ARRAYS, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        return cls(meta, arrays)
+
+
+@dataclass
+class TrainState:
+    """Everything that changes while a population trains, as of the start of step ``step``.
+
+    Shapes: ``params`` name -> (P, ...); ``active`` (P,) bool; ``init_loss`` (P,) (set at step 0).
+    Everything else (data, model, hyperparameters, buffers) is a pure function of the
+    population's configs and is rebuilt, not stored.
+    """
+
+    step: int
+    params: dict[str, torch.Tensor]
+    opt: PopulationOptimizer
+    streams: list[BatchStream]
+    active: torch.Tensor
+    init_loss: torch.Tensor | None
+    members: list[MemberResult]
+    recorder: Recorder
+    elapsed_s: float = 0.0  # wall time spent training before this state was captured
+
+    def checkpoint(self, pop_id: str) -> PopulationCheckpoint:
+        arrays: dict[str, np.ndarray] = {}
+        for name, p in self.params.items():
+            arrays[f"param:{name}"] = p.detach().numpy().copy()
+        slots: dict[str, list[str]] = {}
+        for name, st in self.opt.state.items():
+            slots[name] = list(st)
+            for slot, v in st.items():
+                arrays[f"opt:{name}:{slot}"] = v.numpy().copy()
+        positions = []
+        for i, bs in enumerate(self.streams):
+            pos, gen, perm = bs.state()
+            positions.append(pos)
+            arrays[f"stream:{i}:gen"], arrays[f"stream:{i}:perm"] = gen, perm
+        arrays["active"] = self.active.numpy().copy()
+        if self.init_loss is not None:
+            arrays["init_loss"] = self.init_loss.numpy().copy()
+        rec_meta, rec_arrays = self.recorder.state()
+        arrays.update({f"rec:{k}": v for k, v in rec_arrays.items()})
+        meta = {
+            "format": CHECKPOINT_FORMAT,
+            "pop_id": pop_id,
+            "run_ids": [m.run_id for m in self.members],
+            "step": self.step,
+            "elapsed_s": self.elapsed_s,
+            "param_shapes": {k: list(v.shape) for k, v in self.params.items()},
+            "opt_t": self.opt.t,
+            "opt_slots": slots,
+            "stream_pos": positions,
+            "members": [{"status": m.status, "diverged_step": m.diverged_step, "steps_done": m.steps_done}
+                        for m in self.members],
+            "recorder": rec_meta,
+        }
+        return PopulationCheckpoint(meta, arrays)
+
+    def restore(self, ckpt: PopulationCheckpoint, pop_id: str) -> None:
+        """Load ``ckpt`` into this freshly built state of the same population (in place)."""
+        meta, arrays = ckpt.meta, ckpt.arrays
+        run_ids = [m.run_id for m in self.members]
+        if meta["pop_id"] != pop_id or meta["run_ids"] != run_ids:
+            raise ValueError(f"checkpoint of population {meta['pop_id']!r} cannot resume population {pop_id!r}")
+        shapes = {k: list(v.shape) for k, v in self.params.items()}
+        if meta["param_shapes"] != shapes:
+            raise ValueError(f"checkpoint parameters {meta['param_shapes']} do not match the model's {shapes}")
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.copy_(torch.from_numpy(arrays[f"param:{name}"]))
+        self.opt.t = int(meta["opt_t"])
+        self.opt.state = {name: {slot: torch.from_numpy(arrays[f"opt:{name}:{slot}"].copy()) for slot in slots}
+                          for name, slots in meta["opt_slots"].items()}
+        for i, bs in enumerate(self.streams):
+            bs.load_state(meta["stream_pos"][i], arrays[f"stream:{i}:gen"], arrays[f"stream:{i}:perm"])
+        self.active.copy_(torch.from_numpy(arrays["active"]))
+        self.init_loss = torch.from_numpy(arrays["init_loss"].copy()) if "init_loss" in arrays else None
+        for m, d in zip(self.members, meta["members"]):
+            m.status, m.diverged_step, m.steps_done = d["status"], d["diverged_step"], d["steps_done"]
+        self.recorder.load_state(meta["recorder"], {k[4:]: v for k, v in arrays.items() if k.startswith("rec:")})
+        self.step, self.elapsed_s = int(meta["step"]), float(meta["elapsed_s"])
+
+
 def train_population(
     pop: PopulationSpec,
     on_record: Callable[[int, int, int], None] | None = None,
     data: Dataset | None = None,
+    *,
+    checkpoint_every: int = 0,
+    on_checkpoint: Callable[[PopulationCheckpoint], None] | None = None,
+    resume: PopulationCheckpoint | None = None,
 ) -> PopulationResult:
     """Train every member of ``pop``; returns per-member status and the recorder's data.
 
     ``on_record(step, n_active, n_diverged)`` is called after each record (progress).
+    With ``checkpoint_every > 0``, ``on_checkpoint(ckpt)`` gets the full training state
+    at the start of every step that is a multiple of it (never at the first step
+    trained, nor the last). ``resume`` continues from such a checkpoint; the result is
+    bit-for-bit the one of an uninterrupted run (metrics, weights, statuses).
     """
     t0 = time.perf_counter()
     cfg = pop.shared
@@ -255,13 +403,20 @@ def train_population(
                         context={"model": base, "buffers": buffers, "data": data, "loss": loss_name})
     results = [MemberResult(m.run_id, m.config, extra={"lambda0": float(lambda0[i]), "lr_actual": float(hp["lr"][i])})
                for i, m in enumerate(members)]
-    active = torch.ones(P, dtype=torch.bool)
-    init_loss: torch.Tensor | None = None
+    state = TrainState(step=0, params=params, opt=opt, streams=streams, active=torch.ones(P, dtype=torch.bool),
+                       init_loss=None, members=results, recorder=recorder)
+    if resume is not None:
+        state.restore(resume, pop.pop_id)  # in place: the names below stay bound to the state
+    recorder, results, active = state.recorder, state.members, state.active
     factor = float(cfg["divergence_factor"])
     steps, every, eval_every = int(cfg["steps"]), int(cfg["record_every"]), int(cfg["eval_every"])
     nan = torch.full((P,), float("nan"), dtype=dtype)
+    start, before = state.step, state.elapsed_s  # a resumed run continues its step count and clock
 
-    for step in range(steps + 1):
+    for step in range(start, steps + 1):
+        if on_checkpoint is not None and checkpoint_every > 0 and start < step < steps and step % checkpoint_every == 0:
+            state.step, state.elapsed_s = step, before + time.perf_counter() - t0
+            on_checkpoint(state.checkpoint(pop.pop_id))
         idx = torch.stack([s.next() for s in streams])  # (P, B): each member its own order
         xb, yb = data.x_train[idx], data.y_train[idx]
         grads, (batch_loss, _) = step_fn(params, buffers, xb, yb)
@@ -270,8 +425,9 @@ def train_population(
         record_now = eval_now or step % every == 0
         if eval_now:
             tr_loss, tr_acc = evaluate(x_eval, y_eval)
-        if init_loss is None:  # step 0 is always evaluated
-            init_loss = tr_loss.clone().clamp_min(1e-12)
+        if state.init_loss is None:  # step 0 is always evaluated
+            state.init_loss = tr_loss.clone().clamp_min(1e-12)
+        init_loss = state.init_loss
         # divergence: NaN/inf or loss above factor x initial, on the batch or the eval set
         bad = ~torch.isfinite(batch_loss) | (batch_loss > factor * init_loss)
         if eval_now:
@@ -302,4 +458,4 @@ def train_population(
     for i, r in enumerate(results):
         if r.status == "completed":
             r.steps_done = steps
-    return PopulationResult(results, recorder, time.perf_counter() - t0)
+    return PopulationResult(results, recorder, before + time.perf_counter() - t0)

@@ -188,6 +188,43 @@ class Recorder:
         rid = np.array(self.run_ids, dtype=object)[member[order]]
         return pa.table({"run_id": rid, "step": steps[order], "weights": vec})
 
+    # ---------------------------------------------------------------- checkpoint state
+    def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """The accumulated records as (JSON-able meta, numpy arrays); see :meth:`load_state`.
+
+        Chunks are concatenated per column: ``metric_steps``/``metric_counts`` (one entry per
+        record call), ``metric_idx`` (member indices), ``metric:<column>`` (rows of every
+        chunk stacked on axis 0, any trailing shape); likewise ``weight_*`` for snapshots.
+        """
+        names = list(self._metric_chunks[0][2]) if self._metric_chunks else []
+        arrays: dict[str, np.ndarray] = {}
+        for kind, chunks, cols in (("metric", self._metric_chunks, names), ("weight", self._weight_chunks, None)):
+            arrays[f"{kind}_steps"] = np.array([c[0] for c in chunks], dtype=np.int64)
+            arrays[f"{kind}_counts"] = np.array([len(c[1]) for c in chunks], dtype=np.int64)
+            arrays[f"{kind}_idx"] = (np.concatenate([c[1] for c in chunks]) if chunks else np.zeros(0, np.int64)).astype(np.int64)
+            if cols is not None:
+                for n in cols:
+                    arrays[f"metric:{n}"] = np.concatenate([c[2][n] for c in chunks])
+            elif chunks:
+                arrays["weight_mat"] = np.concatenate([c[2] for c in chunks])
+        return {"metric_columns": names}, arrays
+
+    def load_state(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        """Replace the accumulated records with those of :meth:`state` (exactly, column order included)."""
+        def split(kind: str) -> list[tuple[int, np.ndarray, slice]]:
+            steps, counts = arrays[f"{kind}_steps"], arrays[f"{kind}_counts"]
+            ends = np.cumsum(counts)
+            out = []
+            for step, n, end in zip(steps.tolist(), counts.tolist(), ends.tolist()):
+                sl = slice(end - n, end)
+                out.append((int(step), arrays[f"{kind}_idx"][sl].copy(), sl))
+            return out
+
+        names = list(meta["metric_columns"])
+        self._metric_chunks = [(step, idx, {n: arrays[f"metric:{n}"][sl].copy() for n in names})
+                               for step, idx, sl in split("metric")]
+        self._weight_chunks = [(step, idx, arrays["weight_mat"][sl].copy()) for step, idx, sl in split("weight")]
+
     def final_values(self) -> dict[str, dict[str, float]]:
         """Per run: final/initial/max train loss and final test metrics from its last record."""
         out: dict[str, dict[str, float]] = {rid: {} for rid in self.run_ids}
@@ -208,8 +245,11 @@ class Recorder:
         return out
 
 
-def runs_table(result: Any, pop_id: str) -> pa.Table:
-    """One row per member: identity, status, every config value typed, final metrics, metadata."""
+def runs_table(result: Any, pop_id: str, node: str | None = None) -> pa.Table:
+    """One row per member: identity, status, every config value typed, final metrics, metadata.
+
+    ``node``, when given (the Ray node id that trained the population), becomes a ``node`` column.
+    """
     from raydyn.spec import RunConfig
 
     rec: Recorder = result.recorder
@@ -239,6 +279,7 @@ def runs_table(result: Any, pop_id: str) -> pa.Table:
             "config_json": json.dumps(m.config, sort_keys=True),
             "weights_layout": layout,
             "versions": ver,
+            **({"node": node} if node is not None else {}),
         })
     table = pa.Table.from_pylist(rows)
     # ints that are config values stay int64, floats float64 (pylist inference does this);
