@@ -57,7 +57,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw", "omd", "ogd", "bisection")
 DYNAMICS_OPTIMIZERS = ("omd", "ogd", "bisection")
 LOSSES = ("cross_entropy", "mse", "hinge")
 ACTIVATIONS = ("relu", "tanh", "gelu", "linear", "leaky_relu", "sigmoid")
-RECORDABLE = ("weights", "weight_stats")  # raydyn.train.recorder.PROBES plus weights
+RECORDABLE = ("weights", "weight_stats", "cmd_online")  # weights + raydyn.train.recorder.PROBES and TRACKERS
 
 # Data-set options, their defaults and types. Kept as plain dicts so the data
 # module and the validator agree on one table.
@@ -136,6 +136,15 @@ class WeightsSpec(_Model):
     layers: list[str] | None = Field(None, description="store only these parameter names (prefix match) instead")
 
 
+class CMDOnlineSpec(_Model):
+    """Online correlation mode decomposition in the recorder (``train.record: [cmd_online]``)."""
+
+    warmup: int = Field(20, ge=3, description="recorded steps buffered to find the modes, then O(N) updates")
+    modes: int | None = Field(None, ge=1, description="number of modes; null: the fewest reaching `tolerance`")
+    tolerance: float = Field(0.01, gt=0, le=1, description="relative reconstruction error for the automatic choice")
+    samples: int = Field(1000, ge=2, description="parameters sampled (layer-balanced) to cluster into modes")
+
+
 class TrainSpec(_Model):
     """How runs are trained and what is recorded."""
 
@@ -153,10 +162,11 @@ class TrainSpec(_Model):
     loss: Literal["cross_entropy", "mse", "hinge"] | None = None
     seed: int = Field(0, ge=0, lt=2**31)
     record_every: int = Field(10, ge=1)
-    record: list[Literal["weights", "weight_stats"]] = Field(
+    record: list[Literal["weights", "weight_stats", "cmd_online"]] = Field(
         default_factory=lambda: ["weights"]
     )
     weights: WeightsSpec = Field(default_factory=WeightsSpec)
+    cmd: CMDOnlineSpec = Field(default_factory=CMDOnlineSpec, description="settings of `record: [cmd_online]`")
     eval_every: int | None = Field(
         None, ge=1,
         description="full train/test evaluation every this many steps (and at the first and last step); "
@@ -173,6 +183,9 @@ class TrainSpec(_Model):
             object.__setattr__(self, "eval_every", max(self.record_every, 100))
         if self.nesterov and self.momentum == 0:
             raise ValueError("nesterov: true needs momentum > 0")
+        if "cmd_online" in self.record and self.cmd.warmup > self.steps // self.record_every + 1:
+            raise ValueError(f"cmd.warmup: {self.cmd.warmup} recorded steps, but steps={self.steps} with "
+                             f"record_every={self.record_every} records only {self.steps // self.record_every + 1}")
         return self
 
 
@@ -305,6 +318,8 @@ class SweepSpec(_Model):
         cfg = {**t.model_dump(), **tr.model_dump()}
         cfg["data"] = data
         cfg["record"] = sorted(set(cfg["record"]))
+        if "cmd_online" not in cfg["record"]:  # unused settings must not change the run id
+            cfg.pop("cmd", None)
         return RunConfig(cfg, run_id_of(cfg))
 
     def axes(self) -> list[str]:
@@ -382,7 +397,7 @@ class RunConfig:
             if k == "data":
                 for dk, dv in v.items():
                     out[f"data_{dk}"] = dv
-            elif k == "weights":
+            elif k in ("weights", "cmd"):  # nested settings: in config_json
                 continue
             elif k == "record":
                 out["record"] = ",".join(v)
@@ -494,7 +509,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
 def _check_parameters(spec: SweepSpec, source: str) -> None:
     """Every swept name must exist, and every listed value must validate in place."""
     task_fields = set(TaskSpec.model_fields) - {"data", "dataset"}
-    train_fields = set(TrainSpec.model_fields) - {"record", "weights"}
+    train_fields = set(TrainSpec.model_fields) - {"record", "weights", "cmd"}
     allowed = sorted(task_fields | train_fields) + [f"data.{k}" for k in DATA_OPTIONS[spec.task.dataset]]
     problems = []
     for pname, p in spec.parameters.items():

@@ -110,7 +110,7 @@ def population_trial(config: dict[str, Any], store_uri: str, sweep: str, spec_te
     runs = runs_table(result, pop.pop_id)
     store = open_store(store_uri)
     store.write_runs(sweep, pop.pop_id, runs=runs, metrics=result.recorder.metrics_table(),
-                     weights=result.recorder.weights_table())
+                     weights=result.recorder.weights_table(), extra=result.recorder.extra_tables())
     diverged = sum(m.status == "diverged" for m in result.members)
     final: dict[str, Any] = {"step": int(pop.shared["steps"]), "members": n, "active": n - diverged,
                              "diverged": diverged, "pop_done": 1}
