@@ -41,8 +41,8 @@ SUMMARY_SCHEMA = pa.schema([
 ])
 
 
-def sketch_message(run_id: str, layout: dict[str, Any]) -> str:
-    return (f"run {run_id}: CMD needs the weights themselves, but this run stored a CountSketch of them "
+def sketch_message(run_id: str, layout: dict[str, Any], more: str = "") -> str:
+    return (f"run {run_id}{more}: CMD needs the weights themselves, but this run stored a CountSketch of them "
             f"({layout.get('source_dim')} parameters projected to {layout.get('dim')} dimensions). Record full "
             "snapshots (train.weights.max_size above the parameter count, or fewer tensors with "
             "train.weights.layers), or use online CMD during training (train.record: [cmd_online]).")
@@ -60,10 +60,10 @@ class CMDJob(Job):
         runs = store.table("runs", sweep=sweep, columns=["run_id", "status", "weights_layout"])
         units = group_units(runs, None)
         layouts = dict(zip(runs.column("run_id").to_pylist(), runs.column("weights_layout").to_pylist()))
-        sketched = [u.key for u in units if "countsketch" in json.loads(layouts[u.key] or "{}").get("kind", "")]
+        sketched = sorted(u.key for u in units if "countsketch" in json.loads(layouts[u.key] or "{}").get("kind", ""))
         if units and len(sketched) == len(units):
-            raise RaydynError(sketch_message(sketched[0], json.loads(layouts[sketched[0]]))
-                              + (f" (and {len(sketched) - 1} more runs of sweep {sweep!r})" if len(sketched) > 1 else ""))
+            more = f" (and {len(sketched) - 1} more of sweep {sweep!r})" if len(sketched) > 1 else ""
+            raise RaydynError(sketch_message(sketched[0], json.loads(layouts[sketched[0]]), more))
         return units
 
     # worker -------------------------------------------------------------------

@@ -110,7 +110,7 @@ def runs_with_metrics(store: Any, sweep: str) -> pa.Table:
     This is how any analysis becomes a phase-map metric: its job writes a
     ``<analysis>_summary`` table with one row per run.
     """
-    runs = store.table("runs", sweep=sweep)
+    runs = _no_null_columns(store.table("runs", sweep=sweep))
     for name in store.tables():
         if not name.endswith("_summary"):
             continue
@@ -118,9 +118,17 @@ def runs_with_metrics(store: Any, sweep: str) -> pa.Table:
         if summary.num_rows == 0 or "run_id" not in summary.column_names:
             continue
         drop = [c for c in summary.column_names if c != "run_id" and (c in runs.column_names or c == "options_json")]
-        summary = summary.drop_columns(drop)
+        summary = _no_null_columns(summary.drop_columns(drop))
         runs = runs.join(summary, "run_id", join_type="left outer")
     return runs
+
+
+def _no_null_columns(t: pa.Table) -> pa.Table:
+    """All-null columns (e.g. a setting left at None) as string columns: Arrow joins reject the null type."""
+    for i, f in enumerate(t.schema):
+        if pa.types.is_null(f.type):
+            t = t.set_column(i, f.name, t.column(i).cast(pa.string()))
+    return t
 
 
 def _sort_key(v: Any) -> tuple[int, Any]:
