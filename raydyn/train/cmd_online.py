@@ -11,7 +11,7 @@ real ones and returns three tables, written with the population's part:
 * ``cmd_online_summary`` -- one row per run: the phase-map metrics
   ``cmd_online_modes_needed``, ``cmd_online_recon_error`` (relative Frobenius error over
   all records), ``cmd_online_warmup_error``, ``cmd_online_test_{acc,loss}_{real,recon}``
-  (final step), ``cmd_online_n_steps``;
+  (final step);
 * ``cmd_online_modes`` -- one row per (run, mode), as ``cmd_modes`` (see :func:`modes_table`);
 * ``cmd_online_coefficients`` -- one row per run: ``reference_index``, ``assignment``,
   ``a``, ``b`` (lists of length M, N, N, N): with ``cmd_online_modes.reference`` they
@@ -123,7 +123,7 @@ class OnlineCMDTracker:
         summary: dict[str, list] = {k: [] for k in (
             "run_id", "cmd_online_modes_needed", "cmd_online_recon_error", "cmd_online_warmup_error",
             "cmd_online_test_acc_real", "cmd_online_test_acc_recon", "cmd_online_test_loss_real",
-            "cmd_online_test_loss_recon", "cmd_online_n_steps")}
+            "cmd_online_test_loss_recon")}
         modes, coefs = [], {"run_id": [], "reference_index": [], "assignment": [], "a": [], "b": []}
         for i in done:
             rid, res = self.run_ids[i], self.online[i].result()
@@ -135,8 +135,7 @@ class OnlineCMDTracker:
                          ("cmd_online_recon_error", res.error),
                          ("cmd_online_warmup_error", self.online[i].warmup_result_.error),
                          ("cmd_online_test_acc_real", acc[0]), ("cmd_online_test_acc_recon", acc[1]),
-                         ("cmd_online_test_loss_real", loss[0]), ("cmd_online_test_loss_recon", loss[1]),
-                         ("cmd_online_n_steps", res.n_steps)):
+                         ("cmd_online_test_loss_real", loss[0]), ("cmd_online_test_loss_recon", loss[1])):
                 summary[k].append(v)
             modes.append(modes_table(rid, res, np.array(self.steps[i])))
             coefs["run_id"].append(rid)
@@ -145,7 +144,7 @@ class OnlineCMDTracker:
             coefs["a"].append(res.a)
             coefs["b"].append(res.b)
         schema = pa.schema([("run_id", pa.string()), ("cmd_online_modes_needed", pa.int64())]
-                           + [(k, pa.float64()) for k in list(summary)[2:-1]] + [("cmd_online_n_steps", pa.int64())])
+                           + [(k, pa.float64()) for k in list(summary)[2:]])
         coef_table = pa.table({
             "run_id": pa.array(coefs["run_id"], pa.string()),
             "reference_index": pa.array(coefs["reference_index"], pa.list_(pa.int64())),
