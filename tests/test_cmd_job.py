@@ -11,6 +11,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from raydyn.analysis.cmd import fit_fixed_modes
@@ -23,7 +24,7 @@ from raydyn.spec import parse_sweep, populations
 from raydyn.store import open_store
 from raydyn.sweep import run_sweep
 from raydyn.train.cmd_online import layer_slices
-from raydyn.train.population import train_population
+from raydyn.train.population import default_dtype, train_population
 
 SWEEP = """
 name: cmdt
@@ -146,7 +147,8 @@ def test_sketched_snapshots_are_refused_naming_the_run(tmp_path):
     spec, store = parse_sweep(SKETCH), open_store(tmp_path)
     register_sweep(spec, SKETCH, store)
     pop = populations(spec.expand(), 8)[0]
-    result = train_population(pop)
+    with default_dtype(torch.float32):  # another test module may leave float64 as the default
+        result = train_population(pop)
     assert "countsketch" in result.recorder.layout["kind"]
     store.write_runs("cmdsketch", pop.pop_id, runs=runs_table(result, pop.pop_id),
                      metrics=result.recorder.metrics_table(), weights=result.recorder.weights_table())
