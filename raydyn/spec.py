@@ -57,7 +57,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw", "omd", "ogd", "bisection")
 DYNAMICS_OPTIMIZERS = ("omd", "ogd", "bisection")
 LOSSES = ("cross_entropy", "mse", "hinge")
 ACTIVATIONS = ("relu", "tanh", "gelu", "linear", "leaky_relu", "sigmoid")
-RECORDABLE = ("weights", "weight_stats", "ntk", "sharpness")  # raydyn.train.recorder.PROBES plus weights
+RECORDABLE = ("weights", "weight_stats", "ntk", "sharpness", "cmd_online")  # weights + recorder PROBES and TRACKERS
 
 # Data-set options, their defaults and types. Kept as plain dicts so the data
 # module and the validator agree on one table.
@@ -152,6 +152,15 @@ class WeightsSpec(_Model):
         "float32", description="snapshot precision; float64 for full-rank spectral analyses of small systems")
 
 
+class CMDOnlineSpec(_Model):
+    """Online correlation mode decomposition in the recorder (``train.record: [cmd_online]``)."""
+
+    warmup: int = Field(20, ge=3, description="recorded steps buffered to find the modes, then O(N) updates")
+    modes: int | None = Field(None, ge=1, description="number of modes; null: the fewest reaching `tolerance`")
+    tolerance: float = Field(0.01, gt=0, le=1, description="relative reconstruction error for the automatic choice")
+    samples: int = Field(1000, ge=2, description="parameters sampled (layer-balanced) to cluster into modes")
+
+
 class TrainSpec(_Model):
     """How runs are trained and what is recorded."""
 
@@ -169,7 +178,7 @@ class TrainSpec(_Model):
     loss: Literal["cross_entropy", "mse", "hinge"] | None = None
     seed: int = Field(0, ge=0, lt=2**31)
     record_every: int = Field(10, ge=1)
-    record: list[Literal["weights", "weight_stats", "ntk", "sharpness"]] = Field(
+    record: list[Literal["weights", "weight_stats", "ntk", "sharpness", "cmd_online"]] = Field(
         default_factory=lambda: ["weights"]
     )
     curvature_every: int | None = Field(
@@ -187,6 +196,7 @@ class TrainSpec(_Model):
     embed_weight_decay: float | None = Field(None, ge=0, description="weight decay of embedding parameters; "
                                              "default: weight_decay")
     weights: WeightsSpec = Field(default_factory=WeightsSpec)
+    cmd: CMDOnlineSpec = Field(default_factory=CMDOnlineSpec, description="settings of `record: [cmd_online]`")
     eval_every: int | None = Field(
         None, ge=1,
         description="full train/test evaluation every this many steps (and at the first and last step); "
@@ -214,6 +224,9 @@ class TrainSpec(_Model):
         if self.curvature_every % self.record_every:
             raise ValueError(f"curvature_every ({self.curvature_every}) must be a multiple of record_every "
                              f"({self.record_every}): curvature is measured on record steps")
+        if "cmd_online" in self.record and self.cmd.warmup > self.steps // self.record_every + 1:
+            raise ValueError(f"cmd.warmup: {self.cmd.warmup} recorded steps, but steps={self.steps} with "
+                             f"record_every={self.record_every} records only {self.steps // self.record_every + 1}")
         return self
 
 
@@ -360,6 +373,8 @@ class SweepSpec(_Model):
         cfg = {**t.model_dump(), **tr.model_dump(exclude=set(EXECUTION_ONLY))}
         cfg["data"] = data
         cfg["record"] = sorted(set(cfg["record"]))
+        if "cmd_online" not in cfg["record"]:  # unused settings must not change the run id
+            cfg.pop("cmd", None)
         return RunConfig(cfg, run_id_of(cfg))
 
     def axes(self) -> list[str]:
@@ -437,7 +452,7 @@ class RunConfig:
             if k == "data":
                 for dk, dv in v.items():
                     out[f"data_{dk}"] = dv
-            elif k == "weights":
+            elif k in ("weights", "cmd"):  # nested settings: in config_json
                 continue
             elif k == "record":
                 out["record"] = ",".join(v)
@@ -560,7 +575,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
 def _check_parameters(spec: SweepSpec, source: str) -> None:
     """Every swept name must exist, and every listed value must validate in place."""
     task_fields = set(TaskSpec.model_fields) - {"data", "dataset"}
-    train_fields = set(TrainSpec.model_fields) - {"record", "weights"}
+    train_fields = set(TrainSpec.model_fields) - {"record", "weights", "cmd"}
     allowed = sorted(task_fields | train_fields) + [f"data.{k}" for k in DATA_OPTIONS[spec.task.dataset]]
     problems = []
     for pname, p in spec.parameters.items():

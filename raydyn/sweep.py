@@ -192,7 +192,7 @@ def population_trial(config: dict[str, Any], store_uri: str, sweep: str, spec_te
     runs = runs_table(result, pop.pop_id, node=node)
     runs = runs.append_column("origin", pa.array([origin] * runs.num_rows, pa.string()))  # grid|random|refine|optuna
     store.write_runs(sweep, pop.pop_id, runs=runs, metrics=result.recorder.metrics_table(),
-                     weights=result.recorder.weights_table())
+                     weights=result.recorder.weights_table(), extra=result.recorder.extra_tables())
     diverged = sum(m.status == "diverged" for m in result.members)
     final: dict[str, Any] = {**base, "step": int(pop.shared["steps"]), "active": n - diverged,
                              "diverged": diverged, "pop_done": 1}

@@ -13,7 +13,9 @@ metadata: a chosen subset of tensors, and/or a seeded CountSketch projection to
 into one random bucket; inner products are preserved in expectation).
 
 Optional probes (``train.record``) add more metric columns; each is one function
-in :data:`PROBES` taking the recorder context and returning (P,) tensors.
+in :data:`PROBES` taking the recorder context and returning (P,) tensors; trackers
+(:data:`TRACKERS`, e.g. ``cmd_online``) keep their own state across records and add
+tables of their own to the population's part.
 """
 from __future__ import annotations
 
@@ -69,6 +71,21 @@ PROBES: dict[str, Callable[[dict[str, Any]], dict[str, torch.Tensor]]] = {
 }
 
 
+def _cmd_online(rec: "Recorder") -> Any:
+    from raydyn.train.cmd_online import OnlineCMDTracker
+
+    return OnlineCMDTracker(rec.cfg, rec.run_ids, rec.names, rec.shapes)
+
+
+# Trackers: stateful recordings that summarise a member's whole trajectory as it goes
+# (instead of storing every snapshot). name -> factory(recorder) -> object with
+# ``update(step, idx, params)`` (called at every record with the recorded members) and
+# ``tables() -> {table name: pa.Table}`` (written with the population's part).
+TRACKERS: dict[str, Callable[["Recorder"], Any]] = {
+    "cmd_online": _cmd_online,
+}
+
+
 class Recorder:
     """Collects metric rows and weight snapshots of a population (P members)."""
 
@@ -84,10 +101,11 @@ class Recorder:
         self.names = list(params)
         self.shapes = [tuple(params[n].shape[1:]) for n in self.names]
         self.want_weights = "weights" in cfg["record"]
-        self.probes = [p for p in cfg["record"] if p != "weights"]
+        self.probes = [p for p in cfg["record"] if p != "weights" and p not in TRACKERS]
         self._metric_chunks: list[tuple[int, np.ndarray, dict[str, np.ndarray]]] = []
         self._weight_chunks: list[tuple[int, np.ndarray, np.ndarray]] = []
         self.layout = self._layout(cfg["weights"])
+        self.trackers = {t: TRACKERS[t](self) for t in cfg["record"] if t in TRACKERS}
 
     # ---------------------------------------------------------------- weights layout
     def _layout(self, wcfg: dict[str, Any]) -> dict[str, Any]:
@@ -148,6 +166,8 @@ class Recorder:
         self._metric_chunks.append((step, idx, arrays))
         if self.want_weights:
             self._weight_chunks.append((step, idx, self.flat_weights(params).numpy()[idx]))
+        for tracker in self.trackers.values():
+            tracker.update(step, idx, params)
 
     # ---------------------------------------------------------------- tables
     def metrics_table(self) -> pa.Table:
@@ -224,6 +244,13 @@ class Recorder:
         self._metric_chunks = [(step, idx, {n: arrays[f"metric:{n}"][sl].copy() for n in names})
                                for step, idx, sl in split("metric")]
         self._weight_chunks = [(step, idx, arrays["weight_mat"][sl].copy()) for step, idx, sl in split("weight")]
+
+    def extra_tables(self) -> dict[str, pa.Table]:
+        """The trackers' tables (table name -> Arrow table), for ``Store.write_runs(extra=...)``."""
+        out: dict[str, pa.Table] = {}
+        for tracker in self.trackers.values():
+            out.update(tracker.tables())
+        return out
 
     def final_values(self) -> dict[str, dict[str, float]]:
         """Per run: final/initial/max train loss and final test metrics from its last record."""

@@ -267,12 +267,16 @@ def _train(momentum, dampening=0.0, steps=STEPS, seed=SEED):
 
 @pytest.fixture(scope="module")
 def runs():
+    old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
-    return {
-        "sgd": _train(0.0),
-        "momentum": _train(BETA),
-        "momentum_damp": _train(BETA, dampening=0.3, steps=300),
-    }
+    try:  # restore the default: tests in other modules build float32 models
+        return {
+            "sgd": _train(0.0),
+            "momentum": _train(BETA),
+            "momentum_damp": _train(BETA, dampening=0.3, steps=300),
+        }
+    finally:
+        torch.set_default_dtype(old)
 
 
 CASES = [("sgd", 0.0, 0.0), ("momentum", BETA, 0.0), ("momentum_damp", BETA, 0.3)]

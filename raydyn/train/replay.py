@@ -1,0 +1,68 @@
+"""Load flat weight vectors back into a run's model and evaluate them on its test data.
+
+A flat vector is the recorder's ``full`` snapshot layout: every parameter tensor of
+the model, flattened and concatenated in ``model.named_parameters()`` order (the
+order of ``param_names`` in ``runs.weights_layout``; that is also the order of
+``torch.nn.utils.parameters_to_vector(model.parameters())``). Used by analyses that
+evaluate modified weights, e.g. CMD reconstructions (:mod:`raydyn.jobs.cmd`).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn.utils import vector_to_parameters
+
+from raydyn.tasks.data import Dataset
+from raydyn.train.objectives import accuracy, loss_fn
+
+
+def run_model(cfg: dict[str, Any], data: Dataset | None = None) -> tuple[torch.nn.Module, Dataset]:
+    """The run's model (its initial weights) and data set, built from its config."""
+    from raydyn.train.population import init_model, load_data
+
+    data = data if data is not None else load_data(cfg)
+    return init_model(cfg, data), data
+
+
+def check_param_order(model: torch.nn.Module, layout: dict[str, Any], what: str = "run") -> None:
+    """Raise ValueError unless the flat vectors of ``layout`` are the model's parameters in its order.
+
+    ``layout`` is a run's ``weights_layout``; it must be the ``full`` kind (all parameters, no
+    sketch) and name the same tensors with the same shapes as ``model.named_parameters()``.
+    """
+    if layout.get("kind") != "full":
+        raise ValueError(f"{what}: snapshots are {layout.get('kind')!r}, not every parameter of the model "
+                         "('full'); they cannot be loaded back into it")
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [list(p.shape) for _, p in model.named_parameters()]
+    if list(layout["names"]) != names or [list(s) for s in layout["shapes"]] != shapes:
+        raise ValueError(f"{what}: snapshot layout {list(zip(layout['names'], layout['shapes']))} does not match "
+                         f"the model's parameters {list(zip(names, shapes))} (order or shape)")
+
+
+@torch.no_grad()
+def evaluate_vectors(model: torch.nn.Module, data: Dataset, loss_name: str | None,
+                     vectors: Iterable[np.ndarray | torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+    """Test loss and accuracy of ``model`` with each flat weight vector loaded in turn.
+
+    ``vectors``: (D,) arrays, D = number of model parameters, in ``model.parameters()`` order.
+    Returns ``(loss (S,), accuracy (S,))`` on ``data.x_test``/``data.y_test`` with the loss and
+    accuracy the trainer uses (accuracy in [0, 1]; NaN for regression). The model is left
+    holding the last vector.
+    """
+    params = list(model.parameters())
+    n = sum(p.numel() for p in params)
+    dtype, name = params[0].dtype, loss_name or data.default_loss
+    losses, accs = [], []
+    for k, vec in enumerate(vectors):
+        v = torch.as_tensor(np.asarray(vec) if not isinstance(vec, torch.Tensor) else vec).to(dtype)
+        if v.shape != (n,):
+            raise ValueError(f"weight vector {k} has shape {tuple(v.shape)}, the model has {n} parameters")
+        vector_to_parameters(v, params)
+        out = model(data.x_test)
+        losses.append(float(loss_fn(name, out, data.y_test)))
+        accs.append(float(accuracy(data.kind, out, data.y_test)))
+    return np.array(losses, dtype=np.float64), np.array(accs, dtype=np.float64)
