@@ -169,14 +169,14 @@ def population_trial(config: dict[str, Any], store_uri: str, sweep: str, spec_te
     resumed_from = resume.step if resume is not None else 0
     base = {"members": n, "node": node, "resumed_from": resumed_from}
 
-    last = {"t": 0.0, "diverged": 0}
+    reported = {"t": 0.0, "diverged": 0}
 
     def on_record(step: int, active: int, diverged: int) -> None:
         # progress only: at most every 2 s (or when a run diverges), a report costs ~ms of Tune bookkeeping
         now = time.monotonic()
-        if now - last["t"] < 2.0 and diverged == last["diverged"]:
+        if now - reported["t"] < 2.0 and diverged == reported["diverged"]:
             return
-        last.update(t=now, diverged=diverged)
+        reported.update(t=now, diverged=diverged)
         tune.report({**base, "step": step, "active": active, "diverged": diverged, "pop_done": 0})
 
     def on_checkpoint(ckpt: PopulationCheckpoint) -> None:
