@@ -57,7 +57,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw", "omd", "ogd", "bisection")
 DYNAMICS_OPTIMIZERS = ("omd", "ogd", "bisection")
 LOSSES = ("cross_entropy", "mse", "hinge")
 ACTIVATIONS = ("relu", "tanh", "gelu", "linear", "leaky_relu", "sigmoid")
-RECORDABLE = ("weights", "weight_stats", "ntk", "sharpness", "cmd_online")  # weights + recorder PROBES and TRACKERS
+RECORDABLE = ("weights", "weight_stats", "ntk", "sharpness", "cmd_online", "symmetry")  # weights + recorder PROBES and TRACKERS
 
 # Data-set options, their defaults and types. Kept as plain dicts so the data
 # module and the validator agree on one table.
@@ -98,6 +98,8 @@ class TaskSpec(_Model):
     width: int = Field(64, ge=1, le=65536, description="hidden units (mlp), channels (cnn), d_model (transformer)")
     activation: Literal["relu", "tanh", "gelu", "linear", "leaky_relu", "sigmoid"] = "relu"
     batch_norm: bool = False
+    bn_eps: float = Field(1e-5, gt=0, description="batch norm epsilon (PyTorch's default 1e-5); a tiny value "
+                          "(e.g. 1e-300 with dtype float64) makes the scale symmetry exact")
     bias: bool = True
     heads: int = Field(4, ge=1, le=64)
     init_scale: float = Field(1.0, gt=0, description="multiplies every initial parameter tensor")
@@ -178,7 +180,7 @@ class TrainSpec(_Model):
     loss: Literal["cross_entropy", "mse", "hinge"] | None = None
     seed: int = Field(0, ge=0, lt=2**31)
     record_every: int = Field(10, ge=1)
-    record: list[Literal["weights", "weight_stats", "ntk", "sharpness", "cmd_online"]] = Field(
+    record: list[Literal["weights", "weight_stats", "ntk", "sharpness", "cmd_online", "symmetry"]] = Field(
         default_factory=lambda: ["weights"]
     )
     curvature_every: int | None = Field(
@@ -469,7 +471,7 @@ def _hash(obj: Any, n: int) -> str:
 # Settings added after run ids were first stored: at these values they leave a run's id
 # unchanged, so stores written before they existed still resume.
 _ID_NEUTRAL: dict[str, Any] = {"curvature_batch": 256, "lr_units": "absolute", "embed_lr": None,
-                               "embed_weight_decay": None, "init_perturb": 0.0, "perturb": 0}
+                               "embed_weight_decay": None, "init_perturb": 0.0, "perturb": 0, "bn_eps": 1e-5}
 
 
 def run_id_of(cfg: dict[str, Any]) -> str:

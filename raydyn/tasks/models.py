@@ -35,28 +35,30 @@ class OneHot(nn.Module):
         return (tokens.unsqueeze(-1) == ids).to(torch.get_default_dtype()).flatten(-2)
 
 
-def mlp(in_features: int, out_dim: int, depth: int, width: int, activation: str, batch_norm: bool, bias: bool) -> nn.Module:
+def mlp(in_features: int, out_dim: int, depth: int, width: int, activation: str, batch_norm: bool, bias: bool,
+        bn_eps: float = 1e-5) -> nn.Module:
     """Flatten -> depth x [Linear(width) (-> BatchNorm1d) -> act] -> Linear(out_dim)."""
     layers: list[nn.Module] = [nn.Flatten()]
     d = in_features
     for _ in range(depth):
         layers.append(nn.Linear(d, width, bias=bias))
         if batch_norm:
-            layers.append(nn.BatchNorm1d(width, track_running_stats=False))
+            layers.append(nn.BatchNorm1d(width, eps=bn_eps, track_running_stats=False))
         layers.append(ACTIVATIONS[activation]())
         d = width
     layers.append(nn.Linear(d, out_dim, bias=bias))
     return nn.Sequential(*layers)
 
 
-def cnn(in_shape: tuple[int, ...], out_dim: int, depth: int, width: int, activation: str, batch_norm: bool, bias: bool) -> nn.Module:
+def cnn(in_shape: tuple[int, ...], out_dim: int, depth: int, width: int, activation: str, batch_norm: bool, bias: bool,
+        bn_eps: float = 1e-5) -> nn.Module:
     """depth x [Conv3x3(width) (-> BatchNorm2d) -> act] -> global average pool -> Linear(out_dim)."""
     layers: list[nn.Module] = []
     c = in_shape[0]
     for _ in range(depth):
         layers.append(nn.Conv2d(c, width, 3, padding=1, bias=bias))
         if batch_norm:
-            layers.append(nn.BatchNorm2d(width, track_running_stats=False))
+            layers.append(nn.BatchNorm2d(width, eps=bn_eps, track_running_stats=False))
         layers.append(ACTIVATIONS[activation]())
         c = width
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, out_dim, bias=bias)]
@@ -163,11 +165,13 @@ def build_model(cfg: dict[str, Any], input_shape: tuple[int, ...], out_dim: int,
     kind = cfg["model"]
     if kind == "mlp" and vocab:
         m = nn.Sequential(OneHot(vocab), mlp(input_shape[0] * vocab, out_dim, cfg["depth"], cfg["width"],
-                                             cfg["activation"], cfg["batch_norm"], cfg["bias"]))
+                                             cfg["activation"], cfg["batch_norm"], cfg["bias"], cfg.get("bn_eps", 1e-5)))
     elif kind == "mlp":
-        m = mlp(math.prod(input_shape), out_dim, cfg["depth"], cfg["width"], cfg["activation"], cfg["batch_norm"], cfg["bias"])
+        m = mlp(math.prod(input_shape), out_dim, cfg["depth"], cfg["width"], cfg["activation"], cfg["batch_norm"], cfg["bias"],
+                cfg.get("bn_eps", 1e-5))
     elif kind == "cnn":
-        m = cnn(input_shape, out_dim, cfg["depth"], cfg["width"], cfg["activation"], cfg["batch_norm"], cfg["bias"])
+        m = cnn(input_shape, out_dim, cfg["depth"], cfg["width"], cfg["activation"], cfg["batch_norm"], cfg["bias"],
+                cfg.get("bn_eps", 1e-5))
     elif kind == "uv":
         m = UV(cfg["width"])
     elif kind == "toy_grok":

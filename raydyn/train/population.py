@@ -446,6 +446,7 @@ def train_population(
             else:
                 train, test = (nan, nan), (nan, nan)
             recorder.record(step, mask, params, grads, opt, train=train, test=test, batch_loss=batch_loss)
+        recorder.on_step(step, params, grads, active)  # per-step trackers (symmetry); diverging members included
         for i in torch.nonzero(newly).flatten().tolist():
             results[i].status, results[i].diverged_step, results[i].steps_done = "diverged", step, step
         active &= ~newly
@@ -454,6 +455,7 @@ def train_population(
         if not active.any() or step == steps:
             break
         opt.step(params, grads, active)
+        recorder.after_update(step, opt)
 
     for i, r in enumerate(results):
         if r.status == "completed":

@@ -81,8 +81,18 @@ def _cmd_online(rec: "Recorder") -> Any:
 # (instead of storing every snapshot). name -> factory(recorder) -> object with
 # ``update(step, idx, params)`` (called at every record with the recorded members) and
 # ``tables() -> {table name: pa.Table}`` (written with the population's part).
+def _symmetry(rec: "Recorder") -> Any:
+    from raydyn.train.symmetry import SymmetryTracker
+
+    return SymmetryTracker(rec)
+
+
+# A tracker with ``per_step = True`` also gets ``on_step(step, params, grads, active)`` before
+# and ``after_update(step, opt)`` after every optimiser step; one with ``state()``/``load_state()``
+# is carried through population checkpoints.
 TRACKERS: dict[str, Callable[["Recorder"], Any]] = {
     "cmd_online": _cmd_online,
+    "symmetry": _symmetry,
 }
 
 
@@ -93,6 +103,7 @@ class Recorder:
                  context: dict[str, Any] | None = None, lrs: Any = None):
         self.cfg = cfg
         self.run_ids = [m.run_id for m in members]
+        self.member_configs = [dict(m.config) for m in members]
         # the learning rate each member actually trains at (differs from config lr with lr_units: ntk)
         self.lrs = np.array([float(m.config["lr"]) for m in members]) if lrs is None else np.asarray(lrs, float)
         self.context = dict(context or {})
@@ -106,6 +117,7 @@ class Recorder:
         self._weight_chunks: list[tuple[int, np.ndarray, np.ndarray]] = []
         self.layout = self._layout(cfg["weights"])
         self.trackers = {t: TRACKERS[t](self) for t in cfg["record"] if t in TRACKERS}
+        self._per_step = [t for t in self.trackers.values() if getattr(t, "per_step", False)]
 
     # ---------------------------------------------------------------- weights layout
     def _layout(self, wcfg: dict[str, Any]) -> dict[str, Any]:
@@ -169,6 +181,16 @@ class Recorder:
         for tracker in self.trackers.values():
             tracker.update(step, idx, params)
 
+    def on_step(self, step: int, params, grads, active: torch.Tensor) -> None:
+        """Every optimiser step, before the update (per-step trackers only)."""
+        for t in self._per_step:
+            t.on_step(step, params, grads, active)
+
+    def after_update(self, step: int, opt: Any) -> None:
+        """Every optimiser step, after the update (per-step trackers only)."""
+        for t in self._per_step:
+            t.after_update(step, opt)
+
     # ---------------------------------------------------------------- tables
     def metrics_table(self) -> pa.Table:
         run_ids = np.array(self.run_ids, dtype=object)
@@ -227,6 +249,9 @@ class Recorder:
                     arrays[f"metric:{n}"] = np.concatenate([c[2][n] for c in chunks])
             elif chunks:
                 arrays["weight_mat"] = np.concatenate([c[2] for c in chunks])
+        for tname, tracker in self.trackers.items():
+            if hasattr(tracker, "state"):
+                arrays.update({f"tracker:{tname}:{k}": v for k, v in tracker.state().items()})
         return {"metric_columns": names}, arrays
 
     def load_state(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
@@ -244,6 +269,10 @@ class Recorder:
         self._metric_chunks = [(step, idx, {n: arrays[f"metric:{n}"][sl].copy() for n in names})
                                for step, idx, sl in split("metric")]
         self._weight_chunks = [(step, idx, arrays["weight_mat"][sl].copy()) for step, idx, sl in split("weight")]
+        for tname, tracker in self.trackers.items():
+            if hasattr(tracker, "load_state"):
+                prefix = f"tracker:{tname}:"
+                tracker.load_state({k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
 
     def extra_tables(self) -> dict[str, pa.Table]:
         """The trackers' tables (table name -> Arrow table), for ``Store.write_runs(extra=...)``."""

@@ -1,0 +1,292 @@
+"""Broken conservation laws of symmetry (Kunin et al., ICLR 2021) over a sweep, one run per Ray task.
+
+Reads what ``train.record: [symmetry]`` wrote during training (``symmetry_steps``: every
+group's quantity and drive at every step; ``symmetry_groups``: units and hyperparameters, see
+:mod:`raydyn.train.symmetry`) and, per run and per (kind, layer), predicts each quantity's
+trajectory from its value at the first step, the hyperparameters and the recorded drives with
+:func:`raydyn.analysis.symmetry.predict`: the exact discrete law of the SGD update and the
+paper's continuous modified-gradient-flow solution. Only ``torch.optim.SGD`` semantics without
+Nesterov are covered; other optimisers get the measured break but no predictions (NaN).
+
+Tables (under the sweep, part ``main``; rerunning replaces them):
+
+* ``symmetry_laws`` (run x kind x layer x method): ``n_units``, ``steps``, ``rel_err_max`` and
+  ``rel_err_median`` over the layer's units of :func:`raydyn.analysis.symmetry.relative_error`
+  (sup-norm error of the predicted trajectory over the sup norm of the measured one), and
+  ``break`` (see below);
+* ``symmetry_summary`` (one row per run; phase-map metrics): ``sym_exact_err`` and
+  ``sym_continuous_err`` (largest ``rel_err_max`` over layers), and per kind
+  ``sym_<kind>_break``: how far the quantity moved over training, median over the layer's
+  units of ``|q_T - q_0|`` divided by the median of ``|q_0|``, averaged over the kind's layers
+  (0 for a conserved quantity; with weight decay alone, translation gives
+  ``1 - (1 - lr wd)^T``).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+import pyarrow as pa
+
+from raydyn.errors import RaydynError
+from raydyn.jobs.base import Job, Unit, group_units, run_filter
+
+METHODS = ("exact", "continuous")
+KINDS = ("translation", "scale", "rescale")
+SUMMARY_SCHEMA = pa.schema(
+    [("run_id", pa.string()), ("sym_exact_err", pa.float64()), ("sym_continuous_err", pa.float64())]
+    + [(f"sym_{k}_break", pa.float64()) for k in KINDS]
+)
+LAWS_SCHEMA = pa.schema([
+    ("run_id", pa.string()), ("kind", pa.string()), ("layer", pa.string()), ("method", pa.string()),
+    ("n_units", pa.int64()), ("steps", pa.int64()), ("rel_err_max", pa.float64()),
+    ("rel_err_median", pa.float64()), ("break", pa.float64()),
+])
+NOT_RECORDED = ("sweep {sweep!r} has no symmetry recordings: add `symmetry` to `train.record` in the sweep file "
+                "(it records every symmetry group's quantity and gradient norm at every step) and run it")
+
+
+def _layer_key(layer: str) -> tuple:
+    return tuple(int(p) if p.isdigit() else p for p in layer.split("."))
+
+
+def run_series(store, sweep: str, run_id: str) -> list[dict[str, Any]]:
+    """One run's recordings: per (kind, layer), steps (T,), q (T, U), drive (T, U), units (U,) and hyperparameters.
+
+    Raises RaydynError when the run has no recordings, or its steps are not consecutive.
+    """
+    groups = store.table("symmetry_groups", sweep=sweep, filter=run_filter([run_id])).to_pylist()
+    if not groups:
+        raise RaydynError(f"run {run_id} of sweep {sweep!r} has no symmetry recordings (train.record: [symmetry])")
+    t = store.table("symmetry_steps", sweep=sweep, columns=["kind", "layer", "step", "q", "drive"],
+                    filter=run_filter([run_id]))
+    kinds, layers = t.column("kind").to_pylist(), t.column("layer").to_pylist()
+    steps = t.column("step").to_numpy()
+    out = []
+    for g in sorted(groups, key=lambda g: (KINDS.index(g["kind"]), _layer_key(g["layer"]))):
+        sel = np.array([i for i, (k, la) in enumerate(zip(kinds, layers)) if k == g["kind"] and la == g["layer"]],
+                       dtype=np.int64)
+        if not len(sel):
+            continue
+        sel = sel[np.argsort(steps[sel], kind="stable")]
+        st = steps[sel]
+        if len(st) > 1 and not np.all(np.diff(st) == 1):
+            gap = int(np.flatnonzero(np.diff(st) != 1)[0])
+            raise RaydynError(f"run {run_id}: symmetry recordings of {g['kind']} layer {g['layer']} skip from step "
+                              f"{st[gap]} to {st[gap + 1]}; the laws need every step (a corrupt or mixed store part?)")
+        sub = t.take(pa.array(sel))
+        U = len(g["units"])
+        q = np.asarray(sub.column("q").combine_chunks().flatten(), dtype=np.float64).reshape(len(sel), U)
+        d = np.asarray(sub.column("drive").combine_chunks().flatten(), dtype=np.float64).reshape(len(sel), U)
+        out.append({**g, "steps": st, "q": q, "drive": d, "units": np.asarray(g["units"], dtype=np.int64)})
+    return out
+
+
+def supported(series: dict[str, Any]) -> str | None:
+    """None when the laws cover this run's optimiser, else why not."""
+    if series["optimizer"] != "sgd":
+        return f"optimizer {series['optimizer']!r} (the laws cover SGD with or without momentum)"
+    if series["nesterov"]:
+        return "Nesterov momentum"
+    return None
+
+
+def predicted(series: dict[str, Any], method: str) -> np.ndarray:
+    """The law's prediction of ``series['q']`` (T, U) from its first row (NaN when not supported)."""
+    from raydyn.analysis.symmetry import predict
+
+    q, d = series["q"], series["drive"]
+    if supported(series) is not None:
+        return np.full_like(q, np.nan)
+    return predict(series["kind"], q[0], len(q) - 1, series["lr"], series["weight_decay"], series["momentum"],
+                   sq_norms=d[:-1] if series["kind"] != "translation" else None, method=method,
+                   dampening=series["dampening"])
+
+
+def broken(q: np.ndarray) -> float:
+    """Median over units of |q_T - q_0| over the median of |q_0| (0: conserved)."""
+    scale = float(np.median(np.abs(q[0])))
+    change = float(np.median(np.abs(q[-1] - q[0])))
+    return change / scale if scale > 0 else (0.0 if change == 0 else float("inf"))
+
+
+def law_traces(store, sweep: str, run_id: str, method: str = "exact"):
+    """:class:`~raydyn.analysis.symmetry.LawTrace` per (kind, layer) of one run, for plotting."""
+    from raydyn.analysis.symmetry import LawTrace
+
+    return [LawTrace(s["kind"], f"{s['layer']} ({s['module']})" if s.get("module") else s["layer"], s["steps"],
+                     s["q"], predicted(s, method), s["units"])
+            for s in run_series(store, sweep, run_id)]
+
+
+class SymmetryJob(Job):
+    name = "symmetry"
+
+    def __init__(self, methods: tuple[str, ...] = METHODS):
+        super().__init__(methods=list(methods))
+
+    # driver -------------------------------------------------------------------
+    def plan(self, store, sweep: str) -> list[Unit]:
+        if "symmetry_groups" not in store.tables():
+            raise RaydynError(NOT_RECORDED.format(sweep=sweep))
+        have = set(store.table("symmetry_groups", sweep=sweep, columns=["run_id"]).column("run_id").to_pylist())
+        if not have:
+            raise RaydynError(NOT_RECORDED.format(sweep=sweep))
+        runs = store.table("runs", sweep=sweep, columns=["run_id", "status"])
+        return [u for u in group_units(runs, None, status=("completed", "diverged")) if u.key in have]
+
+    # worker -------------------------------------------------------------------
+    def compute(self, store, sweep: str, unit: Unit) -> dict[str, pa.Table]:
+        from raydyn.analysis.symmetry import relative_error
+
+        (rid,) = unit.run_ids
+        rows = []
+        worst = {m: np.nan for m in METHODS}
+        breaks: dict[str, list[float]] = {k: [] for k in KINDS}
+        for s in run_series(store, sweep, rid):
+            q = s["q"]
+            if not np.isfinite(q).all():
+                bad = int(s["steps"][np.flatnonzero(~np.isfinite(q).all(axis=1))[0]])
+                raise RaydynError(f"run {rid}: {s['kind']} quantities of layer {s['layer']} are NaN/inf from step "
+                                  f"{bad} (the run diverged there); nothing to compare")
+            b = broken(q)
+            breaks[s["kind"]].append(b)
+            for method in self.options["methods"]:
+                err = relative_error(predicted(s, method), q)
+                emax = float(np.max(err)) if err.size else np.nan
+                rows.append({"run_id": rid, "kind": s["kind"], "layer": s["layer"], "method": method,
+                             "n_units": int(q.shape[1]), "steps": int(q.shape[0] - 1), "rel_err_max": emax,
+                             "rel_err_median": float(np.median(err)) if err.size else np.nan, "break": b})
+                if np.isfinite(emax):
+                    worst[method] = emax if np.isnan(worst[method]) else max(worst[method], emax)
+        summary = {"run_id": rid, "sym_exact_err": worst["exact"], "sym_continuous_err": worst["continuous"]}
+        for k in KINDS:
+            summary[f"sym_{k}_break"] = float(np.mean(breaks[k])) if breaks[k] else np.nan
+        return {"symmetry_laws": pa.Table.from_pylist(rows, schema=LAWS_SCHEMA),
+                "symmetry_summary": pa.Table.from_pylist([summary], schema=SUMMARY_SCHEMA)}
+
+
+def plot_runs(store, sweep: str, run_ids: list[str], out_dir, method: str = "exact") -> list:
+    """Theory (dashed) over measured curves per layer, one PNG per run in ``out_dir``."""
+    from pathlib import Path
+
+    from raydyn.plots.symmetry import plot_traces
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for rid in run_ids:
+        traces = law_traces(store, sweep, rid, method)
+        if traces:
+            paths.append(plot_traces(traces, out_dir / f"symmetry_{rid}_{method}.png",
+                                     title=f"{sweep} · run {rid} · {method} law"))
+    return paths
+
+
+def register_cli(analyze_app) -> None:
+    import typer
+
+    @analyze_app.command("symmetry")
+    def symmetry(
+        sweep: str = typer.Argument(..., help="Sweep name in the store, or its sweep file."),
+        method: str = typer.Option("both", "--method", help="Laws to check: exact (the discrete SGD update), "
+                                   "continuous (modified gradient flow), or both."),
+        plots: Optional[str] = typer.Option(None, "--plots", help="Directory for theory-over-measured PNGs "
+                                            "(one per run, at most --max-plots)."),
+        max_plots: int = typer.Option(4, "--max-plots", help="Runs to plot with --plots (evenly spread over lr)."),
+        store: Optional[str] = typer.Option(None, "--store", help="Store URI (default: $RAYDYN_STORE or ./raydyn-results)."),
+        address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: local)."),
+    ) -> None:
+        """Broken conservation laws of symmetry (Kunin et al. 2021): theory vs recorded quantities, per layer.
+
+        Needs `train.record: [symmetry]` in the sweep file. Writes symmetry_laws and symmetry_summary
+        (phase-map metrics sym_exact_err, sym_continuous_err, sym_translation_break, sym_scale_break,
+        sym_rescale_break).
+        """
+        from raydyn.cli import _resolve_sweep, _store, out, run_analysis
+
+        if method not in (*METHODS, "both"):
+            raise RaydynError(f"--method must be exact, continuous or both, got {method!r}")
+        if max_plots < 1:
+            raise RaydynError(f"--max-plots must be at least 1, got {max_plots}")
+        methods = METHODS if method == "both" else (method,)
+        run_analysis(SymmetryJob(methods=methods), sweep, store, address)
+        if plots:
+            st = _store(store)
+            spec, _ = _resolve_sweep(sweep, st)
+            summary = st.table("symmetry_summary", sweep=spec.name, columns=["run_id"]).column("run_id").to_pylist()
+            runs = st.table("runs", sweep=spec.name, columns=["run_id", "lr"]).to_pylist()
+            lr = {r["run_id"]: r["lr"] for r in runs}
+            order = sorted(summary, key=lambda r: (lr.get(r, 0.0), r))
+            picks = [order[i] for i in np.unique(np.linspace(0, len(order) - 1, min(max_plots, len(order))).round()
+                                                 .astype(int))] if order else []
+            for p in plot_runs(st, spec.name, picks, plots, methods[0]):
+                out.print(f"wrote {p}")
+
+
+# ------------------------------------------------------------------------------ report
+def report_section(store, sweep: str, max_runs: int = 2) -> list[tuple[str, bytes]]:
+    """Errors of both laws per layer over runs, how strongly each law is broken vs lr, and theory over
+    measured curves for the runs with the smallest and largest learning rate."""
+    import io
+    import tempfile
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def png(fig) -> bytes:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+        plt.close(fig)
+        return buf.getvalue()
+
+    tables = set(store.tables())
+    if "symmetry_laws" not in tables or "symmetry_summary" not in tables:
+        return []
+    laws = store.table("symmetry_laws", sweep=sweep).to_pandas()
+    if laws.empty:
+        return []
+    runs = store.table("runs", sweep=sweep, columns=["run_id", "lr"]).to_pandas()
+    laws = laws.merge(runs, on="run_id", how="left")
+    out = []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.0))
+    for ax, method in zip(axes, METHODS):
+        sub = laws[laws.method == method].dropna(subset=["rel_err_max"])
+        for i, ((kind, layer), g) in enumerate(sub.groupby(["kind", "layer"], sort=False)):
+            g = g.sort_values("lr")
+            ax.plot(g.lr, g.rel_err_max, "o-", color=f"C{i % 10}", ms=3, label=f"{kind} {layer}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("max relative error of the law")
+        ax.set_title(f"{method} law vs recorded quantities")
+        if len(sub):
+            ax.legend(fontsize=7)
+    out.append(("Conservation laws: prediction error per layer vs learning rate", png(fig)))
+    fig, ax = plt.subplots(figsize=(5.5, 4.0))
+    sub = laws[laws.method == laws.method.iloc[0]]
+    for i, ((kind, layer), g) in enumerate(sub.groupby(["kind", "layer"], sort=False)):
+        g = g.sort_values("lr")
+        ax.plot(g.lr, g["break"], "o-", color=f"C{i % 10}", ms=3, label=f"{kind} {layer}")
+    ax.set_xscale("log")
+    ax.set_yscale("symlog", linthresh=1e-6)
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("median |q_T - q_0| / median |q_0|")
+    ax.set_title("How strongly each law is broken")
+    ax.legend(fontsize=7)
+    out.append(("Conservation laws: relative change of each quantity over training vs learning rate", png(fig)))
+    order = runs[runs.run_id.isin(laws.run_id)].sort_values(["lr", "run_id"]).run_id.tolist()
+    picks = list(dict.fromkeys([order[0], order[-1]]))[:max_runs] if order else []
+    with tempfile.TemporaryDirectory() as tmp:
+        for p in plot_runs(store, sweep, picks, tmp, "exact"):
+            rid = Path(p).stem.split("_")[1]
+            out.append((f"Run {rid}: recorded quantities (solid) and the exact law (dashed)", Path(p).read_bytes()))
+    return out
+
+
+from raydyn.report.html import SECTIONS  # noqa: E402
+
+SECTIONS["symmetry_"] = report_section
