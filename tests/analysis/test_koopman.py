@@ -371,6 +371,37 @@ def test_batch_solver_path_mixes_easy_and_hard_problems(rng):
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("n", [1, 2, 5, 10, 17])
+def test_compiled_batch_solver_equals_scipy(n, rng):
+    """raydyn/_ext/assignment.c against scipy's linear_sum_assignment: random costs, integer costs with
+    many ties, all-equal costs, and one problem with a zero-cost perfect matching."""
+    if K._batched_assignment is None:
+        pytest.skip("the C extension was not built (no compiler at install); scipy is used instead")
+    cost = rng.random((300, n, n))
+    cost[100:200] = np.round(cost[100:200] * 3)
+    cost[200] = 1.0
+    cost[201] = 1.0 + rng.random((n, n))
+    cost[201][np.arange(n), rng.permutation(n)] = 0.0
+    out = np.empty(len(cost))
+    K._batched_assignment(cost, out, n)
+    ref = np.array([c[linear_sum_assignment(c)].sum() for c in cost])
+    np.testing.assert_allclose(out, ref, rtol=1e-13, atol=1e-13)
+    assert out[201] == 0.0
+    with pytest.raises(TypeError, match="float64"):
+        K._batched_assignment(cost.astype(np.float32), out, n)
+    with pytest.raises(ValueError, match="len\\(out\\) \\* n \\* n"):
+        K._batched_assignment(cost, np.empty(3), n)
+
+
+def test_scipy_fallback_gives_the_same_distances(rng, monkeypatch):
+    a = cplx(rng, 400 * 10).reshape(-1, 10)
+    b = cplx(rng, a.size).reshape(a.shape)
+    fast = K._w_equal_batch(a, b, 1.0)
+    monkeypatch.setattr(K, "_batched_assignment", None)
+    slow = K._w_equal_batch(a, b, 1.0)
+    np.testing.assert_allclose(fast, slow, rtol=0, atol=1e-13)
+
+
 # --------------------------------------------------------------------------- permutation test
 
 
