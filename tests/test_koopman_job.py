@@ -44,3 +44,41 @@ def test_omd_ogd_bisection_separation_through_the_pipeline(ray_session, tmp_path
 
     page = build_report(store, "omd_ogd", tmp_path / "r.html", axes=spec.axes()).read_text()
     assert "<h2>koopman</h2>" in page and "could not draw" not in page
+
+
+EMBED = """
+name: kembed
+task: {dataset: digits, model: mlp, depth: 1, width: 3, bias: false, init_perturb: 0.001}
+train: {steps: 40, batch_size: 60, lr: 0.1, record_every: 1, eval_every: 20, record: [weights],
+        weights: {layers: ["3."]}}
+parameters:
+  width: {values: [3, 6]}
+  perturb: {values: [0, 1, 2]}
+resources: {cpu: 1}
+"""
+
+
+def test_embed_dim_scales_delays_with_the_state_dimension(ray_session, tmp_path):
+    """--embed-dim: (delays + 1) x state dimension ~ embed_dim per group (Redman et al.'s width scaling);
+    each group's spectrum equals the pure function's with those delays."""
+    import numpy as np
+
+    from raydyn.analysis.koopman import spectrum
+    from raydyn.jobs.base import load_trajectories
+    from raydyn.spec import parse_sweep
+
+    store = open_store(tmp_path)
+    assert run_sweep(parse_sweep(EMBED), EMBED, store).trained == 6
+    outcome = run_job(KoopmanJob(group_by=["width"], layers=["3."], embed_dim=120, rank=5), store, "kembed")
+    assert not outcome.failed
+    sp = store.table("koopman_spectra", sweep="kembed").to_pandas()
+    delays = sp.groupby("group").delays.first().to_dict()
+    assert delays == {"width=3": 3, "width=6": 1}  # 30 and 60 output weights: 120/30 - 1, 120/60 - 1
+    runs = store.table("runs", sweep="kembed", columns=["run_id", "width"]).to_pandas()
+    for width, d in ((3, 3), (6, 1)):
+        ids = runs[runs.width == width].run_id.tolist()
+        trajs = load_trajectories(store, "kembed", ids, ["3."])
+        ref = spectrum([trajs[r][1] for r in ids], d, 5)
+        got = sp[sp.group == f"width={width}"].sort_values("index")
+        np.testing.assert_allclose(np.sort_complex(got.real.to_numpy() + 1j * got.imag.to_numpy()),
+                                   np.sort_complex(ref), atol=1e-8)

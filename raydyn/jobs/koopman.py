@@ -26,9 +26,9 @@ class KoopmanJob(Job):
 
     def __init__(self, group_by: list[str] | None = None, layers: list[str] | None = None, delays: int = 4,
                  rank: Any = None, pca: int | None = None, continuous: bool = False, p: float = 1.0,
-                 threshold: float | None = None, n_classes: int | None = None):
+                 threshold: float | None = None, n_classes: int | None = None, embed_dim: int | None = None):
         super().__init__(group_by=group_by, layers=layers, delays=delays, rank=rank, pca=pca, continuous=continuous,
-                         p=p, threshold=threshold, n_classes=n_classes)
+                         p=p, threshold=threshold, n_classes=n_classes, embed_dim=embed_dim)
 
     def plan(self, store, sweep: str) -> list[Unit]:
         runs = store.table("runs", sweep=sweep)
@@ -47,7 +47,15 @@ class KoopmanJob(Job):
         for rid, (_, x, _) in trajs.items():
             if not np.isfinite(x).all():
                 raise ValueError(f"run {rid} has NaN/inf weights (diverged?); exclude it or record fewer steps")
-        eigs = spectrum(arrays, o["delays"], o["rank"], dt=dt, continuous=o["continuous"], pca=o["pca"])
+        delays = o["delays"]
+        if o.get("embed_dim"):  # delays per group so that (delays + 1) x state dimension ~ embed_dim
+            state = o["pca"] or arrays[0].shape[1]
+            delays = max(0, int(round(o["embed_dim"] / state)) - 1)
+            shortest = min(len(x) for x in arrays)
+            if delays + 2 > shortest:
+                raise ValueError(f"group {unit.key}: --embed-dim {o['embed_dim']} needs {delays} delays for state "
+                                 f"dimension {state}, more than its shortest trajectory ({shortest} steps) allows")
+        eigs = spectrum(arrays, delays, o["rank"], dt=dt, continuous=o["continuous"], pca=o["pca"])
         n = len(eigs)
         spectra = pa.table({
             "group": [unit.key] * n,
@@ -56,6 +64,7 @@ class KoopmanJob(Job):
             "imag": eigs.imag.astype(np.float64),
             "abs": np.abs(eigs).astype(np.float64),
             "run_ids": [json.dumps(list(trajs))] * n,
+            "delays": np.full(n, delays, dtype=np.int64),
         })
         return {"koopman_spectra": spectra}
 
@@ -120,6 +129,10 @@ def register_cli(analyze_app) -> None:
                                                "group are nearby initialisations of one system (default: each run)."),
         layers: Optional[str] = typer.Option(None, "--layers", help="Comma-separated parameter-name prefixes to use."),
         delays: int = typer.Option(4, "--delays", help="Time delays in the Hankel embedding."),
+        embed_dim: Optional[int] = typer.Option(None, "--embed-dim", help="Instead of --delays: per group, the delays d "
+                                                "with (d + 1) x state dimension closest to this (Redman et al. scale "
+                                                "delays so across widths, e.g. 2000 gives d = 39, 19, 4 for 50, 100, "
+                                                "400 weights)."),
         rank: Optional[str] = typer.Option(None, "--rank", help="DMD rank: integer, energy fraction, 'optimal' or full."),
         pca: Optional[int] = typer.Option(None, "--pca", help="Project weights on their top-k principal components first."),
         continuous: bool = typer.Option(False, "--continuous", help="Compare log(lambda)/dt (independent of record_every)."),
@@ -130,10 +143,13 @@ def register_cli(analyze_app) -> None:
     ) -> None:
         """Koopman spectra per run/group, pairwise Wasserstein distances, conjugacy classes (Redman et al. 2024)."""
         from raydyn.cli import run_analysis
+        from raydyn.errors import RaydynError
 
+        if embed_dim is not None and embed_dim < 1:
+            raise RaydynError(f"--embed-dim must be a positive integer, got {embed_dim}")
         job = KoopmanJob(group_by=group_by.split(",") if group_by else None, layers=layers.split(",") if layers else None,
                          delays=delays, rank=_parse_rank(rank), pca=pca, continuous=continuous, threshold=threshold,
-                         n_classes=n_classes)
+                         n_classes=n_classes, embed_dim=embed_dim)
         run_analysis(job, sweep, store, address)
 
 
