@@ -57,7 +57,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw", "omd", "ogd", "bisection")
 DYNAMICS_OPTIMIZERS = ("omd", "ogd", "bisection")
 LOSSES = ("cross_entropy", "mse", "hinge")
 ACTIVATIONS = ("relu", "tanh", "gelu", "linear", "leaky_relu", "sigmoid")
-RECORDABLE = ("weights", "weight_stats", "ntk", "sharpness", "cmd_online", "symmetry")  # weights + recorder PROBES and TRACKERS
+RECORDABLE = ("weights", "weight_stats", "ntk", "sharpness", "cmd_online", "symmetry", "neurons")  # weights + recorder PROBES and TRACKERS
 
 # Data-set options, their defaults and types. Kept as plain dicts so the data
 # module and the validator agree on one table.
@@ -180,7 +180,7 @@ class TrainSpec(_Model):
     loss: Literal["cross_entropy", "mse", "hinge"] | None = None
     seed: int = Field(0, ge=0, lt=2**31)
     record_every: int = Field(10, ge=1)
-    record: list[Literal["weights", "weight_stats", "ntk", "sharpness", "cmd_online", "symmetry"]] = Field(
+    record: list[Literal["weights", "weight_stats", "ntk", "sharpness", "cmd_online", "symmetry", "neurons"]] = Field(
         default_factory=lambda: ["weights"]
     )
     curvature_every: int | None = Field(

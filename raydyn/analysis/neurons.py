@@ -86,11 +86,13 @@ def _check_model(model: object) -> nn.Module:
     return model
 
 
-def _check_X(X: object, name: str = "X") -> torch.Tensor:
+def _check_X(X: object, name: str = "X", tokens: bool = False) -> torch.Tensor:
     if not isinstance(X, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor of shape (N, ...), got {type(X).__name__}")
     if X.ndim < 2 or X.shape[0] == 0:
         raise ValueError(f"{name} must have shape (N >= 1, ...) with a feature axis, got {tuple(X.shape)}")
+    if tokens and X.dtype in (torch.int64, torch.int32):  # token inputs (modular arithmetic)
+        return X
     if not torch.is_floating_point(X):
         raise ValueError(f"{name} must be floating point, got {X.dtype}")
     if not torch.isfinite(X).all():
@@ -175,12 +177,12 @@ def activation_rates(
 ) -> dict[str, np.ndarray]:
     """Fraction of events on which each neuron's pre-activation is > 0.
 
-    X_ref: (N, ...) reference inputs. Returns activation-module name -> (C,)
+    X_ref: (N, ...) reference inputs (float, or int64 tokens). Returns activation-module name -> (C,)
     float array in [0, 1] (C = features for dense layers, channels for conv).
     Each activation module must be called exactly once per forward pass.
     """
     _check_model(model)
-    _check_X(X_ref, "X_ref")
+    _check_X(X_ref, "X_ref", tokens=True)
     batch_size = _check_pos_int(batch_size, "batch_size")
     acts = _activation_modules(model, types)
     if not acts:

@@ -20,7 +20,7 @@ def register(cls: type[Job]) -> type[Job]:
 
 
 # job modules; each defines a Job subclass and `register_cli(analyze_app)` adding its command
-MODULES: tuple[str, ...] = ("hmm", "koopman", "phase", "cmd", "symmetry")
+MODULES: tuple[str, ...] = ("hmm", "koopman", "phase", "cmd", "symmetry", "neurons")
 
 
 def load_all() -> None:

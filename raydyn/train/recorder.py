@@ -61,13 +61,21 @@ def _sharpness(ctx: dict[str, Any]) -> dict[str, torch.Tensor]:
     return sharpness_probe(ctx)
 
 
-# Probes: name -> fn(ctx) -> {column: (P,) tensor}; a name here is a valid `train.record` entry.
+def _neurons(ctx: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """OPT/NPT/dead fractions per activation layer (list columns), see raydyn.train.neurons."""
+    from raydyn.train.neurons import neurons_probe
+
+    return neurons_probe(ctx)
+
+
+# Probes: name -> fn(ctx) -> {column: (P,) tensor, or (P, L) for a list column}; a name here is a valid `train.record` entry.
 # ctx: cfg, params (stacked, P leading), grads, opt, step, mask (members recorded now), state (a dict
 # a probe may keep between records), and what the trainer passes as `context` (model, buffers, data, loss).
 PROBES: dict[str, Callable[[dict[str, Any]], dict[str, torch.Tensor]]] = {
     "weight_stats": _weight_stats,
     "ntk": _ntk,
     "sharpness": _sharpness,
+    "neurons": _neurons,
 }
 
 

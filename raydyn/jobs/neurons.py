@@ -1,0 +1,250 @@
+"""Neuron transformation modes and attraction basins (after Lin et al. 2025) over a sweep, one run per Ray task.
+
+The definitions are raydyn's own operationalisation (the paper gives no code), documented in
+:mod:`raydyn.analysis.neurons`: a ReLU-like neuron is OPT when active on every sample of a fixed
+reference set (the first 256 training inputs), NPT when active on some, dead on none; the
+linearity probe replaces one activation layer by the identity; the sample-space basin is the
+median over samples of the largest relative input perturbation that keeps >= 95 % of random
+directions' predicted class; the weight-space basin is the largest layer-relative weight noise
+that keeps train accuracy within 1 point (median over draws).
+
+For each completed run, the model is rebuilt from ``runs.config_json`` and its stored full
+weight snapshots are loaded at the chosen steps (``--steps``: ``last`` by default, ``all``, or a
+comma-separated list; the nearest recorded steps are used). Linearity and basins need class
+labels (classification or binary tasks) and, for the sample basin, real-valued inputs; other
+runs get NaN there.
+
+Tables (under the sweep, part ``main``; rerunning replaces them):
+
+* ``neurons_modes`` (run x step x activation layer): ``opt``, ``npt``, ``dead``, ``lin_dloss``,
+  ``lin_dacc`` (linearised minus actual train loss / accuracy on the evaluation samples);
+* ``neurons_summary`` (one row per run, at its last chosen step; phase-map metrics):
+  ``opt_fraction`` (mean over layers), ``opt_fraction_l0``, ``opt_fraction_l1``, ...,
+  ``npt_fraction``, ``dead_fraction``, ``basin_sample``, ``basin_weight``, ``neurons_step``, and
+  ``basin_sample_censored`` (fraction of samples whose radius hit the largest one tried) and
+  ``basin_weight_censored`` (the largest sigma tried kept the accuracy: e.g. a model at chance).
+
+During training, ``train.record: [neurons]`` records the OPT/NPT/dead fractions at every record
+in the ``metrics`` table instead (list columns ``neuron_opt``, ``neuron_npt``, ``neuron_dead``);
+the report draws their time course next to test accuracy.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+import numpy as np
+import pyarrow as pa
+
+from raydyn.errors import RaydynError
+from raydyn.jobs.base import Job, Unit, group_units, load_trajectories, run_filter
+
+MODES_SCHEMA = pa.schema([
+    ("run_id", pa.string()), ("step", pa.int64()), ("layer", pa.string()), ("layer_index", pa.int64()),
+    ("opt", pa.float64()), ("npt", pa.float64()), ("dead", pa.float64()),
+    ("lin_dloss", pa.float64()), ("lin_dacc", pa.float64()),
+])
+
+
+def not_full_message(run_id: str, layout: dict[str, Any]) -> str:
+    return (f"run {run_id}: the neurons analysis loads the weights back into the model, but this run stored "
+            f"{layout.get('kind', 'no')!r} snapshots, not every parameter. Record full snapshots "
+            "(train.record: [weights], train.weights.max_size above the parameter count, no train.weights.layers), "
+            "or record the modes during training with train.record: [neurons].")
+
+
+def pick_steps(available: np.ndarray, steps: str) -> list[int]:
+    """Indices into ``available`` (sorted recorded steps) for ``--steps`` (last | all | comma list)."""
+    if steps == "last":
+        return [len(available) - 1]
+    if steps == "all":
+        return list(range(len(available)))
+    try:
+        want = [int(s) for s in steps.split(",") if s.strip()]
+    except ValueError:
+        raise RaydynError(f"--steps {steps!r}: give 'last', 'all' or comma-separated step numbers") from None
+    return sorted({int(np.argmin(np.abs(available - w))) for w in want})
+
+
+class NeuronsJob(Job):
+    name = "neurons"
+
+    def __init__(self, steps: str = "last", samples: int = 256, directions: int = 32, draws: int = 8,
+                 eval_size: int = 2048, seed: int = 0):
+        super().__init__(steps=steps, samples=samples, directions=directions, draws=draws, eval_size=eval_size,
+                         seed=seed)
+
+    # driver -------------------------------------------------------------------
+    def plan(self, store, sweep: str) -> list[Unit]:
+        runs = store.table("runs", sweep=sweep, columns=["run_id", "status", "weights_layout"])
+        units = group_units(runs, None)
+        layouts = dict(zip(runs.column("run_id").to_pylist(), runs.column("weights_layout").to_pylist()))
+        full = [u for u in units if json.loads(layouts[u.key] or "{}").get("kind") == "full"]
+        if units and not full:
+            raise RaydynError(not_full_message(units[0].key, json.loads(layouts[units[0].key] or "{}"))
+                              + (f" ({len(units) - 1} more runs of sweep {sweep!r} alike)" if len(units) > 1 else ""))
+        return units
+
+    # worker -------------------------------------------------------------------
+    def compute(self, store, sweep: str, unit: Unit) -> dict[str, pa.Table]:
+        import torch
+        from torch.nn.utils import vector_to_parameters
+
+        from raydyn.analysis.neurons import linearity_probe, neuron_modes, sample_basin, weight_basin
+        from raydyn.train.neurons import REF_SIZE, layer_names
+        from raydyn.train.objectives import loss_fn
+        from raydyn.train.replay import check_param_order, run_model
+
+        torch.set_num_threads(1)  # one run per task, one CPU per task
+        o = self.options
+        (rid,) = unit.run_ids
+        row = store.table("runs", sweep=sweep, columns=["run_id", "config_json", "weights_layout"],
+                          filter=run_filter([rid])).to_pylist()[0]
+        layout, cfg = json.loads(row["weights_layout"]), json.loads(row["config_json"])
+        if layout.get("kind") != "full":
+            raise RaydynError(not_full_message(rid, layout))
+        if cfg.get("model") == "none":
+            raise RaydynError(f"run {rid}: model 'none' (an optimiser on a test function) has no neurons")
+        model, data = run_model(cfg)
+        try:
+            check_param_order(model, layout, f"run {rid}")
+        except ValueError as e:
+            raise RaydynError(str(e)) from None
+        model = model.double()
+        data = data.to(torch.float64)
+        names = layer_names(model)
+        if not names:
+            raise RaydynError(f"run {rid}: the model has no ReLU-like activation layer (activation "
+                              f"{cfg.get('activation')!r}); OPT/NPT modes are defined for ReLU-like neurons")
+        steps, x, _ = load_trajectories(store, sweep, [rid])[rid]
+        picks = pick_steps(np.asarray(steps), o["steps"])
+        params = list(model.parameters())
+
+        labelled = data.kind in ("classification", "binary")
+        x_ref = data.x_train[:REF_SIZE]
+        n_eval = min(o["eval_size"], data.x_train.shape[0])
+        X, y = data.x_train[:n_eval], data.y_train[:n_eval]
+        if data.kind == "binary":
+            y_cls = (y > 0).long()
+            loss = lambda out, yy: loss_fn(cfg.get("loss") or data.default_loss, out, yy.double() * 2 - 1)  # noqa: E731
+        else:
+            y_cls = y
+            loss = lambda out, yy: loss_fn(cfg.get("loss") or data.default_loss, out, yy)  # noqa: E731
+        rows = []
+        basin_s = basin_w = cens_s = float("nan")
+        cens_w = None
+        for k in picks:
+            if not np.isfinite(x[k]).all():
+                raise RaydynError(f"run {rid} has NaN/inf weights at step {int(steps[k])} (diverged); choose "
+                                  "earlier --steps")
+            vector_to_parameters(torch.as_tensor(x[k], dtype=torch.float64), params)
+            modes = neuron_modes(model, x_ref)
+            lin = linearity_probe(model, X, y_cls, loss_fn=loss) if labelled else None
+            for j, n in enumerate(names):
+                opt, npt, dead = modes[n]
+                rows.append({"run_id": rid, "step": int(steps[k]), "layer": n, "layer_index": j, "opt": opt,
+                             "npt": npt, "dead": dead,
+                             "lin_dloss": lin.delta_loss[n] if lin else float("nan"),
+                             "lin_dacc": lin.delta_accuracy[n] if lin else float("nan")})
+        # basins at the last chosen step (the weights loaded now)
+        if labelled:
+            n_s = min(o["samples"], X.shape[0])
+            if X.is_floating_point():
+                sb = sample_basin(model, X[:n_s], n_directions=o["directions"], seed=o["seed"])
+                basin_s, cens_s = float(sb.median), float(np.mean(sb.censored))
+            wb = weight_basin(model, X, y_cls, n_draws=o["draws"], seed=o["seed"])
+            basin_w, cens_w = float(wb.sigma), bool(wb.censored)
+        last = [r for r in rows if r["step"] == int(steps[picks[-1]])]
+        summary = {"run_id": rid, "neurons_step": int(steps[picks[-1]]),
+                   "opt_fraction": float(np.mean([r["opt"] for r in last])),
+                   "npt_fraction": float(np.mean([r["npt"] for r in last])),
+                   "dead_fraction": float(np.mean([r["dead"] for r in last])),
+                   "basin_sample": basin_s, "basin_weight": basin_w,
+                   # censored: the largest radius tried kept the prediction (e.g. a model at chance level)
+                   "basin_sample_censored": cens_s, "basin_weight_censored": cens_w}
+        for r in last:
+            summary[f"opt_fraction_l{r['layer_index']}"] = r["opt"]
+        return {"neurons_modes": pa.Table.from_pylist(rows, schema=MODES_SCHEMA),
+                "neurons_summary": pa.Table.from_pylist([summary])}
+
+
+def register_cli(analyze_app) -> None:
+    import typer
+
+    @analyze_app.command("neurons")
+    def neurons(
+        sweep: str = typer.Argument(..., help="Sweep name in the store, or its sweep file."),
+        steps: str = typer.Option("last", "--steps", help="Snapshot steps to analyse: last, all, or e.g. 0,500,1000 "
+                                  "(nearest recorded). Basins are computed at the last of them."),
+        samples: int = typer.Option(256, "--samples", help="Training samples whose sample-space basin is measured."),
+        directions: int = typer.Option(32, "--directions", help="Random input directions per sample."),
+        draws: int = typer.Option(8, "--draws", help="Weight-noise draws for the weight-space basin."),
+        seed: int = typer.Option(0, "--seed", help="Seed of directions and noise."),
+        store: Optional[str] = typer.Option(None, "--store", help="Store URI (default: $RAYDYN_STORE or ./raydyn-results)."),
+        address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: local)."),
+    ) -> None:
+        """Neuron modes (OPT/NPT/dead), linearity probes and attraction basins per run (after Lin et al. 2025).
+
+        Needs full weight snapshots. Writes neurons_modes and neurons_summary (phase-map metrics opt_fraction,
+        opt_fraction_l0, ..., basin_sample, basin_weight).
+        """
+        from raydyn.cli import run_analysis
+
+        for name, v in (("--samples", samples), ("--directions", directions), ("--draws", draws)):
+            if v < 1:
+                raise RaydynError(f"{name} must be at least 1, got {v}")
+        if steps not in ("last", "all"):
+            pick_steps(np.array([0]), steps)  # validates the list
+        run_analysis(NeuronsJob(steps=steps, samples=samples, directions=directions, draws=draws, seed=seed),
+                     sweep, store, address)
+
+
+# ------------------------------------------------------------------------------ report
+def report_section(store, sweep: str, max_runs: int = 4) -> list[tuple[str, bytes]]:
+    """OPT fraction per layer over training next to test accuracy (recorded with train.record: [neurons]),
+    and the basins vs learning rate (from `analyze neurons`)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from raydyn.plots.neurons import plot_modes_over_time
+
+    def png(fig) -> bytes:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+        plt.close(fig)
+        return buf.getvalue()
+
+    out = []
+    tables = set(store.tables())
+    m = store.table("metrics", sweep=sweep)
+    if "neuron_opt" in m.column_names:
+        df = m.select(["run_id", "step", "neuron_opt", "test_acc"]).to_pandas()
+        runs = store.table("runs", sweep=sweep, columns=["run_id", "lr"]).to_pandas().sort_values(["lr", "run_id"])
+        ids = runs.run_id.tolist()
+        picks = [ids[i] for i in np.unique(np.linspace(0, len(ids) - 1, min(max_runs, len(ids))).round().astype(int))]
+        fig = plot_modes_over_time(df[df.run_id.isin(picks)], labels=dict(zip(runs.run_id, runs.lr)))
+        out.append(("OPT (always-active) fraction per layer over training, with test accuracy (dashed)", png(fig)))
+    if "neurons_summary" in tables:
+        s = store.table("neurons_summary", sweep=sweep).to_pandas()
+        r = store.table("runs", sweep=sweep, columns=["run_id", "lr"]).to_pandas()
+        s = s.merge(r, on="run_id")
+        if len(s):
+            fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+            for ax, col in zip(axes, ("basin_sample", "basin_weight")):
+                ax.scatter(s.lr, s[col], c=s.opt_fraction, cmap="viridis", s=25)
+                ax.set_xscale("log")
+                ax.set_xlabel("learning rate")
+                ax.set_ylabel(col)
+            axes[0].set_title("sample-space basin (relative radius)")
+            axes[1].set_title("weight-space basin (relative sigma)")
+            out.append(("Attraction basins vs learning rate (colour: OPT fraction)", png(fig)))
+    return out
+
+
+from raydyn.report.html import SECTIONS  # noqa: E402
+
+SECTIONS["neurons_"] = report_section
