@@ -6,7 +6,6 @@ message and exit code 2, never as a traceback.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any, Optional

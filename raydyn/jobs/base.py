@@ -114,6 +114,26 @@ def run_filter(run_ids) -> pc.Expression:
     return pc.field("run_id").isin(list(run_ids))
 
 
+def run_config(store, sweep: str, run_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A run's ``(config, weights_layout)`` from its runs row."""
+    row = store.table("runs", sweep=sweep, columns=["run_id", "config_json", "weights_layout"],
+                      filter=run_filter([run_id])).to_pylist()[0]
+    return json.loads(row["config_json"]), json.loads(row["weights_layout"] or "{}")
+
+
+def rebuilt_model(cfg: dict[str, Any], layout: dict[str, Any], run_id: str):
+    """``(model, data)`` of a run, built from its config, its parameter order checked against the
+    snapshot layout (RaydynError when the snapshots cannot be loaded back into it)."""
+    from raydyn.train.replay import check_param_order, run_model
+
+    model, data = run_model(cfg)
+    try:
+        check_param_order(model, layout, f"run {run_id}")
+    except ValueError as e:
+        raise RaydynError(str(e)) from None
+    return model, data
+
+
 def load_trajectories(store, sweep: str, run_ids, layers: list[str] | None = None,
                       ) -> dict[str, tuple["np.ndarray", "np.ndarray", dict]]:
     """Weight trajectories of runs: run_id -> (steps (T,), weights (T, D) float64, layout).

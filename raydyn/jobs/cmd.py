@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 
 from raydyn.errors import RaydynError
-from raydyn.jobs.base import Job, Unit, group_units, load_trajectories, run_filter
+from raydyn.jobs.base import Job, Unit, group_units, load_trajectories, rebuilt_model, run_config
 
 SUMMARY_SCHEMA = pa.schema([
     ("run_id", pa.string()), ("cmd_modes_needed", pa.int64()), ("cmd_recon_error", pa.float64()),
@@ -76,9 +76,7 @@ class CMDJob(Job):
         torch.set_num_threads(1)  # one run per task, one CPU per task
         o = self.options
         (rid,) = unit.run_ids
-        row = store.table("runs", sweep=sweep, columns=["run_id", "config_json", "weights_layout"],
-                          filter=run_filter([rid])).to_pylist()[0]
-        layout, cfg = json.loads(row["weights_layout"]), json.loads(row["config_json"])
+        cfg, layout = run_config(store, sweep, rid)
         if "countsketch" in layout.get("kind", ""):
             raise RaydynError(sketch_message(rid, layout))
         steps, x, _ = load_trajectories(store, sweep, [rid])[rid]  # (T,), (T, D)
@@ -92,13 +90,9 @@ class CMDJob(Job):
         t = len(steps)
         loss_real = acc_real = loss_rec = acc_rec = np.full(t, np.nan)
         if o["evaluate"] and layout.get("kind") == "full" and cfg.get("model") != "none":
-            from raydyn.train.replay import check_param_order, evaluate_vectors, run_model
+            from raydyn.train.replay import evaluate_vectors
 
-            model, data = run_model(cfg)
-            try:
-                check_param_order(model, layout, f"run {rid}")
-            except ValueError as e:
-                raise RaydynError(str(e)) from None
+            model, data = rebuilt_model(cfg, layout, rid)
             loss_real, acc_real = evaluate_vectors(model, data, cfg.get("loss"), x)
             loss_rec, acc_rec = evaluate_vectors(model, data, cfg.get("loss"),
                                                  (res.reconstruct_at(k) for k in range(t)))
@@ -175,7 +169,6 @@ def result_from_tables(modes: Any, layer_errors: dict[str, float] | None = None,
 def report_section(store, sweep: str, max_runs: int = 3) -> list[tuple[str, bytes]]:
     """Per kind (post-hoc, online): accuracy of reconstructed vs real weights over runs, then
     reference trajectories and modes per layer for the runs with the fewest, median and most modes."""
-    import io
 
     import matplotlib
 
@@ -183,12 +176,7 @@ def report_section(store, sweep: str, max_runs: int = 3) -> list[tuple[str, byte
     import matplotlib.pyplot as plt
 
     from raydyn.plots.cmd import plot_cmd_layer_modes, plot_cmd_references
-
-    def png(fig) -> bytes:
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-        plt.close(fig)
-        return buf.getvalue()
+    from raydyn.report.html import fig_png as png
 
     out = []
     tables = set(store.tables())

@@ -155,20 +155,11 @@ def register_cli(analyze_app) -> None:
 
 def report_section(store, sweep: str) -> list[tuple[str, bytes]]:
     """Spectra in the complex plane (up to 12 groups) and the clustered distance matrix."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from raydyn.plots.koopman import plot_distance_matrix, plot_spectra
+    from raydyn.report.html import fig_png
 
     def png(fig) -> bytes:
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=90)
-        plt.close(fig)
-        return buf.getvalue()
+        return fig_png(fig, tight=False)
 
     sp = store.table("koopman_spectra", sweep=sweep).to_pandas()
     groups = sorted(sp.group.unique())

@@ -37,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 
 from raydyn.errors import RaydynError
-from raydyn.jobs.base import Job, Unit, group_units, load_trajectories, run_filter
+from raydyn.jobs.base import Job, Unit, group_units, load_trajectories, rebuilt_model, run_config
 
 MODES_SCHEMA = pa.schema([
     ("run_id", pa.string()), ("step", pa.int64()), ("layer", pa.string()), ("layer_index", pa.int64()),
@@ -93,23 +93,16 @@ class NeuronsJob(Job):
         from raydyn.analysis.neurons import linearity_probe, neuron_modes, sample_basin, weight_basin
         from raydyn.train.neurons import REF_SIZE, layer_names
         from raydyn.train.objectives import loss_fn
-        from raydyn.train.replay import check_param_order, run_model
 
         torch.set_num_threads(1)  # one run per task, one CPU per task
         o = self.options
         (rid,) = unit.run_ids
-        row = store.table("runs", sweep=sweep, columns=["run_id", "config_json", "weights_layout"],
-                          filter=run_filter([rid])).to_pylist()[0]
-        layout, cfg = json.loads(row["weights_layout"]), json.loads(row["config_json"])
+        cfg, layout = run_config(store, sweep, rid)
         if layout.get("kind") != "full":
             raise RaydynError(not_full_message(rid, layout))
         if cfg.get("model") == "none":
             raise RaydynError(f"run {rid}: model 'none' (an optimiser on a test function) has no neurons")
-        model, data = run_model(cfg)
-        try:
-            check_param_order(model, layout, f"run {rid}")
-        except ValueError as e:
-            raise RaydynError(str(e)) from None
+        model, data = rebuilt_model(cfg, layout, rid)
         model = model.double()
         data = data.to(torch.float64)
         names = layer_names(model)
@@ -203,7 +196,6 @@ def register_cli(analyze_app) -> None:
 def report_section(store, sweep: str, max_runs: int = 4) -> list[tuple[str, bytes]]:
     """OPT fraction per layer over training next to test accuracy (recorded with train.record: [neurons]),
     and the basins vs learning rate (from `analyze neurons`)."""
-    import io
 
     import matplotlib
 
@@ -211,12 +203,7 @@ def report_section(store, sweep: str, max_runs: int = 4) -> list[tuple[str, byte
     import matplotlib.pyplot as plt
 
     from raydyn.plots.neurons import plot_modes_over_time
-
-    def png(fig) -> bytes:
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-        plt.close(fig)
-        return buf.getvalue()
+    from raydyn.report.html import fig_png as png
 
     out = []
     tables = set(store.tables())

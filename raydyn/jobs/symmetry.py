@@ -228,7 +228,6 @@ def register_cli(analyze_app) -> None:
 def report_section(store, sweep: str, max_runs: int = 2) -> list[tuple[str, bytes]]:
     """Errors of both laws per layer over runs, how strongly each law is broken vs lr, and theory over
     measured curves for the runs with the smallest and largest learning rate."""
-    import io
     import tempfile
     from pathlib import Path
 
@@ -237,11 +236,7 @@ def report_section(store, sweep: str, max_runs: int = 2) -> list[tuple[str, byte
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def png(fig) -> bytes:
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-        plt.close(fig)
-        return buf.getvalue()
+    from raydyn.report.html import fig_png as png
 
     tables = set(store.tables())
     if "symmetry_laws" not in tables or "symmetry_summary" not in tables:

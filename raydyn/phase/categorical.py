@@ -16,7 +16,6 @@ Info first, drawing second, as in :mod:`raydyn.phase.maps`:
 from __future__ import annotations
 
 import math
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-import pyarrow as pa
 
 from raydyn.phase.maps import default_facets, phase_map_info, render_phase_map, runs_with_metrics
 
@@ -28,13 +27,18 @@ MAX_CURVES = 500
 CURVE_COLUMNS = ("batch_loss", "train_loss", "test_loss", "train_acc", "test_acc", "grad_norm")
 
 
-def _png(fig) -> bytes:
+def fig_png(fig, tight: bool = True) -> bytes:
+    """A matplotlib figure as PNG bytes (90 dpi), closing it; for report sections."""
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
+    fig.savefig(buf, format="png", dpi=90, **({"bbox_inches": "tight"} if tight else {}))
     plt.close(fig)
     return buf.getvalue()
+
+
+def _png(fig) -> bytes:
+    return fig_png(fig, tight=False)
 
 
 def _img(png: bytes, alt: str) -> str:
