@@ -207,9 +207,13 @@ def report_section(store, sweep: str, max_runs: int = 4) -> list[tuple[str, byte
 
     out = []
     tables = set(store.tables())
-    m = store.table("metrics", sweep=sweep)
-    if "neuron_opt" in m.column_names:
-        df = m.select(["run_id", "step", "neuron_opt", "test_acc"]).to_pandas()
+    from raydyn.errors import StoreError
+
+    try:
+        df = store.table("metrics", sweep=sweep, columns=["run_id", "step", "neuron_opt", "test_acc"]).to_pandas()
+    except StoreError:  # not recorded with train.record: [neurons]
+        df = None
+    if df is not None and len(df):
         runs = store.table("runs", sweep=sweep, columns=["run_id", "lr"]).to_pandas().sort_values(["lr", "run_id"])
         ids = runs.run_id.tolist()
         picks = [ids[i] for i in np.unique(np.linspace(0, len(ids) - 1, min(max_runs, len(ids))).round().astype(int))]
@@ -234,4 +238,5 @@ def report_section(store, sweep: str, max_runs: int = 4) -> list[tuple[str, byte
 
 from raydyn.report.html import SECTIONS  # noqa: E402
 
+report_section.also_when = ("metrics",)  # the probe's columns alone (train.record: [neurons]) get a section
 SECTIONS["neurons_"] = report_section

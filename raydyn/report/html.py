@@ -116,11 +116,14 @@ def build_report(store, sweep: str, out: str | Path, metrics: Sequence[str] = ("
     sections = []
     tables = set(store.tables())
     for prefix, fn in SECTIONS.items():
-        if any(t.startswith(prefix) for t in tables):
+        # a section runs when a table starts with its prefix, or (``fn.also_when``) one of those tables exists
+        if any(t.startswith(prefix) for t in tables) or set(getattr(fn, "also_when", ())) & tables:
             try:
                 figs = fn(store, sweep)
             except Exception as e:  # a broken section must not lose the rest of the report
                 sections.append((prefix.strip("_"), f"<p class='err'>could not draw {html.escape(prefix)}: {html.escape(str(e))}</p>"))
+                continue
+            if not figs:
                 continue
             body = "".join(f"<figure>{_img(png, t)}<figcaption>{html.escape(t)}</figcaption></figure>" for t, png in figs)
             sections.append((prefix.strip("_"), body))
