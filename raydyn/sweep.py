@@ -55,6 +55,15 @@ def _check_reachable(address: str) -> None:
     """Fail fast, naming the address, when nothing listens at ``[ray://]host:port``."""
     if address == "auto":
         return
+    if address.startswith("ray://"):
+        import importlib.util
+
+        if importlib.util.find_spec("grpc") is None:
+            raise RaydynError(
+                f"--address {address!r}: a ray:// address is Ray Client, which needs the grpcio package; it is not "
+                "installed. Install it with: pip install 'ray[client]==2.60.0' -- or, on a machine inside the "
+                "cluster, give the head's GCS address (host:6379), or submit the sweep with `ray job submit` "
+                "(deploy/README.md)")
     hostport = address.split("://", 1)[1] if "://" in address else address
     hostport = hostport.split("/", 1)[0]
     host, sep, port = hostport.rpartition(":")

@@ -6,6 +6,11 @@ import os
 import pytest
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# dummy credentials for the local S3 server of tests/s3_helper.py; set before Ray starts so its workers
+# inherit them (no test reaches a real object store)
+for _k, _v in (("AWS_ACCESS_KEY_ID", "raydyn-test"), ("AWS_SECRET_ACCESS_KEY", "raydyn-test"),
+               ("AWS_DEFAULT_REGION", "us-east-1"), ("AWS_EC2_METADATA_DISABLED", "true")):
+    os.environ.setdefault(_k, _v)
 
 
 @pytest.fixture(scope="session")

@@ -120,6 +120,18 @@ def test_unreachable_address_fails_fast(tmp_path, address):
     assert not (tmp_path / "store" / "sweeps").exists()  # the sweep was not registered
 
 
+def test_ray_client_without_grpcio_names_the_package(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("grpc") is not None:
+        pytest.skip("grpcio is installed here (ray[client]); the message is for installs without it")
+    r = run_cli("sweep", "run", sweep_file(tmp_path), "--store", str(tmp_path / "store"), "--address",
+                "ray://127.0.0.1:10001")
+    one_clear_error(r.returncode, r.stderr, "--address 'ray://127.0.0.1:10001'", "grpcio",
+                    "pip install 'ray[client]==2.60.0'")
+    assert not (tmp_path / "store" / "sweeps").exists()
+
+
 @pytest.mark.ray
 def test_gpu_requested_where_none_exists(ray_session, tmp_path):
     text = GOOD.replace("method: grid", "method: grid\nresources: {gpu: 1}")

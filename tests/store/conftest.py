@@ -5,7 +5,9 @@
 - ``mock``: pyarrow's in-memory ``_MockFileSystem`` behind a ``mock://`` URI. The
   store resolves non-local URIs through one hook (``raydyn.store.store._fs_from_uri``,
   which calls ``pyarrow.fs.FileSystem.from_uri``); the fixture routes ``mock://``
-  there, so the mock runs exactly the code path of ``s3://`` and ``gs://``.
+  there, so the mock runs exactly the code path of ``s3://`` and ``gs://``;
+- ``s3``: a real ``s3://`` URI against a local S3 protocol server (moto, tests/s3_helper.py),
+  through pyarrow's S3FileSystem: HTTP, multipart uploads, no atomic rename.
 """
 from __future__ import annotations
 
@@ -15,7 +17,9 @@ import pytest
 import raydyn.store.store as store_module
 from raydyn.store import Store, open_store
 
-BACKENDS = ("path", "file_uri", "mock")
+from tests import s3_helper
+
+BACKENDS = ("path", "file_uri", "mock", "s3")
 
 
 @pytest.fixture(params=BACKENDS)
@@ -29,6 +33,10 @@ def store_uri(backend, tmp_path, monkeypatch) -> str:
         return str(tmp_path / "store")
     if backend == "file_uri":
         return (tmp_path / "store").as_uri()
+    if backend == "s3":
+        if not s3_helper.available():
+            pytest.skip("moto[server] is not installed (it is in the test extra)")
+        return s3_helper.bucket_uri()
     mock = pa_private_fs._MockFileSystem()
     real = store_module._fs_from_uri
 
