@@ -77,7 +77,7 @@ DATA_OPTIONS: dict[str, dict[str, Any]] = {
 # they are per-member tensors in the vectorised optimiser. Everything else is
 # shared by a population.
 PER_MEMBER = ("seed", "perturb", "init_perturb", "init_scale", "lr", "momentum", "weight_decay", "dampening", "beta1",
-              "beta2", "eps", "embed_lr", "embed_weight_decay")
+              "beta2", "eps", "embed_lr", "embed_weight_decay", "fixed_norm")
 
 # Train settings that say how a run is executed, not what is trained: they change no result,
 # so they are kept out of run configs (and run ids) and cannot be swept.
@@ -197,6 +197,11 @@ class TrainSpec(_Model):
                                    "starting with 'embed'); default: lr")
     embed_weight_decay: float | None = Field(None, ge=0, description="weight decay of embedding parameters; "
                                              "default: weight_decay")
+    fixed_norm: float | None = Field(
+        None, gt=0,
+        description="constrained training (Liu et al. 2022, Omnigrok; Redman et al. 2024): the initial parameters "
+        "are multiplied by this factor, and after every optimiser step all parameters are rescaled together so "
+        "their total L2 norm stays at that initial value; null: unconstrained")
     weights: WeightsSpec = Field(default_factory=WeightsSpec)
     cmd: CMDOnlineSpec = Field(default_factory=CMDOnlineSpec, description="settings of `record: [cmd_online]`")
     eval_every: int | None = Field(
@@ -471,7 +476,8 @@ def _hash(obj: Any, n: int) -> str:
 # Settings added after run ids were first stored: at these values they leave a run's id
 # unchanged, so stores written before they existed still resume.
 _ID_NEUTRAL: dict[str, Any] = {"curvature_batch": 256, "lr_units": "absolute", "embed_lr": None,
-                               "embed_weight_decay": None, "init_perturb": 0.0, "perturb": 0, "bn_eps": 1e-5}
+                               "embed_weight_decay": None, "init_perturb": 0.0, "perturb": 0, "bn_eps": 1e-5,
+                               "fixed_norm": None}
 
 
 def run_id_of(cfg: dict[str, Any]) -> str:

@@ -47,6 +47,9 @@ CASES = {
                                            extra_task="", steps=15, batch=45, opt="adamw",
                                            opt_extra="weight_decay: 1.0\n  embed_lr: 0.01\n  embed_weight_decay: 0.1",
                                            lrs="[0.001, 0.003]"),
+    "adamw-transformer-fixed-norm": dict(dataset="modular", model="transformer", depth=1, width=16, bn="false",
+                                         extra_task=", heads: 2, data: {p: 11, train_fraction: 0.5}", steps=15,
+                                         batch=16, opt="adamw", opt_extra="fixed_norm: 0.8", lrs="[0.001, 0.003]"),
     "sgd-cnn": dict(dataset="digits", model="cnn", depth=2, width=4, bn="true", extra_task="", steps=12, batch=16,
                     opt="sgd", opt_extra="momentum: 0.9", lrs="[0.05, 0.1]"),
 }
@@ -72,6 +75,28 @@ def test_population_equals_runs_trained_one_by_one(case):
         w = np.array([weights["weights"][i] for i, r in enumerate(weights["run_id"]) if r == m.run_id])
         # snapshots are stored as float32: equal to float32 rounding of the reference
         np.testing.assert_allclose(w, ref["weights"].astype(np.float32), rtol=1e-6, atol=1e-7)
+
+
+def test_fixed_norm_holds_the_scaled_initial_norm_and_mixes_with_free_runs():
+    """Constrained training: alpha x the unscaled initial norm at every record, free members untouched."""
+    text = BASE.format(**{**CASES["adamw-transformer"], "opt_extra": "weight_decay: 1.0", "lrs": "[0.003]"})
+    text += "  fixed_norm: {values: [null, 0.8]}\n"
+    spec = parse_sweep(text)
+    (pop,) = populations(spec.expand(), 64)  # fixed_norm is per member: one population
+    assert sorted(str(m.config["fixed_norm"]) for m in pop.members) == ["0.8", "0.8", "None", "None"]
+    res = train_population(pop)
+    w = res.recorder.weights_table().to_pydict()
+    data = load_data(pop.members[0].config)
+    for m in pop.members:
+        snaps = np.array([x for x, r in zip(w["weights"], w["run_id"]) if r == m.run_id], dtype=np.float64)
+        norms = np.linalg.norm(snaps, axis=1)
+        free = init_model({**m.config, "fixed_norm": None}, data)
+        norm0 = float(torch.sqrt(sum(p.detach().double().pow(2).sum() for p in free.parameters())))
+        if m.config["fixed_norm"] is None:
+            assert norms[-1] < 0.99 * norms[0]  # weight decay 1 shrinks the free runs
+            np.testing.assert_allclose(norms[0], norm0, rtol=1e-6)
+        else:
+            np.testing.assert_allclose(norms, 0.8 * norm0, rtol=1e-6)  # float32 snapshots
 
 
 def test_lr_in_ntk_units_records_lambda0_and_actual_lr():

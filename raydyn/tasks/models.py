@@ -74,15 +74,20 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
         self.out = nn.Linear(d_model, d_model, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, S, d)
+    def forward(self, x: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """x: (B, S, d) -> (B, S, d), or (B, 1, d) for the last position only (``last_only``)."""
         b, s, d = x.shape
         q, k, v = self.qkv(x).split(d, dim=-1)
         shape = (b, s, self.heads, d // self.heads)
         q, k, v = (t.reshape(shape).transpose(1, 2) for t in (q, k, v))  # (B, H, S, dh)
-        att = q @ k.transpose(-1, -2) / math.sqrt(d // self.heads)
-        mask = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
-        att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-        return self.out((att @ v).transpose(1, 2).reshape(b, s, d))
+        if last_only:  # the last query attends to every position: no mask
+            q = q[:, :, -1:]
+        att = q @ k.transpose(-1, -2) / math.sqrt(d // self.heads)  # (B, H, S_q, S)
+        if not last_only:
+            mask = torch.ones(s, s, dtype=torch.bool, device=x.device).tril()
+            att = att.masked_fill(~mask, float("-inf"))
+        att = att.softmax(dim=-1)
+        return self.out((att @ v).transpose(1, 2).reshape(b, q.shape[2], d))
 
 
 class Block(nn.Module):
@@ -95,8 +100,9 @@ class Block(nn.Module):
         self.act = ACTIVATIONS[activation]()
         self.mlp_out = nn.Linear(4 * d_model, d_model, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(x)
+    def forward(self, x: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """(B, S, d) -> (B, S, d); with ``last_only`` (B, 1, d): only the last position's output."""
+        x = (x[:, -1:] if last_only else x) + self.attn(x, last_only)
         return x + self.mlp_out(self.act(self.mlp_in(x)))
 
 
@@ -112,7 +118,12 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # tokens: (B, S) int64
         x = self.embed(tokens) + self.pos
-        return self.unembed(self.blocks(x)[:, -1])
+        # The logits read the last position only, so the last block computes only that position
+        # (its other positions feed nothing): the same function at a third of the last MLP's cost.
+        *body, last = self.blocks
+        for block in body:
+            x = block(x)
+        return self.unembed(last(x, last_only=True)[:, -1])
 
 
 class UV(nn.Module):

@@ -52,11 +52,31 @@ def default_dtype(dtype: torch.dtype):
 
 
 def init_model(cfg: dict[str, Any], data: Dataset) -> torch.nn.Module:
-    """The run's initial model: PyTorch default init under ``torch.manual_seed(seed)``."""
+    """The run's initial model: PyTorch default init under ``torch.manual_seed(seed)``; with
+    ``fixed_norm`` = alpha every initial parameter is then multiplied by alpha."""
     dtype = DTYPES[cfg["dtype"]]
     with default_dtype(dtype):
         torch.manual_seed(cfg["seed"])
-        return build_model(cfg, data.input_shape, data.out_dim, data.vocab)
+        model = build_model(cfg, data.input_shape, data.out_dim, data.vocab)
+    if cfg.get("fixed_norm") is not None:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(float(cfg["fixed_norm"]))
+    return model
+
+
+@torch.no_grad()
+def total_norms(params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(P,) L2 norm of each member's parameters, all tensors together (stacked (P, ...) tensors)."""
+    return torch.sqrt(sum(p.reshape(p.shape[0], -1).pow(2).sum(1) for p in params.values()))
+
+
+@torch.no_grad()
+def renormalise(params: dict[str, torch.Tensor], target: torch.Tensor, mask: torch.Tensor) -> None:
+    """Rescale the members in ``mask`` (P,) so their total parameter norm is ``target`` (P,); in place."""
+    scale = torch.where(mask, target / total_norms(params), torch.ones_like(target))
+    for p in params.values():
+        p.mul_(scale.reshape((-1,) + (1,) * (p.dim() - 1)).to(p.dtype))
 
 
 def member_embed_lr(cfg: dict[str, Any]) -> float:
@@ -403,6 +423,9 @@ def train_population(
                         context={"model": base, "buffers": buffers, "data": data, "loss": loss_name})
     results = [MemberResult(m.run_id, m.config, extra={"lambda0": float(lambda0[i]), "lr_actual": float(hp["lr"][i])})
                for i, m in enumerate(members)]
+    # constrained training: members with fixed_norm keep the total norm they start with (after init scaling)
+    constrained = torch.tensor([m.config.get("fixed_norm") is not None for m in members])
+    target_norm = total_norms(params)
     state = TrainState(step=0, params=params, opt=opt, streams=streams, active=torch.ones(P, dtype=torch.bool),
                        init_loss=None, members=results, recorder=recorder)
     if resume is not None:
@@ -455,6 +478,8 @@ def train_population(
         if not active.any() or step == steps:
             break
         opt.step(params, grads, active)
+        if constrained.any():
+            renormalise(params, target_norm, constrained & active)
         recorder.after_update(step, opt)
 
     for i, r in enumerate(results):

@@ -352,7 +352,7 @@ def runs_table(result: Any, pop_id: str, node: str | None = None) -> pa.Table:
     for f in table.schema:
         if pa.types.is_integer(f.type) and f.name in ("lr", "momentum", "weight_decay", "dampening", "beta1", "beta2", "eps",
                                                       "init_scale", "divergence_factor", "embed_lr",
-                                                      "embed_weight_decay", "lambda0", "lr_actual"):
+                                                      "embed_weight_decay", "lambda0", "lr_actual", "fixed_norm"):
             f = f.with_type(pa.float64())
         elif pa.types.is_null(f.type):  # an unset option (e.g. loss: default) stays a typed, nullable column
             f = f.with_type(pa.string())

@@ -50,6 +50,8 @@ def train_single(cfg: dict[str, Any], data: Dataset | None = None, record: bool 
         params = {k: v.detach() for k, v in model.named_parameters()}
         lr = lr / member_ntk(model, params, dict(model.named_buffers()), x_curv)[0]
     opt = make_optimizer(cfg, model.named_parameters(), lr=lr)
+    fixed_norm = cfg.get("fixed_norm") is not None  # constrained training: hold the initial total norm
+    norm0 = torch.sqrt(sum(p.detach().pow(2).sum() for p in model.parameters()))
     stream = BatchStream(len(data.x_train), cfg["batch_size"], cfg["seed"])
     loss_name = cfg["loss"] or data.default_loss
     n_eval = min(cfg["eval_size"], len(data.x_train))
@@ -73,6 +75,11 @@ def train_single(cfg: dict[str, Any], data: Dataset | None = None, record: bool 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if fixed_norm:
+            with torch.no_grad():
+                scale = norm0 / torch.sqrt(sum(p.pow(2).sum() for p in model.parameters()))
+                for p in model.parameters():
+                    p.mul_(scale)
     out["weights"] = np.stack(out["weights"]) if out["weights"] else np.empty((0, 0))
     out["lr"] = lr
     return out
