@@ -14,6 +14,7 @@ in results, experiment state) does not grow with the number of runs.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -25,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 # Tune's own console tables are replaced by raydyn's progress line (verbose=0 + the legacy
 # output engine is silent; the new engine still prints a configuration box).
@@ -79,14 +80,40 @@ def _check_reachable(address: str) -> None:
                           f"(waited {CONNECT_TIMEOUT_S:g} s; is the head node running, and the port open?)") from None
 
 
+@contextlib.contextmanager
+def _loopback_only() -> Iterator[None]:
+    """While a local Ray starts inside this block, it binds every port to 127.0.0.1.
+
+    On Linux Ray 2.60 replaces a loopback node address by the machine's routable one and its
+    GCS, raylet and workers then listen on all interfaces. With its multi-node mode off (the
+    mode Ray runs in on macOS and Windows, ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``) the node
+    address stays 127.0.0.1 and every server listens there. The driver reads the setting at
+    import, so it is flipped for the driver too; both are restored afterwards, so a later
+    connection to a real cluster from this process is unaffected.
+    """
+    from ray._private import ray_constants  # the flag has no public setter
+
+    key = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    env_before, flag_before = os.environ.get(key), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[key], ray_constants.ENABLE_RAY_CLUSTER = "0", False  # child processes read the variable
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = flag_before
+        if env_before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = env_before
+
+
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Attach to ``address`` (or $RAY_ADDRESS), or start an embedded local Ray.
 
     The embedded Ray is always a new instance (``address="local"``): it never joins a
-    cluster it happens to find on the machine. It runs without a dashboard and with
-    Ray's token authentication (Ray's default for local instances); note that Ray
-    2.60 binds its gRPC ports on all interfaces whatever ``_node_ip_address`` says.
-    A SIGTERM handler installed by the caller (the CLI's) survives ``ray.init``.
+    cluster it happens to find on the machine. It runs without a dashboard, with Ray's
+    token authentication (Ray's default for local instances), and every port it opens
+    listens on 127.0.0.1 only (:func:`_loopback_only`). A SIGTERM handler installed by
+    the caller (the CLI's) survives ``ray.init``.
     """
     if ray.is_initialized():
         return
@@ -104,8 +131,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         # Ray starts workers at niceness 15; on a shared machine they then lose the CPU to anything
         # else running, and a sweep crawls. Trials are the work here: run them at normal priority.
         os.environ.setdefault("RAY_worker_niceness", "0")
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1",
-                 _node_ip_address="127.0.0.1", **kwargs)
+        with _loopback_only():
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, dashboard_host="127.0.0.1",
+                     _node_ip_address="127.0.0.1", **kwargs)
     if main and callable(previous):  # ray.init replaces SIGTERM with a bare sys.exit
         signal.signal(signal.SIGTERM, previous)
 

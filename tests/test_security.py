@@ -51,8 +51,8 @@ def test_embedded_ray_is_new_has_no_dashboard_and_needs_a_token():
     """The embedded Ray (no --address) starts its own instance without a dashboard, with token authentication.
 
     A "current cluster" file naming another (here: dead) cluster is ignored: `ray.init()` without
-    address="local" would try to join it. Ray 2.60 binds its gRPC ports on all interfaces
-    whatever the node IP, so token authentication is what guards them.
+    address="local" would try to join it. Every port of every Ray process (GCS, raylet, agents,
+    workers, the driver) listens on the loopback interface only.
     """
     with tempfile.TemporaryDirectory(prefix="rds", dir="/tmp") as tmp:
         bogus = f"127.0.0.1:{_closed_port()}"
@@ -69,6 +69,12 @@ def test_embedded_ray_is_new_has_no_dashboard_and_needs_a_token():
     assert all("--minimal" in c and "--host=127.0.0.1" in c for c in info["dashboard_head"]), info["dashboard_head"]
     assert all(port != 8265 for _, port, _ in info["listening"]), info["listening"]  # Ray's dashboard port
     assert info["token_auth"]
+    assert info["gcs_address"].startswith("127.0.0.1:"), info["gcs_address"]
+    names = {name for _, _, name in info["listening"]}
+    assert {"gcs_server", "raylet"} <= names, info["listening"]  # the probe sees Ray's servers
+    exposed = [(ip, port, name) for ip, port, name in info["listening"]
+               if ip not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")]
+    assert exposed == [], f"listening beyond loopback: {exposed}"
 
 
 # ---------------------------------------------------------------------------- nothing is unpickled
