@@ -141,6 +141,20 @@ def sweep_status_cmd(
 
 
 # ------------------------------------------------------------------------------ query
+def _csv_ready(table):
+    """CSV has no nested values: list/struct/map columns become one JSON text per cell."""
+    import pyarrow as pa
+
+    nested = (pa.types.is_list, pa.types.is_large_list, pa.types.is_fixed_size_list, pa.types.is_struct,
+              pa.types.is_map)
+    for i, f in enumerate(table.schema):
+        if any(is_(f.type) for is_ in nested):
+            text = pa.array([None if v is None else json.dumps(v, default=str) for v in table.column(i).to_pylist()],
+                            pa.string())
+            table = table.set_column(i, pa.field(f.name, pa.string()), text)
+    return table
+
+
 @app.command("query")
 def query(
     sql: str = typer.Argument(..., help="SQL over the store's tables (runs, metrics, weights, and analysis tables)."),
@@ -159,7 +173,7 @@ def query(
         import pyarrow.csv as pacsv
 
         buf = __import__("io").BytesIO()
-        pacsv.write_csv(table, buf)
+        pacsv.write_csv(_csv_ready(table), buf)
         sys.stdout.write(buf.getvalue().decode())
     elif fmt == "json":
         sys.stdout.write(json.dumps(table.to_pylist(), default=str, indent=1) + "\n")

@@ -1,6 +1,8 @@
 """End to end on the shared Ray instance: sweep file -> Tune trials -> store -> query -> phase map."""
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import signal
@@ -111,6 +113,13 @@ def test_query_cli(swept):
     r = subprocess.run([sys.executable, "-m", "raydyn.cli", "query", "DELETE FROM runs", "--store", store.local_path()],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "read-only" in r.stderr and "Traceback" not in r.stderr
+    # CSV has no lists: a list column (weight_norms, or a SQL list()) is written as JSON text per cell
+    sql = "SELECT lr, list(seed ORDER BY seed) AS seeds FROM runs WHERE width = 8 AND depth = 1 GROUP BY lr ORDER BY lr"
+    r = subprocess.run([sys.executable, "-m", "raydyn.cli", "query", sql, "--store", store.local_path(), "--format", "csv"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader(io.StringIO(r.stdout)))
+    assert [(float(x["lr"]), json.loads(x["seeds"])) for x in rows] == [(0.01, [0, 1]), (0.1, [0, 1]), (200.0, [0, 1])]
 
 
 def test_phase_map_has_one_panel_per_facet(swept, tmp_path):
