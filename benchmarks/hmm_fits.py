@@ -5,8 +5,8 @@ training runs whose metric sequences get their own HMM. For every group we fit
 k = 1..max_states with `restarts` random restarts (the independent ``fit_one`` jobs of
 :mod:`raydyn.analysis.hmm`), then ``select`` in the driver.
 
-    python benchmarks/hmm_fits.py                 # 16 groups: ~2-3 min on 2 cores
-    python benchmarks/hmm_fits.py --groups 64     # the full size: 64 x 6 x 3 = 1152 fits
+    python benchmarks/hmm_fits.py                 # the size: 64 x 6 x 3 = 1152 fits, ~10 min on 2 cores
+    python benchmarks/hmm_fits.py --groups 16     # a quicker look: ~2-3 min
 
 Fairness: BLAS/OpenMP threads are pinned to 1 for BOTH paths (environment variables set
 before numpy is imported, inherited by Ray workers; ``fit_one`` additionally limits BLAS
@@ -107,7 +107,7 @@ def run_ray(groups, jobs, cov, remote_fit, worker_pids):
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--groups", type=int, default=16, help="number of groups (full size: 64)")
+    ap.add_argument("--groups", type=int, default=64, help="number of groups")
     ap.add_argument("--max-states", type=int, default=6)
     ap.add_argument("--restarts", type=int, default=3)
     ap.add_argument("--n-seq", type=int, default=10, help="runs per group")

@@ -210,6 +210,7 @@ def report_section(store, sweep: str) -> list[tuple[str, bytes]]:
     trans = store.table("hmm_transitions", sweep=sweep).to_pandas()
     states = store.table("hmm_states", sweep=sweep).to_pandas()
     summary = store.table("hmm_summary", sweep=sweep).to_pandas()
+    detours = store.table("hmm_detours", sweep=sweep).to_pandas() if "hmm_detours" in store.tables() else []
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for g, d in models.groupby("group"):
         ax.plot(d.k, d.bic, marker="o", label=g)
@@ -241,7 +242,8 @@ def report_section(store, sweep: str) -> list[tuple[str, bytes]]:
             edges.append(MapEdge(int(e.src), int(e.dst), float(e.prob), int(e.count), int(e.n_runs), change, order,
                                  tuple((feats[i], float(change[i])) for i in order)))
         buf = io.BytesIO()
-        fig = plot_training_map(TrainingMap(nodes, tuple(edges), feats), title=f"{g}: {k} states")
+        det = detours[(detours.group == g) & detours.detour].state.astype(int).tolist() if len(detours) else []
+        fig = plot_training_map(TrainingMap(nodes, tuple(edges), feats), title=f"{g}: {k} states", detours=det)
         fig = getattr(fig, "figure", fig)
         fig.savefig(buf, format="png", dpi=90)
         plt.close(fig)

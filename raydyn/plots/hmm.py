@@ -38,6 +38,8 @@ def plot_training_map(
     title: str | None = None,
     ax=None,
     dpi: int = 120,
+    detours=(),
+    max_labels: int = 8,
 ):
     """Draw states as circles (area ~ occupancy) and observed transitions as arrows.
 
@@ -49,6 +51,9 @@ def plot_training_map(
         title: figure title.
         ax: draw into this matplotlib Axes instead of a new figure.
         dpi: resolution of the PNG.
+        detours: states to mark as detour states (red ring, and named in a legend).
+        max_labels: only the edges taken by the most runs (this many) carry a label, so that
+            maps with many states stay legible; the others are drawn unlabelled.
 
     Returns:
         the matplotlib ``Figure``.
@@ -63,8 +68,12 @@ def plot_training_map(
         raise ValueError(f"top_features={top_features}; must be >= 0")
     k = len(tmap.nodes)
     pos = _layout(k)
+    if max_labels < 0:
+        raise ValueError(f"max_labels={max_labels}; must be >= 0")
+    detours = {int(d) for d in detours}
     if ax is None:
-        fig, ax = plt.subplots(figsize=(6.5, 6.0))
+        side = 6.0 + 0.4 * max(0, k - 5)  # more states: a larger canvas at the same font size
+        fig, ax = plt.subplots(figsize=(side + 0.5, side))
     else:
         fig = ax.figure
 
@@ -75,17 +84,24 @@ def plot_training_map(
     colors = plt.get_cmap("viridis")([s / max(k - 1, 1) for s in range(k)])
     circles = []
     for node, (x, y), r, c in zip(tmap.nodes, pos, radii, colors):
-        circles.append(ax.add_patch(plt.Circle((x, y), r, facecolor=c, edgecolor="black", alpha=0.85, zorder=2)))
+        ring = dict(edgecolor="red", linewidth=3.0) if node.state in detours else dict(edgecolor="black", linewidth=1.0)
+        circles.append(ax.add_patch(plt.Circle((x, y), r, facecolor=c, alpha=0.85, zorder=2, **ring)))
+        luminance = 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2]
         ax.annotate(
             f"{node.state}\n{node.occupancy:.0%}",
             (x, y),
             ha="center",
             va="center",
             fontsize=9,
-            color="white" if node.state < 0.6 * k else "black",
+            color="white" if luminance < 0.5 else "black",
             zorder=3,
         )
+    if detours:
+        ax.plot([], [], "o", markerfacecolor="none", markeredgecolor="red", markeredgewidth=2.5,
+                label="detour state" + ("s " if len(detours) > 1 else " ") + ", ".join(map(str, sorted(detours))))
+        ax.legend(loc="lower right", fontsize=8, frameon=False)
 
+    labelled = {id(e) for e in sorted(tmap.edges, key=lambda e: (-e.n_runs, -e.count))[:max_labels]}
     for e in tmap.edges:
         (x0, y0), (x1, y1) = pos[e.src], pos[e.dst]
         arrow = FancyArrowPatch(
@@ -103,6 +119,8 @@ def plot_training_map(
             zorder=1,
         )
         ax.add_patch(arrow)
+        if id(e) not in labelled:
+            continue
         label = f"p={e.prob:.2f}"
         for name, change in e.ranked_features[:top_features]:
             label += f"\n{name} {change:+.2f}"

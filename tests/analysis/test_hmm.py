@@ -5,6 +5,10 @@ import math
 import os
 import random
 
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np
 import pytest
 from hmmlearn.hmm import GaussianHMM
@@ -258,6 +262,15 @@ def test_plot_training_map_writes_png(known, tmp_path):
     plot_training_map(training_map(res), out, title="known 3-state HMM")
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5_000
+    tm = training_map(res)
+    fig = plot_training_map(tm, detours=[1], max_labels=1)
+    ax = fig.axes[0]
+    rings = {round(p.get_linewidth(), 1) for p in ax.patches if isinstance(p, plt.Circle)}
+    assert rings == {1.0, 3.0}  # one red-ringed detour state among plain ones
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["detour state 1"]
+    edge_labels = [t for t in ax.texts if t.get_text().startswith("p=")]
+    assert len(tm.edges) > 1 and len(edge_labels) == 1  # only the most-travelled edge is labelled
+    plt.close(fig)
 
 
 # --------------------------------------------------------------------------- convergence / detours
