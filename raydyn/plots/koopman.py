@@ -32,6 +32,7 @@ def plot_spectra(
     title: str | None = None,
     unit_circle: bool = True,
     ax=None,
+    zoom: bool | None = None,
 ) -> Figure:
     """Eigenvalues in the complex plane, one colour per group.
 
@@ -40,32 +41,53 @@ def plot_spectra(
     spectra : {group name: (n,) complex array, or a list of them (e.g. one per seed)}
     path : optional file to write (PNG by extension)
     unit_circle : draw |lambda| = 1 (set False for continuous-time eigenvalues)
+    zoom : add a second panel zoomed on the eigenvalues (None: when they fill less than a
+        quarter of the full view, e.g. all clustered near 1; only for a new figure)
     """
     if not spectra:
         raise ValueError("spectra is empty: give {group name: eigenvalues}")
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(5.5, 5.5))
-    else:
-        fig = ax.figure
-    if unit_circle:
-        th = np.linspace(0, 2 * np.pi, 400)
-        ax.plot(np.cos(th), np.sin(th), "k--", lw=0.8, alpha=0.6)
-    markers = "o^s*Dvp<>h"
-    for k, (name, eigs) in enumerate(spectra.items()):
+    groups = []
+    for name, eigs in spectra.items():
         if isinstance(eigs, np.ndarray) and eigs.ndim == 1:
             eigs = [eigs]
-        pts = np.concatenate([np.asarray(e, dtype=np.complex128).ravel() for e in eigs])
-        ax.scatter(pts.real, pts.imag, s=22, marker=markers[k % len(markers)],
-                   color=f"C{k % 10}", alpha=0.75, label=f"{name} ({len(eigs)})")
-    ax.axhline(0, color="0.8", lw=0.5, zorder=0)
-    ax.axvline(0, color="0.8", lw=0.5, zorder=0)
-    ax.set_xlabel(r"Re $\lambda$")
-    ax.set_ylabel(r"Im $\lambda$")
+        groups.append((name, len(eigs), np.concatenate([np.asarray(e, dtype=np.complex128).ravel() for e in eigs])))
+    every = np.concatenate([pts for _, _, pts in groups])
+    every = every[np.isfinite(every)]
+    span = max(np.ptp(every.real), np.ptp(every.imag)) if every.size else 0.0
+    full = max(2.0, 2 * float(np.abs(every).max())) if every.size else 2.0
+    if zoom is None:
+        zoom = ax is None and every.size > 0 and span < 0.25 * full
+    if ax is None:
+        fig, axes = plt.subplots(1, 2 if zoom else 1, figsize=(11.0 if zoom else 5.5, 5.5), squeeze=False)
+        axes = list(axes[0])
+    else:
+        fig, axes, zoom = ax.figure, [ax], False
+    markers = "o^s*Dvp<>h"
+    for i, a in enumerate(axes):
+        if unit_circle:
+            th = np.linspace(0, 2 * np.pi, 2000)
+            a.plot(np.cos(th), np.sin(th), "k--", lw=0.8, alpha=0.6)
+        for k, (name, n, pts) in enumerate(groups):
+            a.scatter(pts.real, pts.imag, s=22, marker=markers[k % len(markers)],
+                      color=f"C{k % 10}", alpha=0.75, label=f"{name} ({n})" if i == 0 else None)
+        a.axhline(0, color="0.8", lw=0.5, zorder=0)
+        a.axvline(0, color="0.8", lw=0.5, zorder=0)
+        a.set_xlabel(r"Re $\lambda$")
+        a.set_ylabel(r"Im $\lambda$")
+    if zoom:  # the same points, framed tightly (with the unit circle's arc through them)
+        z = axes[1]
+        pad = max(0.1 * span, 1e-3)
+        cx, cy = (every.real.min() + every.real.max()) / 2, (every.imag.min() + every.imag.max()) / 2
+        half = span / 2 + pad
+        z.set_xlim(cx - half, cx + half)
+        z.set_ylim(cy - half, cy + half)
+        z.set_aspect("equal")
+        z.set_title("zoomed", fontsize=9)
     if unit_circle:
-        ax.set_aspect("equal", "datalim")
-    ax.legend(loc="best", fontsize=8)
+        axes[0].set_aspect("equal", "datalim")
+    axes[0].legend(loc="best", fontsize=8)
     if title:
-        ax.set_title(title)
+        (fig.suptitle if zoom else axes[0].set_title)(title)
     _save(fig, path)
     return fig
 

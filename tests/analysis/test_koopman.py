@@ -497,3 +497,10 @@ def test_plots_write_png(tmp_path, rng):
     order, _ = distance_matrix_order(d)
     assert sorted(order) == [0, 1, 2, 3]
     assert order[0] == 3 or order[-1] == 3  # the odd one out sits at an end of the dendrogram
+    # spread-out spectra: one panel; eigenvalues clustered near 1 get a second, zoomed panel framing them
+    assert len(plot_spectra(groups).axes) == 1
+    near_one = {"A": np.array([1.01 + 0.02j, 1.01 - 0.02j, 0.99]), "B": np.array([1.03, 0.995 + 0.01j, 0.995 - 0.01j])}
+    fig = plot_spectra(near_one)
+    assert len(fig.axes) == 2
+    (x0, x1), (y0, y1) = fig.axes[1].get_xlim(), fig.axes[1].get_ylim()
+    assert 0.98 < x0 < 0.99 and 1.03 < x1 < 1.05 and -0.04 < y0 < -0.02 and 0.02 < y1 < 0.04
