@@ -106,9 +106,15 @@ class TaskSpec(_Model):
     init_perturb: float = Field(0.0, ge=0, description="nearby initialisations: each initial parameter times "
                                 "(1 + init_perturb * U(-1, 1)), drawn from (seed, perturb)")
     perturb: int = Field(0, ge=0, description="index of the perturbation draw (sweep it for several nearby inits)")
+    init: Literal["torch", "nanda"] = Field(
+        "torch", description="initialisation: PyTorch's defaults, or (transformer only) Nanda et al. 2023's: every "
+        "matrix N(0, 1/d_model), the unembedding N(0, 1/vocab), biases 0")
 
     @model_validator(mode="after")
     def _check(self) -> "TaskSpec":
+        if self.init == "nanda" and self.model != "transformer":
+            raise ValueError(f"init: 'nanda' is the transformer initialisation of Nanda et al. 2023; model "
+                             f"{self.model!r} takes init: torch")
         allowed = DATA_OPTIONS[self.dataset]
         for key, value in self.data.items():
             if key not in allowed:
@@ -477,7 +483,7 @@ def _hash(obj: Any, n: int) -> str:
 # unchanged, so stores written before they existed still resume.
 _ID_NEUTRAL: dict[str, Any] = {"curvature_batch": 256, "lr_units": "absolute", "embed_lr": None,
                                "embed_weight_decay": None, "init_perturb": 0.0, "perturb": 0, "bn_eps": 1e-5,
-                               "fixed_norm": None}
+                               "fixed_norm": None, "init": "torch"}
 
 
 def run_id_of(cfg: dict[str, Any]) -> str:

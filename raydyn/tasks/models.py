@@ -167,6 +167,23 @@ class ToyGrok(nn.Module):
         return self.decoder(self.embed[tokens].sum(dim=-2))
 
 
+@torch.no_grad()
+def nanda_init(model: "Transformer") -> None:
+    """Nanda et al. (2023)'s initialisation of the grokking transformer, in place: every matrix
+    (embedding, positions, attention, MLP) N(0, 1/d_model), the unembedding N(0, 1/vocab) with
+    vocab = the embedding's size, every bias 0. Draws from the global RNG (seeded by the caller)."""
+    if not isinstance(model, Transformer):
+        raise ValueError(f"init 'nanda' is for the transformer, not {type(model).__name__}")
+    d = model.embed.embedding_dim
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            p.zero_()
+        elif name.startswith("unembed"):
+            p.normal_(0.0, 1.0 / math.sqrt(model.embed.num_embeddings))
+        else:
+            p.normal_(0.0, 1.0 / math.sqrt(d))
+
+
 def build_model(cfg: dict[str, Any], input_shape: tuple[int, ...], out_dim: int, vocab: int = 0) -> nn.Module:
     """Build the model named by ``cfg['model']`` with freshly initialised parameters.
 
@@ -191,6 +208,8 @@ def build_model(cfg: dict[str, Any], input_shape: tuple[int, ...], out_dim: int,
         m = Transformer(vocab, input_shape[0], out_dim, cfg["depth"], cfg["width"], cfg["heads"], cfg["activation"], cfg["bias"])
     else:  # validated by the spec; a programming error otherwise
         raise ValueError(f"unknown model {kind!r}")
+    if cfg.get("init", "torch") == "nanda":
+        nanda_init(m)
     scale = float(cfg.get("init_scale", 1.0))
     if scale != 1.0:
         with torch.no_grad():
