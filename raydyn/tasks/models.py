@@ -188,7 +188,7 @@ def build_model(cfg: dict[str, Any], input_shape: tuple[int, ...], out_dim: int,
     """Build the model named by ``cfg['model']`` with freshly initialised parameters.
 
     Initialisation uses PyTorch's defaults (seed the global RNG first), each tensor
-    multiplied by ``cfg['init_scale']``.
+    multiplied by ``cfg['init_scale']`` and by ``cfg['fixed_norm']`` when that is set.
     """
     kind = cfg["model"]
     if kind == "mlp" and vocab:
@@ -210,7 +210,8 @@ def build_model(cfg: dict[str, Any], input_shape: tuple[int, ...], out_dim: int,
         raise ValueError(f"unknown model {kind!r}")
     if cfg.get("init", "torch") == "nanda":
         nanda_init(m)
-    scale = float(cfg.get("init_scale", 1.0))
+    # init_scale, and fixed_norm (constrained training starts from alpha x the initial weights)
+    scale = float(cfg.get("init_scale", 1.0)) * float(cfg.get("fixed_norm") or 1.0)
     if scale != 1.0:
         with torch.no_grad():
             for p in m.parameters():

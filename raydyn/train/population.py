@@ -52,17 +52,11 @@ def default_dtype(dtype: torch.dtype):
 
 
 def init_model(cfg: dict[str, Any], data: Dataset) -> torch.nn.Module:
-    """The run's initial model: PyTorch default init under ``torch.manual_seed(seed)``; with
-    ``fixed_norm`` = alpha every initial parameter is then multiplied by alpha."""
+    """The run's initial model: PyTorch default init under ``torch.manual_seed(seed)``."""
     dtype = DTYPES[cfg["dtype"]]
     with default_dtype(dtype):
         torch.manual_seed(cfg["seed"])
-        model = build_model(cfg, data.input_shape, data.out_dim, data.vocab)
-    if cfg.get("fixed_norm") is not None:
-        with torch.no_grad():
-            for p in model.parameters():
-                p.mul_(float(cfg["fixed_norm"]))
-    return model
+        return build_model(cfg, data.input_shape, data.out_dim, data.vocab)
 
 
 @torch.no_grad()
