@@ -526,7 +526,13 @@ def test_concurrent_writers_in_threads_do_not_clobber(store_uri):
     assert store.check().ok
 
 
-def test_reader_never_sees_a_half_written_part(store: Store):
+def test_reader_never_sees_a_half_written_part(store: Store, backend: str):
+    if backend == "s3":
+        # Real S3 replaces an object atomically (a GET sees the old or the new body); the local moto
+        # server used here does not, and a reader racing a replace can get a truncated body (seen once
+        # in ~4 fresh-clone runs). This test would measure moto, not raydyn: the property is checked on
+        # the other backends, and the s3 code path's writes and reads by every other test here.
+        pytest.skip("moto's S3 server does not replace objects atomically, unlike S3")
     small, big = make_metrics(IDS_A, steps=50), make_metrics(IDS_A, steps=400)
     store.write_part("metrics", "s1", "0", small)
     stop = threading.Event()
