@@ -10,7 +10,7 @@ Format (see ``sweeps/quickstart.yaml`` and the README for a tour)::
     name: quickstart              # sweep name; results live under it in the store
     task:                         # what is trained: data set, model, fixed options
       dataset: digits             # teacher | digits | modular | parity
-      data: {}                    # data-set options (see DATA_OPTIONS)
+      data: {}                    # data-set options (see raydyn.tasks.registry)
       model: mlp                  # mlp | cnn | transformer
       depth: 2
       width: 64
@@ -51,37 +51,22 @@ from raydyn.errors import SpecError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
-DATASETS = ("teacher", "digits", "modular", "parity", "tan_sum", "single", "addition")
-MODELS = ("mlp", "cnn", "transformer", "none", "uv", "toy_grok")
 OPTIMIZERS = ("sgd", "adam", "adamw", "omd", "ogd", "bisection")
 DYNAMICS_OPTIMIZERS = ("omd", "ogd", "bisection")
 LOSSES = ("cross_entropy", "mse", "hinge")
-ACTIVATIONS = ("relu", "tanh", "gelu", "linear", "leaky_relu", "sigmoid")
 RECORDABLE = ("weights", "weight_stats", "ntk", "sharpness", "cmd_online", "symmetry", "neurons")  # weights + recorder PROBES and TRACKERS
-
-# Data-set options, their defaults and types. Kept as plain dicts so the data
-# module and the validator agree on one table.
-DATA_OPTIONS: dict[str, dict[str, Any]] = {
-    "teacher": {"n_train": 512, "n_test": 512, "d_in": 16, "d_out": 1, "teacher_width": 32, "noise": 0.1, "seed": 0},
-    "digits": {"test_fraction": 0.2, "seed": 0},
-    "modular": {"p": 97, "train_fraction": 0.3, "seed": 0},
-    "parity": {"n_bits": 40, "k": 3, "n_train": 1000, "n_test": 1000, "seed": 0},
-    # optimiser-as-dynamical-system task (Redman et al. 2024): f(x) = sum tan(x_i), d = 2,
-    # initial conditions on a grid x grid lattice (a run's seed indexes it)
-    "tan_sum": {"grid": 5},
-    "single": {"x": 1.0, "y": 0.0},
-    "addition": {"p": 10, "n_train": 45, "seed": 0},
-}
+SCHEDULES = ("constant", "cosine", "linear", "step")
 
 # Parameters that may differ between members of one population (one Tune trial):
 # they are per-member tensors in the vectorised optimiser. Everything else is
 # shared by a population.
 PER_MEMBER = ("seed", "perturb", "init_perturb", "init_scale", "lr", "momentum", "weight_decay", "dampening", "beta1",
-              "beta2", "eps", "embed_lr", "embed_weight_decay", "fixed_norm")
+              "beta2", "eps", "embed_lr", "embed_weight_decay", "fixed_norm", "schedule", "warmup_steps",
+              "final_lr_factor", "decay_every", "decay_gamma", "clip_grad_norm")
 
 # Train settings that say how a run is executed, not what is trained: they change no result,
 # so they are kept out of run configs (and run ids) and cannot be swept.
-EXECUTION_ONLY = ("checkpoint_every",)
+EXECUTION_ONLY = ("checkpoint_every", "device")
 
 
 class _Model(BaseModel):
@@ -89,19 +74,31 @@ class _Model(BaseModel):
 
 
 class TaskSpec(_Model):
-    """What is trained: data set, model and fixed model options."""
+    """What is trained: data set, model and fixed model options.
 
-    dataset: Literal["teacher", "digits", "modular", "parity", "tan_sum", "single", "addition"]
+    ``model`` and ``dataset`` are names in :mod:`raydyn.tasks.registry`: built-ins, data-from-disk
+    kinds, ``module:callable`` import paths of the user's own code, or names registered by an
+    installed package. Model fields left unset (``None``) take the built-in models' defaults;
+    a plug-in model gets only the fields the sweep sets, plus ``model_options``.
+    """
+
+    dataset: str
     data: dict[str, Any] = Field(default_factory=dict)
-    model: Literal["mlp", "cnn", "transformer", "none", "uv", "toy_grok"] = "mlp"
-    depth: int = Field(2, ge=1, le=64, description="hidden layers (mlp), conv layers (cnn), blocks (transformer, 1-2)")
-    width: int = Field(64, ge=1, le=65536, description="hidden units (mlp), channels (cnn), d_model (transformer)")
-    activation: Literal["relu", "tanh", "gelu", "linear", "leaky_relu", "sigmoid"] = "relu"
-    batch_norm: bool = False
-    bn_eps: float = Field(1e-5, gt=0, description="batch norm epsilon (PyTorch's default 1e-5); a tiny value "
-                          "(e.g. 1e-300 with dtype float64) makes the scale symmetry exact")
-    bias: bool = True
-    heads: int = Field(4, ge=1, le=64)
+    model: str = "mlp"
+    model_options: dict[str, Any] = Field(
+        default_factory=dict, description="keyword options of a plug-in model's factory; each key is sweepable "
+        "as model_options.<key>")
+    depth: int | None = Field(None, ge=1, le=1024, description="hidden layers (mlp), conv layers (cnn), blocks "
+                              "(transformer, 1-2); default 2")
+    width: int | None = Field(None, ge=1, le=65536, description="hidden units (mlp), channels (cnn), d_model "
+                              "(transformer); default 64")
+    activation: str | None = Field(None, description="relu | tanh | gelu | linear | leaky_relu | sigmoid for the "
+                                   "built-in models (default relu); passed as given to a plug-in")
+    batch_norm: bool | None = Field(None, description="built-in mlp/cnn: batch norm after each hidden layer")
+    bn_eps: float | None = Field(None, gt=0, description="batch norm epsilon (PyTorch's default 1e-5); a tiny value "
+                                 "(e.g. 1e-300 with dtype float64) makes the scale symmetry exact")
+    bias: bool | None = Field(None, description="built-in models: layers have biases (default true)")
+    heads: int | None = Field(None, ge=1, le=64, description="transformer attention heads (default 4)")
     init_scale: float = Field(1.0, gt=0, description="multiplies every initial parameter tensor")
     init_perturb: float = Field(0.0, ge=0, description="nearby initialisations: each initial parameter times "
                                 "(1 + init_perturb * U(-1, 1)), drawn from (seed, perturb)")
@@ -110,44 +107,34 @@ class TaskSpec(_Model):
         "torch", description="initialisation: PyTorch's defaults, or (transformer only) Nanda et al. 2023's: every "
         "matrix N(0, 1/d_model), the unembedding N(0, 1/vocab), biases 0")
 
+    @field_validator("model")
+    @classmethod
+    def _model_name(cls, v: str) -> str:
+        from raydyn.tasks import registry
+
+        registry.model(v)  # PluginError (a ValueError for pydantic below) naming the model
+        return v
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset_name(cls, v: str) -> str:
+        from raydyn.tasks import registry
+
+        registry.dataset(v)
+        return v
+
     @model_validator(mode="after")
     def _check(self) -> "TaskSpec":
-        if self.init == "nanda" and self.model != "transformer":
-            raise ValueError(f"init: 'nanda' is the transformer initialisation of Nanda et al. 2023; model "
-                             f"{self.model!r} takes init: torch")
-        allowed = DATA_OPTIONS[self.dataset]
-        for key, value in self.data.items():
-            if key not in allowed:
-                raise ValueError(
-                    f"data: unknown option {key!r} for dataset {self.dataset!r}; allowed: {', '.join(sorted(allowed))}"
-                )
-            default = allowed[key]
-            ok = (
-                isinstance(value, type(default))
-                or (isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool))
-            ) and not (isinstance(value, bool) and not isinstance(default, bool))
-            if not ok:
-                raise ValueError(
-                    f"data.{key}: expected {type(default).__name__}, got {value!r}"
-                )
-        if self.model == "transformer" and self.dataset != "modular":
-            raise ValueError(f"model 'transformer' needs dataset 'modular' (token inputs), got dataset {self.dataset!r}")
-        if self.model == "cnn" and self.dataset != "digits":
-            raise ValueError(f"model 'cnn' needs dataset 'digits' (8x8 images), got dataset {self.dataset!r}")
-        if (self.model == "none") != (self.dataset == "tan_sum"):
-            raise ValueError("dataset 'tan_sum' (optimisers as dynamical systems) goes with model 'none', and only it")
-        if self.model == "uv" and self.dataset != "single":
-            raise ValueError(f"model 'uv' (f = v.u x / sqrt(width)) needs dataset 'single', got dataset {self.dataset!r}")
-        if self.model == "toy_grok" and self.dataset != "addition":
-            raise ValueError(f"model 'toy_grok' needs dataset 'addition' (pairs of symbols), got dataset {self.dataset!r}")
-        if self.model == "transformer" and self.depth > 2:
-            raise ValueError(f"depth: the transformer has 1 or 2 layers, got {self.depth}")
-        if self.model == "transformer" and self.width % self.heads:
-            raise ValueError(f"width (d_model={self.width}) must be divisible by heads ({self.heads})")
+        from raydyn.tasks import registry
+
+        registry.check_task(self.model_dump())
         return self
 
     def data_options(self) -> dict[str, Any]:
-        return {**DATA_OPTIONS[self.dataset], **self.data}
+        """Every option of the data set, defaults filled in and values coerced to their types."""
+        from raydyn.tasks import registry
+
+        return registry.dataset(self.dataset).resolved(self.data)
 
 
 class WeightsSpec(_Model):
@@ -219,6 +206,24 @@ class TrainSpec(_Model):
     eval_size: int = Field(2048, ge=1, description="train-set samples used to evaluate train loss/accuracy")
     divergence_factor: float = Field(1e4, gt=1, description="diverged when loss > factor x initial loss (or NaN/inf)")
     dtype: Literal["float32", "float64"] = "float32"
+    schedule: Literal["constant", "cosine", "linear", "step"] = Field(
+        "constant", description="learning-rate schedule after the warm-up, over the remaining steps: constant; "
+        "cosine (torch CosineAnnealingLR to final_lr_factor x lr); linear (torch LinearLR to final_lr_factor x lr); "
+        "step (torch StepLR: x decay_gamma every decay_every steps)")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up: step t < warmup_steps trains at "
+                              "lr (t + 1) / (warmup_steps + 1) (torch LinearLR, start_factor 1/(warmup_steps + 1))")
+    final_lr_factor: float = Field(0.0, ge=0, le=1, description="cosine/linear schedules end at this x lr")
+    decay_every: int | None = Field(None, ge=1, description="step schedule: steps between decays")
+    decay_gamma: float = Field(0.1, gt=0, le=1, description="step schedule: factor of each decay")
+    clip_grad_norm: float | None = Field(
+        None, gt=0, description="clip each run's gradient to this total L2 norm before the update "
+        "(torch.nn.utils.clip_grad_norm_); grad_norm records the norm before clipping; null: no clipping")
+    precision: Literal["full", "bf16"] = Field(
+        "full", description="full: compute in `dtype`; bf16: forward passes under torch.autocast(bfloat16) "
+        "(parameters, gradients and optimiser state stay in `dtype`)")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where a trial trains: auto = cuda when Ray gave the trial a GPU (resources.gpu), "
+        "else cpu. An execution setting: not part of a run's config or id, not sweepable")
     checkpoint_every: int = Field(
         1000, ge=0,
         description="save a population's full training state every this many steps (0: never), so a trial that "
@@ -237,6 +242,12 @@ class TrainSpec(_Model):
         if self.curvature_every % self.record_every:
             raise ValueError(f"curvature_every ({self.curvature_every}) must be a multiple of record_every "
                              f"({self.record_every}): curvature is measured on record steps")
+        if self.schedule == "step" and self.decay_every is None:
+            raise ValueError("schedule: 'step' needs decay_every (steps between learning-rate decays)")
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be less than steps ({self.steps})")
+        if self.precision == "bf16" and self.dtype == "float64":
+            raise ValueError("precision: bf16 autocasts float32 computation; it does not go with dtype: float64")
         if "cmd_online" in self.record and self.cmd.warmup > self.steps // self.record_every + 1:
             raise ValueError(f"cmd.warmup: {self.cmd.warmup} recorded steps, but steps={self.steps} with "
                              f"record_every={self.record_every} records only {self.steps // self.record_every + 1}")
@@ -291,8 +302,10 @@ class ResourcesSpec(_Model):
 
 def _cross_check(task: TaskSpec, train: TrainSpec) -> None:
     """Rules that tie task and train together (raised as ValueError, reported with the point)."""
+    from raydyn.tasks import registry
+
     dyn = train.optimizer in DYNAMICS_OPTIMIZERS
-    if dyn != (task.model == "none"):
+    if dyn != (registry.model(task.model).trainer == "dynamics"):
         raise ValueError(f"optimizer {train.optimizer!r} "
                          + ("is an optimiser-as-dynamical-system method and needs model 'none' (dataset tan_sum)"
                             if dyn else "trains a network and needs a model (mlp, cnn, transformer), not 'none'"))
@@ -365,11 +378,15 @@ class SweepSpec(_Model):
     # ------------------------------------------------------------------ expansion
     def run_config(self, point: dict[str, Any]) -> "RunConfig":
         """The run at one point of the search space, values coerced to their field types."""
+        from raydyn.tasks import registry
+
         task = self.task.model_dump()
         train = self.train.model_dump()
         for name, value in point.items():
             if name.startswith("data."):
                 task["data"] = {**task["data"], name[5:]: value}
+            elif name.startswith("model_options."):
+                task["model_options"] = {**task["model_options"], name[14:]: value}
             elif name in task:
                 task[name] = value
             else:
@@ -380,11 +397,11 @@ class SweepSpec(_Model):
         except ValueError as e:  # reported per point by expand()
             raise ValidationError.from_exception_data("RunConfig", [
                 {"type": "value_error", "loc": ("train",), "input": point, "ctx": {"error": e}}]) from None
-        data = t.data_options()
-        for k, v in data.items():  # data options keep the type of their default
-            data[k] = type(DATA_OPTIONS[t.dataset][k])(v)
-        cfg = {**t.model_dump(), **tr.model_dump(exclude=set(EXECUTION_ONLY))}
-        cfg["data"] = data
+        task_cfg = registry.builtin_defaults(t.model_dump())
+        if registry.model(t.model).plugin:  # a plug-in reads none of the built-ins' fields: keep them out
+            task_cfg = {k: v for k, v in task_cfg.items() if not (k in registry.BUILTIN_ONLY_FIELDS and v is None)}
+        cfg = {**task_cfg, **tr.model_dump(exclude=set(EXECUTION_ONLY))}
+        cfg["data"] = t.data_options()  # defaults filled in, each value of its option's type
         cfg["record"] = sorted(set(cfg["record"]))
         if "cmd_online" not in cfg["record"]:  # unused settings must not change the run id
             cfg.pop("cmd", None)
@@ -455,16 +472,18 @@ class RunConfig:
         return self.config[key]
 
     def population_key(self) -> str:
-        shared = {k: v for k, v in self.config.items() if k not in PER_MEMBER}
+        shared = {k: v for k, v in self.config.items() if k not in PER_MEMBER
+                  and not (k in _POP_NEUTRAL and v == _POP_NEUTRAL[k])}
         return _hash(shared, 10)
 
     def flat(self) -> dict[str, Any]:
-        """Typed columns for the runs table: every setting, data options as data_<name>."""
+        """Typed columns for the runs table: every setting, data options as data_<name>, a plug-in's
+        model options as model_options_<name> (lists and mappings as JSON text)."""
         out = {}
         for k, v in self.config.items():
-            if k == "data":
+            if k in ("data", "model_options"):
                 for dk, dv in v.items():
-                    out[f"data_{dk}"] = dv
+                    out[column_name(f"{k}.{dk}")] = json.dumps(dv, sort_keys=True) if isinstance(dv, (list, dict)) else dv
             elif k in ("weights", "cmd"):  # nested settings: in config_json
                 continue
             elif k == "record":
@@ -472,6 +491,15 @@ class RunConfig:
             else:
                 out[k] = v
         return out
+
+
+def column_name(param: str) -> str:
+    """The runs-table column of a swept parameter: ``data.p`` -> ``data_p``, ``model_options.k`` ->
+    ``model_options_k``, others unchanged."""
+    for prefix in ("data.", "model_options."):
+        if param.startswith(prefix):
+            return prefix[:-1] + "_" + param[len(prefix):]
+    return param
 
 
 def _hash(obj: Any, n: int) -> str:
@@ -483,16 +511,27 @@ def _hash(obj: Any, n: int) -> str:
 # unchanged, so stores written before they existed still resume.
 _ID_NEUTRAL: dict[str, Any] = {"curvature_batch": 256, "lr_units": "absolute", "embed_lr": None,
                                "embed_weight_decay": None, "init_perturb": 0.0, "perturb": 0, "bn_eps": 1e-5,
-                               "fixed_norm": None, "init": "torch"}
+                               "fixed_norm": None, "init": "torch", "model_options": {}, "schedule": "constant",
+                               "warmup_steps": 0, "final_lr_factor": 0.0, "decay_every": None, "decay_gamma": 0.1,
+                               "clip_grad_norm": None, "precision": "full"}
 
 
-def run_id_of(cfg: dict[str, Any]) -> str:
+# Shared settings added after population ids were first stored: at these values they leave it unchanged.
+_POP_NEUTRAL: dict[str, Any] = {"model_options": {}, "precision": "full"}
+
+
+def _id_view(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The config as it is hashed into ids: settings at their id-neutral values left out."""
     keyed = {k: v for k, v in cfg.items() if not (k in _ID_NEUTRAL and v == _ID_NEUTRAL[k])}
     if isinstance(keyed.get("weights"), dict) and keyed["weights"].get("dtype") == "float32":
         keyed["weights"] = {k: v for k, v in keyed["weights"].items() if k != "dtype"}
     if not {"ntk", "sharpness"} & set(cfg.get("record", ())):
         keyed.pop("curvature_every", None)  # only read by the curvature probes
-    return "r" + _hash(keyed, 15)
+    return keyed
+
+
+def run_id_of(cfg: dict[str, Any]) -> str:
+    return "r" + _hash(_id_view(cfg), 15)
 
 
 @dataclass(frozen=True)
@@ -588,9 +627,14 @@ def _format_errors(err: ValidationError, source: str) -> str:
 
 def _check_parameters(spec: SweepSpec, source: str) -> None:
     """Every swept name must exist, and every listed value must validate in place."""
-    task_fields = set(TaskSpec.model_fields) - {"data", "dataset"}
-    train_fields = set(TrainSpec.model_fields) - {"record", "weights", "cmd"}
-    allowed = sorted(task_fields | train_fields) + [f"data.{k}" for k in DATA_OPTIONS[spec.task.dataset]]
+    from raydyn.tasks import registry
+
+    task_fields = set(TaskSpec.model_fields) - {"data", "dataset", "model_options"}
+    train_fields = set(TrainSpec.model_fields) - {"record", "weights", "cmd"} - set(EXECUTION_ONLY)
+    d_entry, m_entry = registry.dataset(spec.task.dataset), registry.model(spec.task.model)
+    allowed = sorted(task_fields | train_fields) + [f"data.{k}" for k in d_entry.options]
+    if m_entry.plugin:
+        allowed += [f"model_options.{k}" for k in m_entry.accepts if k not in ("input_shape", "out_dim")]
     problems = []
     for pname, p in spec.parameters.items():
         where = f"parameters.{pname}"
@@ -601,8 +645,12 @@ def _check_parameters(spec: SweepSpec, source: str) -> None:
         if pname == "dataset":
             problems.append(f"{where}: the dataset cannot be swept within one sweep; write one sweep per dataset")
             continue
-        if pname not in allowed:
-            problems.append(f"{where}: unknown parameter {pname!r}; sweepable: {', '.join(allowed)}")
+        open_key = (pname.startswith("data.") and d_entry.open_options) or \
+            (pname.startswith("model_options.") and m_entry.plugin and m_entry.open_kwargs)
+        if pname not in allowed and not open_key:
+            problems.append(f"{where}: unknown parameter {pname!r}; sweepable: {', '.join(allowed)}"
+                            + ("; a plug-in model's own options are swept as model_options.<name>"
+                               if m_entry.plugin and "." not in pname else ""))
             continue
         values = p.listed() if p.is_list() else [p.min, p.max]
         for i, v in enumerate(values):
@@ -610,6 +658,9 @@ def _check_parameters(spec: SweepSpec, source: str) -> None:
             try:
                 if pname.startswith("data."):
                     TaskSpec.model_validate({**spec.task.model_dump(), "data": {**spec.task.data, pname[5:]: v}})
+                elif pname.startswith("model_options."):
+                    TaskSpec.model_validate({**spec.task.model_dump(),
+                                             "model_options": {**spec.task.model_options, pname[14:]: v}})
                 elif pname in task_fields:
                     if p.distribution == "int_uniform" or pname in ("depth", "width", "heads"):
                         v = int(v) if isinstance(v, float) and v.is_integer() and not p.is_list() else v

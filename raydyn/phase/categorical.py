@@ -95,6 +95,11 @@ def _check_columns(runs: pa.Table, names: Sequence[tuple[str, str]]) -> None:
 
 def category_map_info(runs: pa.Table, metric: str, x: str, y: str, facets: Sequence[str] = ()) -> CategoryMapInfo:
     """Aggregate a label column of the runs table into a categorical phase-map grid."""
+    from raydyn.spec import column_name
+
+    cols = set(runs.column_names)
+    x, y = (column_name(a) if a not in cols else a for a in (x, y))
+    facets = [column_name(f) if f not in cols else f for f in facets]
     _check_columns(runs, [("--metric", metric), ("--x", x), ("--y", y)] + [("--facet", f) for f in facets])
     if x == y:
         raise RaydynError(f"--x and --y must differ (both are {x!r})")

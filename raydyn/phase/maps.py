@@ -63,8 +63,14 @@ def phase_map_info(
     y: str,
     facets: Sequence[str] = (),
 ) -> PhaseMapInfo:
-    """Aggregate the runs table into a phase-map grid. Raises RaydynError naming unknown columns."""
+    """Aggregate the runs table into a phase-map grid. Raises RaydynError naming unknown columns.
+
+    Axes may be given as swept parameter names (``data.p``, ``model_options.k``) or as columns."""
+    from raydyn.spec import column_name
+
     cols = set(runs.column_names)
+    x, y = (column_name(a) if a not in cols else a for a in (x, y))
+    facets = [column_name(f) if f not in cols else f for f in facets]
     for role, name in [("--metric", metric), ("--x", x), ("--y", y)] + [("--facet", f) for f in facets]:
         if name not in cols:
             numeric = sorted(c for c in cols if pa.types.is_floating(runs.schema.field(c).type)
@@ -239,8 +245,11 @@ def render_phase_map(info: PhaseMapInfo, title: str | None = None, diverged_at: 
 
 
 def default_facets(axes: Sequence[str], x: str, y: str) -> list[str]:
-    """Swept axes left after x and y, without seeds (which are aggregated)."""
-    return [a for a in axes if a not in (x, y, "seed")]
+    """Swept axes left after x and y, without seeds (which are aggregated), as runs-table columns."""
+    from raydyn.spec import column_name
+
+    skip = {column_name(a) for a in (x, y, "seed")}
+    return [column_name(a) for a in axes if column_name(a) not in skip]
 
 
 def facet_combinations(info: PhaseMapInfo) -> list[str]:

@@ -1,9 +1,10 @@
-"""Models. Every model honours ``depth`` and ``width`` so phase maps over them mean something.
+"""The built-in models. Every model honours ``depth`` and ``width`` so phase maps over them mean something.
 
-All models are plain ``nn.Module``s without running-statistics buffers, so a
-population can be trained with ``torch.func.functional_call`` under ``vmap``.
-Batch norm therefore normalises with the statistics of the batch it sees, in
-training and evaluation alike (``track_running_stats=False``).
+They are registered (with their options, checks and the data sets they fit) in
+:mod:`raydyn.tasks.registry`, next to plug-in models. The built-ins have no running-statistics
+buffers: their batch norm normalises with the statistics of the batch it sees, in training and
+evaluation alike (``track_running_stats=False``). Plug-in models may use ordinary batch norm
+(running statistics are then kept per population member, and evaluation uses them).
 """
 from __future__ import annotations
 
@@ -185,38 +186,30 @@ def nanda_init(model: "Transformer") -> None:
 
 
 def build_model(cfg: dict[str, Any], input_shape: tuple[int, ...], out_dim: int, vocab: int = 0) -> nn.Module:
-    """Build the model named by ``cfg['model']`` with freshly initialised parameters.
+    """Build the model named by ``cfg['model']`` (any registry entry: built-in, plug-in, entry point)
+    with freshly initialised parameters (seed the global RNG first); see
+    :meth:`raydyn.tasks.registry.ModelEntry.build`."""
+    from raydyn.tasks import registry
 
-    Initialisation uses PyTorch's defaults (seed the global RNG first), each tensor
-    multiplied by ``cfg['init_scale']`` and by ``cfg['fixed_norm']`` when that is set.
+    return registry.model(cfg["model"]).build(cfg, input_shape, out_dim, vocab)
+
+
+def post_init(m: nn.Module, cfg: dict[str, Any]) -> nn.Module:
+    """raydyn's initialisation options, applied to any freshly built model (built-in or plug-in), in place.
+
+    ``init: nanda`` (transformer), then every parameter multiplied by ``init_scale`` and by
+    ``fixed_norm`` when that is set (constrained training starts from alpha x the initial weights),
+    then nearby initialisations ``x (1 + init_perturb U(-1, 1))`` from a generator of their own
+    seeded by (seed, perturb), so the global RNG stream is untouched.
     """
-    kind = cfg["model"]
-    if kind == "mlp" and vocab:
-        m = nn.Sequential(OneHot(vocab), mlp(input_shape[0] * vocab, out_dim, cfg["depth"], cfg["width"],
-                                             cfg["activation"], cfg["batch_norm"], cfg["bias"], cfg.get("bn_eps", 1e-5)))
-    elif kind == "mlp":
-        m = mlp(math.prod(input_shape), out_dim, cfg["depth"], cfg["width"], cfg["activation"], cfg["batch_norm"], cfg["bias"],
-                cfg.get("bn_eps", 1e-5))
-    elif kind == "cnn":
-        m = cnn(input_shape, out_dim, cfg["depth"], cfg["width"], cfg["activation"], cfg["batch_norm"], cfg["bias"],
-                cfg.get("bn_eps", 1e-5))
-    elif kind == "uv":
-        m = UV(cfg["width"])
-    elif kind == "toy_grok":
-        m = ToyGrok(vocab, out_dim, cfg["depth"], cfg["width"], cfg["activation"], cfg["bias"])
-    elif kind == "transformer":
-        m = Transformer(vocab, input_shape[0], out_dim, cfg["depth"], cfg["width"], cfg["heads"], cfg["activation"], cfg["bias"])
-    else:  # validated by the spec; a programming error otherwise
-        raise ValueError(f"unknown model {kind!r}")
     if cfg.get("init", "torch") == "nanda":
         nanda_init(m)
-    # init_scale, and fixed_norm (constrained training starts from alpha x the initial weights)
     scale = float(cfg.get("init_scale", 1.0)) * float(cfg.get("fixed_norm") or 1.0)
     if scale != 1.0:
         with torch.no_grad():
             for p in m.parameters():
                 p.mul_(scale)
-    eps = float(cfg.get("init_perturb", 0.0))
+    eps = float(cfg.get("init_perturb", 0.0) or 0.0)
     if eps > 0:  # nearby initialisations (Redman et al. 2024): x (1 + eps U(-1, 1)), own generator
         g = torch.Generator().manual_seed(int(cfg.get("seed", 0)) * 100_003 + int(cfg.get("perturb", 0)) + 1)
         with torch.no_grad():
