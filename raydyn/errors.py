@@ -16,3 +16,10 @@ class SpecError(RaydynError):
 
 class StoreError(RaydynError):
     """A store that cannot be read or written."""
+
+
+class DataError(RaydynError):
+    """A data set on disk (or a user's loader) that cannot be read or does not validate.
+
+    The message names the file, folder or import path, and what is wrong with it.
+    """
