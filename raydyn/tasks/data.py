@@ -6,7 +6,7 @@ sweep sees the same data and differs only in initialisation and data order.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -32,15 +32,47 @@ class Dataset:
     out_dim: int
     default_loss: str
     vocab: int = 0  # token vocabulary (modular), 0 for real-valued inputs
+    source: str = ""  # where the data came from (a file or folder), for messages
+    memory_mapped: bool = False  # tensors are backed by memory-mapped files (shared by processes, not copied)
+
+    # What trainers compute in (set by :meth:`to`). In-memory tensors are converted and moved once;
+    # memory-mapped ones stay where they are and each batch is converted as it is taken.
+    dtype: torch.dtype | None = None
+    device: str = "cpu"
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
 
-    def to(self, dtype: torch.dtype) -> "Dataset":
-        conv = (lambda t: t.to(dtype) if t.is_floating_point() else t)
-        return Dataset(conv(self.x_train), conv(self.y_train), conv(self.x_test), conv(self.y_test),
-                       self.kind, self.out_dim, self.default_loss, self.vocab)
+    @property
+    def n_train(self) -> int:
+        return int(self.x_train.shape[0])
+
+    def to(self, dtype: torch.dtype, device: str | torch.device = "cpu") -> "Dataset":
+        """This data set computed in ``dtype`` on ``device``: floating tensors converted, everything moved
+        (memory-mapped data: nothing copied now, :meth:`take`/:meth:`head` convert what they return)."""
+        device = str(torch.device(device))
+        if self.memory_mapped:
+            return replace(self, dtype=dtype, device=device)
+        conv = (lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype))
+        return replace(self, x_train=conv(self.x_train), y_train=conv(self.y_train), x_test=conv(self.x_test),
+                       y_test=conv(self.y_test), dtype=dtype, device=device)
+
+    def _ready(self, t: torch.Tensor) -> torch.Tensor:
+        dtype = self.dtype if (self.dtype is not None and t.is_floating_point()) else t.dtype
+        return t.to(device=self.device, dtype=dtype, non_blocking=True)
+
+    def take(self, split: str, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x[idx], y[idx])`` of ``split`` ("train" | "test"), ready to compute with; ``idx`` any shape."""
+        x, y = (self.x_train, self.y_train) if split == "train" else (self.x_test, self.y_test)
+        idx = idx.to(x.device)
+        return self._ready(x[idx]), self._ready(y[idx])
+
+    def head(self, split: str, n: int | None = None, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Samples ``start .. start + n`` of ``split`` (all from ``start`` when ``n`` is None), ready to compute with."""
+        x, y = (self.x_train, self.y_train) if split == "train" else (self.x_test, self.y_test)
+        stop = len(x) if n is None else min(len(x), start + int(n))
+        return self._ready(x[start:stop]), self._ready(y[start:stop])
 
 
 def teacher(n_train: int, n_test: int, d_in: int, d_out: int, teacher_width: int, noise: float, seed: int) -> Dataset:

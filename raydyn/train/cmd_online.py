@@ -101,7 +101,7 @@ class OnlineCMDTracker:
         for i in np.asarray(idx).tolist():
             if i in self.dropped:
                 continue
-            v = flat[i].double().numpy()
+            v = flat[i].double().cpu().numpy()
             if not np.isfinite(v).all():
                 self.dropped[i] = f"non-finite weights at step {step}"
                 continue

@@ -40,8 +40,7 @@ LANCZOS_RESTARTS, LANCZOS_TOL = 50, 1e-6
 
 def curvature_batch(data: Any, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``n`` training samples ``(x, y)`` (fewer if the training set is smaller)."""
-    n = min(int(n), len(data.x_train))
-    return data.x_train[:n], data.y_train[:n]
+    return data.head("train", n)
 
 
 def _model_fn(model: torch.nn.Module, buffers: dict[str, torch.Tensor]):

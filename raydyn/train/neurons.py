@@ -51,12 +51,12 @@ def neurons_probe(ctx: dict[str, Any]) -> dict[str, torch.Tensor]:
            for k in ("neuron_opt", "neuron_npt", "neuron_dead")}
     if not names:
         return out
-    x = ctx["data"].x_train[:REF_SIZE]
+    x, _ = ctx["data"].head("train", REF_SIZE)
     for i in torch.nonzero(mask).flatten().tolist():
         member = MemberModel(base, {k: v[i] for k, v in params.items()}, {k: v[i] for k, v in buffers.items()})
         if not all(torch.isfinite(v[i]).all() for v in params.values()):
             continue  # a diverged member: no modes
-        modes = neuron_modes(member, x.to(dtype) if x.is_floating_point() else x)
+        modes = neuron_modes(member, x.to(dtype) if x.is_floating_point() else x)  # (float dtype of the params)
         for j, n in enumerate(names):
             opt, npt, dead = modes["base." + n]
             out["neuron_opt"][i, j], out["neuron_npt"][i, j], out["neuron_dead"][i, j] = opt, npt, dead

@@ -4,10 +4,23 @@ A *population* is a set of runs that share data set, architecture, batch size an
 optimiser kind (see :func:`raydyn.spec.populations`). Their parameters are
 stacked along a leading axis P and one training step of all of them is one
 ``vmap``-ed call, so a Ray Tune trial trains P runs for roughly the price of a
-few. Per-member values (seed, lr, momentum, weight decay, Adam betas/eps) are
-(P,) tensors broadcast in the optimiser, which is written out here to be
-exactly PyTorch's update (``torch.optim.SGD``/``Adam``/``AdamW``), so that a
-member's trajectory equals the same run trained alone (tested).
+few. Per-member values (seed, lr, momentum, weight decay, Adam betas/eps,
+schedule, clipping) are (P,) tensors broadcast in the optimiser
+(:mod:`raydyn.train.optim`), which is exactly PyTorch's update, so that a member's
+trajectory equals the same run trained alone with ``torch.optim`` (tested).
+
+The model can be any ``nn.Module`` from the registry (built-in or plug-in):
+
+* buffers (e.g. ``nn.BatchNorm2d``'s running statistics) are kept per member, updated by
+  each member's own training batches; evaluation runs the model in ``eval()`` mode, so it
+  uses them, as a plain PyTorch loop with ``model.eval()`` would;
+* random layers (dropout) draw independent randomness per member (``vmap(randomness=
+  "different")``); the RNG state is part of checkpoints;
+* a model ``vmap`` cannot trace (``.item()``, data-dependent Python control flow, ...) is
+  trained member by member in the same trial, with one warning: slower, same results.
+
+Everything lives on one device (``cpu`` or ``cuda``): parameters, optimiser state, data
+and per-member hyperparameters. The recorder is the one place that copies to the host.
 
 Everything that changes during training is one :class:`TrainState`; its
 :meth:`TrainState.checkpoint` is a :class:`PopulationCheckpoint` (numpy arrays +
@@ -20,11 +33,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
-import os
+import hashlib
 import time
+import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -32,31 +44,17 @@ import torch
 from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 
 from raydyn.spec import PopulationSpec
-from raydyn.tasks.data import Dataset, make_dataset
-from raydyn.tasks.models import build_model
-from raydyn.train.objectives import accuracy, loss_fn
+from raydyn.tasks.build import DTYPES, default_dtype, init_model, load_data  # noqa: F401  (re-exported)
+from raydyn.tasks.data import Dataset
+from raydyn.train.checkpoint import CHECKPOINT_FORMAT, PopulationCheckpoint  # noqa: F401  (re-exported)
 from raydyn.train.curvature import curvature_batch, member_ntk
+from raydyn.train.objectives import accuracy, loss_fn
+from raydyn.train.optim import PopulationOptimizer, Schedule, clip_coefficients  # noqa: F401  (re-exported)
 from raydyn.train.recorder import Recorder
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
-
-@contextlib.contextmanager
-def default_dtype(dtype: torch.dtype):
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
-
-
-def init_model(cfg: dict[str, Any], data: Dataset) -> torch.nn.Module:
-    """The run's initial model: PyTorch default init under ``torch.manual_seed(seed)``."""
-    dtype = DTYPES[cfg["dtype"]]
-    with default_dtype(dtype):
-        torch.manual_seed(cfg["seed"])
-        return build_model(cfg, data.input_shape, data.out_dim, data.vocab)
+class NotVectorisedWarning(UserWarning):
+    """A population is trained member by member because ``vmap`` cannot handle its model."""
 
 
 @torch.no_grad()
@@ -84,8 +82,19 @@ def member_embed_wd(cfg: dict[str, Any]) -> float:
     return cfg["embed_weight_decay"] if cfg.get("embed_weight_decay") is not None else cfg["weight_decay"]
 
 
-def load_data(cfg: dict[str, Any]) -> Dataset:
-    return make_dataset(cfg["dataset"], cfg["data"]).to(DTYPES[cfg["dtype"]])
+def resolve_device(device: str | None) -> torch.device:
+    """``auto`` -> ``cuda`` when CUDA is usable here (Ray sets CUDA_VISIBLE_DEVICES to the trial's GPUs,
+    so a trial without a GPU sees none), else ``cpu``; ``cuda`` without CUDA is an error naming it."""
+    from raydyn.errors import RaydynError
+
+    device = device or "auto"
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RaydynError(f"train.device: {device!r}, but this worker has no usable CUDA device "
+                          f"(torch {torch.__version__}, CUDA build: {torch.version.cuda is not None}); give the "
+                          "trial a GPU with resources.gpu, or use device: auto / cpu")
+    return torch.device(device)
 
 
 class BatchStream:
@@ -93,7 +102,7 @@ class BatchStream:
 
     Full batch (batch_size >= n) always yields all indices in order. Otherwise an
     epoch is a random permutation cut into floor(n / B) batches (the remainder is
-    dropped), and the next epoch draws a new permutation.
+    dropped), and the next epoch draws a new permutation. Indices live on the CPU.
     """
 
     def __init__(self, n: int, batch_size: int, seed: int):
@@ -123,69 +132,117 @@ class BatchStream:
         self.perm = torch.from_numpy(np.ascontiguousarray(perm, dtype=np.int64))
 
 
-# ---------------------------------------------------------------------------- optimisers
-class PopulationOptimizer:
-    """PyTorch's SGD / Adam / AdamW update on stacked (P, ...) parameters, per-member hyperparameters.
+# ---------------------------------------------------------------------------- the model as P functions
+class PopulationFunctions:
+    """A population's per-member loss gradients and forward passes, vectorised when possible.
 
-    SGD (torch.optim.SGD semantics): d = g + wd*p; with momentum, buf = d on the
-    first step, else buf = m*buf + (1-dampening)*d; d = d + m*buf (nesterov) or buf;
-    p -= lr*d. Members with momentum 0 use d directly, as PyTorch does.
-    Adam: g += wd*p (L2); AdamW: p *= 1 - lr*wd (decoupled). Then the bias-
-    corrected moment update of torch.optim.Adam with eps added to sqrt(v_hat).
+    ``base_train`` / ``base_eval``: the model's structure on the ``meta`` device in train / eval
+    mode; parameters and buffers are passed in stacked (P, ...). Buffers are updated in place
+    by training forward passes (batch norm running statistics), never by evaluation.
+
+    ``vectorised`` is decided once by :meth:`check`: a model that ``vmap`` cannot trace falls
+    back to a loop over members (same functions, one member at a time).
     """
 
-    def __init__(self, kind: str, hp: dict[str, torch.Tensor], nesterov: bool = False,
-                 param_hp: dict[str, dict[str, torch.Tensor]] | None = None):
-        # param_hp: parameter name -> its own hyperparameters (a param group), else hp
-        self.kind, self.hp, self.nesterov = kind, hp, nesterov
-        self.param_hp = param_hp or {}
-        self.state: dict[str, dict[str, torch.Tensor]] = {}
-        self.t = 0
+    def __init__(self, base_train: torch.nn.Module, base_eval: torch.nn.Module, loss_name: str,
+                 autocast: torch.device | None = None):
+        self.base_train, self.base_eval, self.loss_name = base_train, base_eval, loss_name
+        self.autocast = autocast  # bf16 autocast on this device type, or None
+        self.vectorised = True
+        self.why_not = ""
 
-    @staticmethod
-    def _b(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return v.reshape((-1,) + (1,) * (like.dim() - 1))
+        def member_loss(p, bufs, x, y):
+            with self._cast():
+                out = functional_call(self.base_train, (p, bufs), (x,))
+            return loss_fn(self.loss_name, out.to(_dtype_of(p)), y)
+
+        def forward(p, bufs, x):
+            with self._cast():
+                out = functional_call(self.base_eval, (p, bufs), (x,))
+            return out.to(_dtype_of(p))
+
+        self._grad_one = grad_and_value(member_loss)
+        self._forward_one = forward
+        self._grad_vmap = vmap(self._grad_one, randomness="different")
+        self._forward_vmap = vmap(forward, in_dims=(0, 0, None), randomness="different")
+
+    def _cast(self):
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.autocast.type, dtype=torch.bfloat16)
+
+    def check(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], xb: torch.Tensor,
+              yb: torch.Tensor) -> None:
+        """Try one vectorised step on copies (two members, two samples); fall back to the loop if it fails."""
+        p2 = {k: v[:2].detach().clone() for k, v in params.items()}
+        b2 = {k: v[:2].clone() for k, v in buffers.items()}  # (batch norm in train mode needs > 1 sample: full batches)
+        state = _rng_state(next(iter(params.values())).device)
+        try:
+            self._grad_vmap(p2, b2, xb[:2], yb[:2])
+            self._forward_vmap(p2, b2, xb[0])
+        except Exception as e:  # noqa: BLE001 -- any failure to trace: the loop computes the same thing
+            self.vectorised = False
+            self.why_not = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        finally:
+            _set_rng_state(state, next(iter(params.values())).device)
+
+    def grad(self, params, buffers, xb, yb) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Per-member gradients (name -> (P, ...)) and batch losses (P,) on batches xb (P, B, ...)."""
+        if self.vectorised:
+            return self._grad_vmap(params, buffers, xb, yb)
+        grads, losses = [], []
+        for i in range(xb.shape[0]):
+            g, l = self._grad_one({k: v[i] for k, v in params.items()}, {k: v[i] for k, v in buffers.items()},
+                                  xb[i], yb[i])
+            grads.append(g)
+            losses.append(l)
+        return {k: torch.stack([g[k] for g in grads]) for k in params}, torch.stack(losses)
 
     @torch.no_grad()
-    def step(self, params: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], active: torch.Tensor) -> None:
-        self.t += 1
-        for name, p in params.items():
-            hp = self.param_hp.get(name, self.hp)
-            g = grads[name]
-            b = lambda v: self._b(v, p)  # noqa: E731
-            st = self.state.setdefault(name, {})
-            if self.kind == "sgd":
-                d = g + b(hp["weight_decay"]) * p
-                if "buf" not in st:
-                    st["buf"] = d.clone()
-                else:
-                    st["buf"] = b(hp["momentum"]) * st["buf"] + (1 - b(hp["dampening"])) * d
-                buf = st["buf"]
-                upd = d + b(hp["momentum"]) * buf if self.nesterov else buf
-                upd = torch.where(b(hp["momentum"]) > 0, upd, d)
-                new = p - b(hp["lr"]) * upd
-            else:
-                if self.kind == "adam":
-                    g = g + b(hp["weight_decay"]) * p
-                    base = p
-                else:  # adamw
-                    base = p * (1 - b(hp["lr"]) * b(hp["weight_decay"]))
-                if "m" not in st:
-                    st["m"], st["v"] = torch.zeros_like(p), torch.zeros_like(p)
-                b1, b2 = b(hp["beta1"]), b(hp["beta2"])
-                st["m"] = st["m"] * b1 + (1 - b1) * g
-                st["v"] = st["v"] * b2 + (1 - b2) * g * g
-                bc1, bc2 = 1 - b1**self.t, 1 - b2**self.t
-                denom = (st["v"].sqrt() / bc2.sqrt()) + b(hp["eps"])
-                new = base - (b(hp["lr"]) / bc1) * st["m"] / denom
-            # diverged members are frozen: their parameters no longer change
-            p.copy_(torch.where(b(active), new, p))
+    def forward(self, params, buffers, x) -> torch.Tensor:
+        """(P, n, out) outputs of every member on the same inputs x (n, ...), in eval mode."""
+        if self.vectorised:
+            return self._forward_vmap(params, buffers, x)
+        P = next(iter(params.values())).shape[0]
+        return torch.stack([self._forward_one({k: v[i] for k, v in params.items()},
+                                              {k: v[i] for k, v in buffers.items()}, x) for i in range(P)])
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"t": self.t, "state": self.state}
 
-    def load_state_dict(self, sd: dict[str, Any]) -> None:
-        self.t, self.state = sd["t"], sd["state"]
+def _dtype_of(p: dict[str, torch.Tensor]) -> torch.dtype:
+    return next(iter(p.values())).dtype
+
+
+def _activation_numel(base: torch.nn.Module, input_shape: tuple[int, ...], tokens: bool) -> int:
+    """Elements of every module output for one sample (a forward on the ``meta`` device: no compute),
+    to size evaluation chunks; a rough upper bound of the activation memory per sample."""
+    total = [0]
+
+    def hook(_m, _i, out):
+        if isinstance(out, torch.Tensor):
+            total[0] += out.numel()
+
+    handles = [m.register_forward_hook(hook) for m in base.modules()]
+    try:
+        shape = (2, *input_shape)  # two samples: batch norm without running statistics needs more than one
+        x = (torch.zeros(shape, dtype=torch.long, device="meta") if tokens
+             else torch.zeros(shape, device="meta", dtype=next(base.parameters()).dtype))
+        with torch.no_grad():
+            base(x)
+    except Exception:  # noqa: BLE001 -- a model meta tensors cannot run through: assume a large one
+        return 1 << 16
+    finally:
+        for h in handles:
+            h.remove()
+    return max(1, total[0] // 2)
+
+
+def _batch_dependent_eval(base: torch.nn.Module) -> bool:
+    """True when the model's eval-mode output for a sample depends on the rest of the batch (batch norm
+    without running statistics normalises with the statistics of the batch it sees): evaluation must
+    then see each evaluation set whole, not in chunks."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    return any(isinstance(m, _BatchNorm) and not m.track_running_stats for m in base.modules())
 
 
 # ---------------------------------------------------------------------------- training
@@ -207,86 +264,63 @@ class PopulationResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-# ---------------------------------------------------------------------------- checkpoints
-CHECKPOINT_FORMAT = 1
-_META, _ARRAYS = "meta.json", "state.npz"
+def _rng_state(device: torch.device) -> dict[str, np.ndarray]:
+    out = {"rng:cpu": torch.random.get_rng_state().numpy().copy()}
+    if device.type == "cuda":
+        out["rng:cuda"] = torch.cuda.get_rng_state(device).numpy().copy()
+    return out
 
 
-@dataclass
-class PopulationCheckpoint:
-    """A population's training state at a step boundary, as JSON metadata plus numpy arrays.
-
-    On disk a checkpoint is a directory with ``state.npz`` (arrays, read back with
-    ``allow_pickle=False``) and ``meta.json`` (written last: a directory with a
-    ``meta.json`` holds a whole checkpoint). Nothing is pickled, so loading a
-    checkpoint cannot run code.
-    """
-
-    meta: dict[str, Any]
-    arrays: dict[str, np.ndarray]
-
-    @property
-    def step(self) -> int:
-        """The step that training resumes at."""
-        return int(self.meta["step"])
-
-    def save(self, directory: str | os.PathLike[str]) -> None:
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        np.savez(d / _ARRAYS, **self.arrays)
-        tmp = d / f".{_META}.tmp"
-        tmp.write_text(json.dumps(self.meta, sort_keys=True))
-        os.replace(tmp, d / _META)
-
-    @classmethod
-    def load(cls, directory: str | os.PathLike[str]) -> "PopulationCheckpoint":
-        d = Path(directory)
-        if not (d / _META).is_file():
-            raise ValueError(f"{d}: not a population checkpoint (no {_META})")
-        meta = json.loads((d / _META).read_text())
-        if meta.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{d}: checkpoint format {meta.get('format')!r}, this raydyn reads {CHECKPOINT_FORMAT}")
-        with np.load(d / _ARRAYS, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-        return cls(meta, arrays)
+def _set_rng_state(arrays: dict[str, np.ndarray], device: torch.device) -> None:
+    if "rng:cpu" in arrays:
+        torch.random.set_rng_state(torch.from_numpy(arrays["rng:cpu"].copy()))
+    if "rng:cuda" in arrays and device.type == "cuda":
+        torch.cuda.set_rng_state(torch.from_numpy(arrays["rng:cuda"].copy()), device)
 
 
 @dataclass
 class TrainState:
     """Everything that changes while a population trains, as of the start of step ``step``.
 
-    Shapes: ``params`` name -> (P, ...); ``active`` (P,) bool; ``init_loss`` (P,) (set at step 0).
-    Everything else (data, model, hyperparameters, buffers) is a pure function of the
-    population's configs and is rebuilt, not stored.
+    Shapes: ``params``/``buffers`` name -> (P, ...); ``active`` (P,) bool; ``init_loss`` (P,) (set at
+    step 0). Everything else (data, model structure, hyperparameters) is a pure function of the
+    population's configs and is rebuilt, not stored. Tensors live on ``device``; checkpoints hold
+    host copies, so a checkpoint resumes on any device.
     """
 
     step: int
     params: dict[str, torch.Tensor]
+    buffers: dict[str, torch.Tensor]
     opt: PopulationOptimizer
     streams: list[BatchStream]
     active: torch.Tensor
     init_loss: torch.Tensor | None
     members: list[MemberResult]
     recorder: Recorder
+    device: torch.device = torch.device("cpu")
     elapsed_s: float = 0.0  # wall time spent training before this state was captured
 
     def checkpoint(self, pop_id: str) -> PopulationCheckpoint:
+        host = lambda t: t.detach().cpu().numpy().copy()  # noqa: E731
         arrays: dict[str, np.ndarray] = {}
         for name, p in self.params.items():
-            arrays[f"param:{name}"] = p.detach().numpy().copy()
+            arrays[f"param:{name}"] = host(p)
+        for name, b in self.buffers.items():
+            arrays[f"buffer:{name}"] = host(b)
         slots: dict[str, list[str]] = {}
         for name, st in self.opt.state.items():
             slots[name] = list(st)
             for slot, v in st.items():
-                arrays[f"opt:{name}:{slot}"] = v.numpy().copy()
+                arrays[f"opt:{name}:{slot}"] = host(v)
         positions = []
         for i, bs in enumerate(self.streams):
             pos, gen, perm = bs.state()
             positions.append(pos)
             arrays[f"stream:{i}:gen"], arrays[f"stream:{i}:perm"] = gen, perm
-        arrays["active"] = self.active.numpy().copy()
+        arrays["active"] = host(self.active)
         if self.init_loss is not None:
-            arrays["init_loss"] = self.init_loss.numpy().copy()
+            arrays["init_loss"] = host(self.init_loss)
+        arrays.update(_rng_state(self.device))
         rec_meta, rec_arrays = self.recorder.state()
         arrays.update({f"rec:{k}": v for k, v in rec_arrays.items()})
         meta = {
@@ -296,6 +330,7 @@ class TrainState:
             "step": self.step,
             "elapsed_s": self.elapsed_s,
             "param_shapes": {k: list(v.shape) for k, v in self.params.items()},
+            "buffer_names": list(self.buffers),
             "opt_t": self.opt.t,
             "opt_slots": slots,
             "stream_pos": positions,
@@ -314,20 +349,31 @@ class TrainState:
         shapes = {k: list(v.shape) for k, v in self.params.items()}
         if meta["param_shapes"] != shapes:
             raise ValueError(f"checkpoint parameters {meta['param_shapes']} do not match the model's {shapes}")
+        dev = self.device
         with torch.no_grad():
             for name, p in self.params.items():
-                p.copy_(torch.from_numpy(arrays[f"param:{name}"]))
+                p.copy_(torch.from_numpy(arrays[f"param:{name}"]).to(dev))
+            for name, b in self.buffers.items():
+                if f"buffer:{name}" in arrays:  # format 1 had no buffers (built-ins have none)
+                    b.copy_(torch.from_numpy(arrays[f"buffer:{name}"]).to(dev))
         self.opt.t = int(meta["opt_t"])
-        self.opt.state = {name: {slot: torch.from_numpy(arrays[f"opt:{name}:{slot}"].copy()) for slot in slots}
+        self.opt.state = {name: {slot: torch.from_numpy(arrays[f"opt:{name}:{slot}"].copy()).to(dev) for slot in slots}
                           for name, slots in meta["opt_slots"].items()}
         for i, bs in enumerate(self.streams):
             bs.load_state(meta["stream_pos"][i], arrays[f"stream:{i}:gen"], arrays[f"stream:{i}:perm"])
-        self.active.copy_(torch.from_numpy(arrays["active"]))
-        self.init_loss = torch.from_numpy(arrays["init_loss"].copy()) if "init_loss" in arrays else None
+        self.active.copy_(torch.from_numpy(arrays["active"]).to(dev))
+        self.init_loss = torch.from_numpy(arrays["init_loss"].copy()).to(dev) if "init_loss" in arrays else None
+        _set_rng_state(arrays, dev)
         for m, d in zip(self.members, meta["members"]):
             m.status, m.diverged_step, m.steps_done = d["status"], d["diverged_step"], d["steps_done"]
         self.recorder.load_state(meta["recorder"], {k[4:]: v for k, v in arrays.items() if k.startswith("rec:")})
         self.step, self.elapsed_s = int(meta["step"]), float(meta["elapsed_s"])
+
+
+def _population_seed(members) -> int:
+    """A seed for the population's own randomness (dropout), from its members' run ids."""
+    h = hashlib.sha256(",".join(m.run_id for m in members).encode()).digest()
+    return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
 
 
 def train_population(
@@ -338,6 +384,8 @@ def train_population(
     checkpoint_every: int = 0,
     on_checkpoint: Callable[[PopulationCheckpoint], None] | None = None,
     resume: PopulationCheckpoint | None = None,
+    device: str | None = "cpu",
+    base_dir: str | None = None,
 ) -> PopulationResult:
     """Train every member of ``pop``; returns per-member status and the recorder's data.
 
@@ -346,102 +394,120 @@ def train_population(
     at the start of every step that is a multiple of it (never at the first step
     trained, nor the last). ``resume`` continues from such a checkpoint; the result is
     bit-for-bit the one of an uninterrupted run (metrics, weights, statuses).
+    ``device``: ``cpu``, ``cuda`` or ``auto`` (:func:`resolve_device`). ``base_dir``: what relative
+    data paths are relative to (the directory the sweep was launched from).
     """
     t0 = time.perf_counter()
     cfg = pop.shared
-    data = data if data is not None else load_data(cfg)
+    dev = resolve_device(device)
+    dtype = DTYPES[cfg["dtype"]]
+    data = (data if data is not None else load_data(cfg, base_dir)).to(dtype, dev)
     members = list(pop.members)
     P = len(members)
-    dtype = DTYPES[cfg["dtype"]]
 
-    # --- stacked initial parameters: member i initialised exactly as if trained alone
+    # --- stacked initial parameters: member i initialised exactly as if trained alone (on the CPU,
+    # under torch.manual_seed(its seed)), then moved to the device
     models = [init_model(m.config, data) for m in members]
+    frozen = {n for n, p in models[0].named_parameters() if not p.requires_grad}  # constants, not trained
     params, buffers = stack_module_state(models)  # name -> (P, ...)
-    params = {k: v.detach().clone() for k, v in params.items()}
+    buffers = {k: v.to(dev) for k, v in buffers.items()}
+    buffers.update({k: params.pop(k).detach().to(dev) for k in frozen})
+    params = {k: v.detach().to(dev).clone() for k, v in params.items()}
     base = copy.deepcopy(models[0]).to("meta")
+    base_eval = copy.deepcopy(base).eval()
+    base.train()
     del models
+    torch.manual_seed(_population_seed(members))  # dropout masks: reproducible, independent per member
 
     loss_name = cfg["loss"] or data.default_loss
     kind = data.kind
+    autocast = dev if cfg.get("precision", "full") == "bf16" else None
+    fns = PopulationFunctions(base, base_eval, loss_name, autocast)
+    tensor = lambda vals: torch.tensor(vals, dtype=dtype, device=dev)  # noqa: E731
 
-    def member_loss(p, bufs, x, y):
-        out = functional_call(base, (p, bufs), (x,))
-        return loss_fn(loss_name, out, y), out
-
-    step_fn = vmap(grad_and_value(member_loss, has_aux=True))
-
-    def forward(p, bufs, x):
-        return functional_call(base, (p, bufs), (x,))
-
-    eval_fn = vmap(forward, in_dims=(0, 0, None))
-
-    hp = {
-        k: torch.tensor([float(m.config[k]) for m in members], dtype=dtype)
-        for k in ("lr", "momentum", "dampening", "weight_decay", "beta1", "beta2", "eps")
-    }
+    hp = {k: tensor([float(m.config[k]) for m in members])
+          for k in ("lr", "momentum", "dampening", "weight_decay", "beta1", "beta2", "eps")}
     # lr in NTK units: member i trains at lr_i / lambda0_i, lambda0 its NTK top eigenvalue at init
     x_curv, _ = curvature_batch(data, cfg["curvature_batch"])
-    lambda0 = torch.full((P,), float("nan"), dtype=dtype)
+    lambda0 = torch.full((P,), float("nan"), dtype=dtype, device=dev)
     if cfg["lr_units"] == "ntk":
         for i in range(P):
             p_i = {k: v[i] for k, v in params.items()}
-            lambda0[i] = member_ntk(base, p_i, {k: v[i] for k, v in buffers.items()}, x_curv)[0]
+            lambda0[i] = member_ntk(base_eval, p_i, {k: v[i] for k, v in buffers.items()}, x_curv)[0]
         hp["lr"] = hp["lr"] / lambda0
     # embedding parameters may have their own lr / weight decay (a second param group)
-    own = lambda key: torch.tensor([m.config[key] is not None for m in members])  # noqa: E731
+    own = lambda key: torch.tensor([m.config[key] is not None for m in members], device=dev)  # noqa: E731
     embed_hp = {**hp,
-                "lr": torch.where(own("embed_lr"), torch.tensor([float(member_embed_lr(m.config)) for m in members],
-                                                                dtype=dtype), hp["lr"]),
-                "weight_decay": torch.tensor([float(member_embed_wd(m.config)) for m in members], dtype=dtype)}
+                "lr": torch.where(own("embed_lr"), tensor([float(member_embed_lr(m.config)) for m in members]),
+                                  hp["lr"]),
+                "weight_decay": tensor([float(member_embed_wd(m.config)) for m in members])}
     param_hp = {name: embed_hp for name in params if name.startswith("embed")}
     opt = PopulationOptimizer(cfg["optimizer"], hp, nesterov=bool(cfg["nesterov"]), param_hp=param_hp)
-    streams = [BatchStream(len(data.x_train), cfg["batch_size"], m.config["seed"]) for m in members]
-    n_eval = min(cfg["eval_size"], len(data.x_train))
-    x_eval, y_eval = data.x_train[:n_eval], data.y_train[:n_eval]
+    schedule = Schedule([m.config for m in members], int(cfg["steps"]), dtype, dev)
+    clip = tensor([float(m.config.get("clip_grad_norm") or "inf") for m in members])
+    clipping = bool(torch.isfinite(clip).any())
+    streams = [BatchStream(data.n_train, cfg["batch_size"], m.config["seed"]) for m in members]
+    n_eval = min(cfg["eval_size"], data.n_train)
+    # evaluation in sample chunks, so that P members' activations stay within ~2^25 elements
+    per_sample = _activation_numel(base_eval, data.input_shape, bool(data.vocab))
+    chunk = max(16, (1 << 25) // max(1, P * per_sample))
+    if _batch_dependent_eval(base_eval):
+        chunk = max(n_eval, int(data.x_test.shape[0]))
 
     @torch.no_grad()
-    def evaluate(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-member mean loss and accuracy on (x, y), in sample chunks to bound memory."""
+    def evaluate(split: str, n: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-member mean loss and accuracy on the first n samples of a split, in chunks."""
+        total = min(n, data.n_train) if n is not None else int(data.x_test.shape[0])
         losses, accs, ns = [], [], []
-        chunk = max(64, 2**22 // max(1, P * cfg["width"] * (4 if cfg["model"] == "transformer" else 1)))
-        for i in range(0, len(x), chunk):
-            out = eval_fn(params, buffers, x[i : i + chunk])  # (P, n, C)
-            yc = y[i : i + chunk]
-            losses.append(vmap(lambda o: loss_fn(loss_name, o, yc))(out))
-            accs.append(vmap(lambda o: accuracy(kind, o, yc))(out))
-            ns.append(len(yc))
-        w = torch.tensor(ns, dtype=dtype) / sum(ns)
+        for start in range(0, total, chunk):
+            x, y = data.head(split, min(chunk, total - start), start)
+            out = fns.forward(params, buffers, x)  # (P, n, C)
+            losses.append(vmap(lambda o: loss_fn(loss_name, o, y))(out))
+            accs.append(vmap(lambda o: accuracy(kind, o, y))(out))
+            ns.append(len(y))
+        w = tensor(ns) / sum(ns)
         return (torch.stack(losses, 1) * w).sum(1), (torch.stack(accs, 1) * w).sum(1)
 
-    recorder = Recorder(cfg, members, params, lrs=hp["lr"].double().numpy(),
-                        context={"model": base, "buffers": buffers, "data": data, "loss": loss_name})
+    recorder = Recorder(cfg, members, params, lrs=hp["lr"].double().cpu().numpy(),
+                        context={"model": base_eval, "buffers": buffers, "data": data, "loss": loss_name})
     results = [MemberResult(m.run_id, m.config, extra={"lambda0": float(lambda0[i]), "lr_actual": float(hp["lr"][i])})
                for i, m in enumerate(members)]
     # constrained training: members with fixed_norm keep the total norm they start with (after init scaling)
-    constrained = torch.tensor([m.config.get("fixed_norm") is not None for m in members])
+    constrained = torch.tensor([m.config.get("fixed_norm") is not None for m in members], device=dev)
     target_norm = total_norms(params)
-    state = TrainState(step=0, params=params, opt=opt, streams=streams, active=torch.ones(P, dtype=torch.bool),
-                       init_loss=None, members=results, recorder=recorder)
+    any_constrained = bool(constrained.any())
+    state = TrainState(step=0, params=params, buffers=buffers, opt=opt, streams=streams,
+                       active=torch.ones(P, dtype=torch.bool, device=dev), init_loss=None, members=results,
+                       recorder=recorder, device=dev)
     if resume is not None:
         state.restore(resume, pop.pop_id)  # in place: the names below stay bound to the state
     recorder, results, active = state.recorder, state.members, state.active
+    alive = active.cpu().numpy().copy()  # host mirror of `active`: no device sync to read it
     factor = float(cfg["divergence_factor"])
     steps, every, eval_every = int(cfg["steps"]), int(cfg["record_every"]), int(cfg["eval_every"])
-    nan = torch.full((P,), float("nan"), dtype=dtype)
+    nan = torch.full((P,), float("nan"), dtype=dtype, device=dev)
     start, before = state.step, state.elapsed_s  # a resumed run continues its step count and clock
+    checked = False
 
     for step in range(start, steps + 1):
         if on_checkpoint is not None and checkpoint_every > 0 and start < step < steps and step % checkpoint_every == 0:
             state.step, state.elapsed_s = step, before + time.perf_counter() - t0
             on_checkpoint(state.checkpoint(pop.pop_id))
         idx = torch.stack([s.next() for s in streams])  # (P, B): each member its own order
-        xb, yb = data.x_train[idx], data.y_train[idx]
-        grads, (batch_loss, _) = step_fn(params, buffers, xb, yb)
+        xb, yb = data.take("train", idx)
+        if not checked:  # can vmap trace this model? (decided once, on the first batch)
+            fns.check(params, buffers, xb, yb)
+            checked = True
+            if not fns.vectorised:
+                warnings.warn(f"population {pop.pop_id}: model {cfg['model']!r} cannot be vectorised with vmap "
+                              f"({fns.why_not}); training its {P} runs one by one in this trial",
+                              NotVectorisedWarning, stacklevel=2)
+        grads, batch_loss = fns.grad(params, buffers, xb, yb)
 
         eval_now = step % eval_every == 0 or step == steps
         record_now = eval_now or step % every == 0
         if eval_now:
-            tr_loss, tr_acc = evaluate(x_eval, y_eval)
+            tr_loss, tr_acc = evaluate("train", n_eval)
         if state.init_loss is None:  # step 0 is always evaluated
             state.init_loss = tr_loss.clone().clamp_min(1e-12)
         init_loss = state.init_loss
@@ -450,33 +516,43 @@ def train_population(
         if eval_now:
             bad |= ~torch.isfinite(tr_loss) | (tr_loss > factor * init_loss)
         newly = active & bad
-        mask = active.clone() if record_now else newly
-        if mask.any():
-            if eval_now or newly.any():  # a diverging run gets a full evaluation at its last step
+        newly_host = newly.cpu().numpy()  # the one host sync of a step that does not record
+        any_new = bool(newly_host.any())
+        if record_now or any_new:
+            mask = active.clone() if record_now else newly
+            if eval_now or any_new:  # a diverging run gets a full evaluation at its last step
                 if not eval_now:
-                    tr_loss, tr_acc = evaluate(x_eval, y_eval)
-                te_loss, te_acc = evaluate(data.x_test, data.y_test)
+                    tr_loss, tr_acc = evaluate("train", n_eval)
+                te_loss, te_acc = evaluate("test", None)
                 train, test = (tr_loss, tr_acc), (te_loss, te_acc)
                 if not eval_now:  # only the diverging members get the evaluation on this step
                     train = (torch.where(newly, tr_loss, nan), torch.where(newly, tr_acc, nan))
                     test = (torch.where(newly, te_loss, nan), torch.where(newly, te_acc, nan))
             else:
                 train, test = (nan, nan), (nan, nan)
-            recorder.record(step, mask, params, grads, opt, train=train, test=test, batch_loss=batch_loss)
+            lr_now = hp["lr"] if (f := schedule.factor(step)) is None else hp["lr"] * f
+            recorder.record(step, mask, params, grads, opt, train=train, test=test, batch_loss=batch_loss,
+                            lr=lr_now, buffers=buffers)
+        if clipping:  # torch.nn.utils.clip_grad_norm_ per member, after recording the unclipped norm
+            _, coef = clip_coefficients(grads, clip)
+            grads = {k: g * coef.reshape((-1,) + (1,) * (g.dim() - 1)) for k, g in grads.items()}
         recorder.on_step(step, params, grads, active)  # per-step trackers (symmetry); diverging members included
-        for i in torch.nonzero(newly).flatten().tolist():
+        for i in np.flatnonzero(newly_host).tolist():
             results[i].status, results[i].diverged_step, results[i].steps_done = "diverged", step, step
-        active &= ~newly
+        if any_new:
+            active &= ~newly
+            alive &= ~newly_host
         if record_now and on_record is not None:
-            on_record(step, int(active.sum()), int((~active).sum()))
-        if not active.any() or step == steps:
+            on_record(step, int(alive.sum()), int((~alive).sum()))
+        if not alive.any() or step == steps:
             break
-        opt.step(params, grads, active)
-        if constrained.any():
+        opt.step(params, grads, active, schedule.factor(step))
+        if any_constrained:
             renormalise(params, target_norm, constrained & active)
         recorder.after_update(step, opt)
 
     for i, r in enumerate(results):
+        r.extra["vectorised"] = fns.vectorised
         if r.status == "completed":
             r.steps_done = steps
     return PopulationResult(results, recorder, before + time.perf_counter() - t0)

@@ -29,6 +29,30 @@ import torch
 
 SKETCH_SEED = 20240601
 
+_NP = {torch.float64: np.float64, torch.float32: np.float32, torch.int64: np.int64, torch.int32: np.int32,
+       torch.bool: np.bool_, torch.uint8: np.uint8, torch.float16: np.float16}
+
+
+def to_host(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Copy tensors to numpy arrays in one device-to-host transfer (their bytes packed into one buffer).
+
+    CPU tensors are returned as views without copying. This is the recorder's one crossing per record.
+    """
+    out: dict[str, np.ndarray] = {}
+    dev = [(k, t) for k, t in tensors.items() if t.device.type != "cpu"]
+    for k, t in tensors.items():
+        if t.device.type == "cpu":
+            out[k] = t.detach().numpy()
+    if dev:
+        flat = [t.detach().contiguous().reshape(-1).view(torch.uint8) for _, t in dev]
+        raw = torch.cat(flat).cpu().numpy()
+        pos = 0
+        for (k, t), f in zip(dev, flat):
+            n = f.numel()
+            out[k] = raw[pos:pos + n].view(_NP[t.dtype]).reshape(tuple(t.shape))
+            pos += n
+    return out
+
 
 def versions() -> dict[str, str]:
     out = {}
@@ -119,11 +143,20 @@ class Recorder:
         self.P = len(members)
         self.names = list(params)
         self.shapes = [tuple(params[n].shape[1:]) for n in self.names]
+        self.snapshot_dtype = torch.float64 if cfg["weights"].get("dtype") == "float64" else torch.float32
         self.want_weights = "weights" in cfg["record"]
         self.probes = [p for p in cfg["record"] if p != "weights" and p not in TRACKERS]
         self._metric_chunks: list[tuple[int, np.ndarray, dict[str, np.ndarray]]] = []
         self._weight_chunks: list[tuple[int, np.ndarray, np.ndarray]] = []
+        self._buffer_chunks: list[tuple[int, np.ndarray, np.ndarray]] = []
+        # floating buffers (batch norm running statistics) are snapshotted with the weights, so that a
+        # stored model evaluates as it did in training (Store.model)
+        bufs = self.context.get("buffers") or {}
+        self.buffer_names = [n for n, b in bufs.items() if b.is_floating_point()]
         self.layout = self._layout(cfg["weights"])
+        if self.buffer_names:
+            self.layout["buffer_names"] = list(self.buffer_names)
+            self.layout["buffer_shapes"] = [list(bufs[n].shape[1:]) for n in self.buffer_names]
         self.trackers = {t: TRACKERS[t](self) for t in cfg["record"] if t in TRACKERS}
         self._per_step = [t for t in self.trackers.values() if getattr(t, "per_step", False)]
 
@@ -151,11 +184,14 @@ class Recorder:
         return layout
 
     def flat_weights(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(P, D) float32 vector of the stored parameters (after any subset/sketch)."""
-        dtype = torch.float64 if self.cfg["weights"].get("dtype") == "float64" else torch.float32
+        """(P, D) vector of the stored parameters (after any subset/sketch), in the snapshot dtype, on the
+        parameters' device."""
+        dtype = self.snapshot_dtype
         flat = torch.cat([params[n].detach().reshape(self.P, -1) for n in self.layout["names"]], dim=1).to(dtype)
         if "countsketch" in self.layout["kind"]:
-            out = torch.zeros(self.P, self.layout["dim"], dtype=dtype)
+            if self._bucket.device != flat.device:
+                self._bucket, self._sign = self._bucket.to(flat.device), self._sign.to(flat.device)
+            out = torch.zeros(self.P, self.layout["dim"], dtype=dtype, device=flat.device)
             out.index_add_(1, self._bucket, flat * self._sign.to(dtype))
             return out
         return flat
@@ -163,10 +199,19 @@ class Recorder:
     # ---------------------------------------------------------------- recording
     @torch.no_grad()
     def record(self, step: int, mask: torch.Tensor, params, grads, opt, train, test, **extra: Any) -> None:
-        idx = torch.nonzero(mask).flatten().numpy()
-        gn = torch.zeros(self.P, dtype=train[0].dtype)
+        """One record of the members in ``mask`` (P,) bool. Everything is computed on the parameters'
+        device and copied to the host in one transfer (:func:`to_host`).
+
+        ``extra``: ``batch_loss`` (P,), optionally ``lr`` (P,) (each member's learning rate at this step;
+        default the constant rate) and ``buffers`` (name -> (P, ...), snapshotted with the weights);
+        anything else is passed to the probes.
+        """
+        first = next(iter(params.values()))
+        gn = torch.zeros(self.P, dtype=torch.float64, device=first.device)
         for g in grads.values():
-            gn += g.reshape(self.P, -1).pow(2).sum(1)
+            gn += g.reshape(self.P, -1).double().pow(2).sum(1)
+        lr = extra.pop("lr", None)
+        buffers = extra.pop("buffers", None)
         cols: dict[str, torch.Tensor] = {
             "batch_loss": extra.pop("batch_loss"),
             "train_loss": train[0],
@@ -179,13 +224,27 @@ class Recorder:
                "state": self.probe_state, **self.context, **extra}
         for probe in self.probes:
             cols.update(PROBES[probe](ctx))
-        arrays = {k: v.detach().double().numpy()[idx] for k, v in cols.items()}
-        norms = torch.stack([params[n].detach().reshape(self.P, -1).norm(dim=1) for n in self.names], dim=1)
-        arrays["weight_norms"] = norms.double().numpy()[idx]  # (len(idx), n_params)
-        arrays["lr"] = self.lrs[idx]
+        pack = {k: v.detach().double() for k, v in cols.items()}
+        pack["weight_norms"] = torch.stack([params[n].detach().reshape(self.P, -1).double().norm(dim=1)
+                                            for n in self.names], dim=1)
+        if lr is not None:
+            pack["lr"] = lr.detach().double()
+        pack["mask"] = mask
+        if self.want_weights:
+            pack["weights"] = self.flat_weights(params)
+            if self.buffer_names and buffers is not None:
+                pack["buffers"] = torch.cat([buffers[n].detach().reshape(self.P, -1) for n in self.buffer_names],
+                                            dim=1).to(self.snapshot_dtype)
+        host = to_host(pack)
+        idx = np.flatnonzero(host.pop("mask"))
+        arrays = {k: host[k][idx] for k in cols}
+        arrays["weight_norms"] = host["weight_norms"][idx]  # (len(idx), n_params)
+        arrays["lr"] = host["lr"][idx] if "lr" in host else self.lrs[idx]
         self._metric_chunks.append((step, idx, arrays))
         if self.want_weights:
-            self._weight_chunks.append((step, idx, self.flat_weights(params).numpy()[idx]))
+            self._weight_chunks.append((step, idx, host["weights"][idx]))
+            if "buffers" in host:
+                self._buffer_chunks.append((step, idx, host["buffers"][idx]))
         for tracker in self.trackers.values():
             tracker.update(step, idx, params)
 
@@ -232,11 +291,12 @@ class Recorder:
         # rows grouped by run, in step order; one numpy gather (Arrow's sort_by on a table of
         # hundreds of MB of snapshots cost as much as writing it)
         order = np.lexsort((steps, member))
-        mat = np.concatenate([w for _, _, w in self._weight_chunks])[order]
-        vec = pa.FixedSizeListArray.from_arrays(pa.array(mat.reshape(-1)), mat.shape[1])
-        vec = vec.cast(pa.list_(pa.float64() if mat.dtype == np.float64 else pa.float32()))
         rid = np.array(self.run_ids, dtype=object)[member[order]]
-        return pa.table({"run_id": rid, "step": steps[order], "weights": vec})
+        cols = {"run_id": rid, "step": steps[order],
+                "weights": _list_column(np.concatenate([w for _, _, w in self._weight_chunks])[order])}
+        if self._buffer_chunks:  # recorded at the same records as the weights
+            cols["buffers"] = _list_column(np.concatenate([b for _, _, b in self._buffer_chunks])[order])
+        return pa.table(cols)
 
     # ---------------------------------------------------------------- checkpoint state
     def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -248,7 +308,8 @@ class Recorder:
         """
         names = list(self._metric_chunks[0][2]) if self._metric_chunks else []
         arrays: dict[str, np.ndarray] = {}
-        for kind, chunks, cols in (("metric", self._metric_chunks, names), ("weight", self._weight_chunks, None)):
+        for kind, chunks, cols in (("metric", self._metric_chunks, names), ("weight", self._weight_chunks, None),
+                                   ("buffer", self._buffer_chunks, None)):
             arrays[f"{kind}_steps"] = np.array([c[0] for c in chunks], dtype=np.int64)
             arrays[f"{kind}_counts"] = np.array([len(c[1]) for c in chunks], dtype=np.int64)
             arrays[f"{kind}_idx"] = (np.concatenate([c[1] for c in chunks]) if chunks else np.zeros(0, np.int64)).astype(np.int64)
@@ -256,7 +317,7 @@ class Recorder:
                 for n in cols:
                     arrays[f"metric:{n}"] = np.concatenate([c[2][n] for c in chunks])
             elif chunks:
-                arrays["weight_mat"] = np.concatenate([c[2] for c in chunks])
+                arrays[f"{kind}_mat"] = np.concatenate([c[2] for c in chunks])
         for tname, tracker in self.trackers.items():
             if hasattr(tracker, "state"):
                 arrays.update({f"tracker:{tname}:{k}": v for k, v in tracker.state().items()})
@@ -277,6 +338,8 @@ class Recorder:
         self._metric_chunks = [(step, idx, {n: arrays[f"metric:{n}"][sl].copy() for n in names})
                                for step, idx, sl in split("metric")]
         self._weight_chunks = [(step, idx, arrays["weight_mat"][sl].copy()) for step, idx, sl in split("weight")]
+        self._buffer_chunks = ([(step, idx, arrays["buffer_mat"][sl].copy()) for step, idx, sl in split("buffer")]
+                               if "buffer_steps" in arrays else [])
         for tname, tracker in self.trackers.items():
             if hasattr(tracker, "load_state"):
                 prefix = f"tracker:{tname}:"
@@ -307,6 +370,12 @@ class Recorder:
                     d["max_train_loss"] = float("inf")
                 d["last_record_step"] = step
         return out
+
+
+def _list_column(mat: np.ndarray) -> pa.Array:
+    """(rows, D) float matrix -> a list<float32|float64> column, one list per row."""
+    vec = pa.FixedSizeListArray.from_arrays(pa.array(mat.reshape(-1)), mat.shape[1])
+    return vec.cast(pa.list_(pa.float64() if mat.dtype == np.float64 else pa.float32()))
 
 
 def runs_table(result: Any, pop_id: str, node: str | None = None) -> pa.Table:
@@ -352,7 +421,8 @@ def runs_table(result: Any, pop_id: str, node: str | None = None) -> pa.Table:
     for f in table.schema:
         if pa.types.is_integer(f.type) and f.name in ("lr", "momentum", "weight_decay", "dampening", "beta1", "beta2", "eps",
                                                       "init_scale", "divergence_factor", "embed_lr",
-                                                      "embed_weight_decay", "lambda0", "lr_actual", "fixed_norm"):
+                                                      "embed_weight_decay", "lambda0", "lr_actual", "fixed_norm",
+                                                      "final_lr_factor", "decay_gamma", "clip_grad_norm", "bn_eps"):
             f = f.with_type(pa.float64())
         elif pa.types.is_null(f.type):  # an unset option (e.g. loss: default) stays a typed, nullable column
             f = f.with_type(pa.string())

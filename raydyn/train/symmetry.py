@@ -82,6 +82,9 @@ class GroupSums:
         out = None
         for (name, axis), S in self.mats.items():
             t = tensors[name].detach().to(torch.float64)
+            if S.device != t.device:  # the population trains on a GPU: keep the plan there
+                S = self.mats[(name, axis)] = S.to(t.device)
+                self.linear = self.linear.to(t.device)
             P = t.shape[0]
             moved = t.movedim(axis + 1, 1).reshape(P, t.shape[axis + 1], -1)
             sq = (moved * moved).sum(-1) @ S
@@ -90,7 +93,7 @@ class GroupSums:
             else:
                 val = torch.where(self.linear, moved.sum(-1) @ S, sq)
             out = val if out is None else out + val
-        return out.numpy() if out is not None else np.zeros((0, 0))
+        return out.cpu().numpy() if out is not None else np.zeros((0, 0))
 
 
 class SymmetryTracker:
@@ -127,7 +130,7 @@ class SymmetryTracker:
         if not self.groups:
             return
         self.steps.append(int(step))
-        self.active.append(active.numpy().copy())
+        self.active.append(active.cpu().numpy().copy())
         self.q.append(self.sums(params))
         self._grad_sq = self.sums(grads, square=True)
         self.drive.append(np.full_like(self.q[-1], np.nan))  # filled by after_update when an update follows

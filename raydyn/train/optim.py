@@ -1,0 +1,166 @@
+"""The population's optimiser: PyTorch's update rules on stacked (P, ...) parameters, per-member
+hyperparameters, learning-rate schedules and gradient clipping.
+
+Every rule is written to be exactly PyTorch's (tested against ``torch.optim``,
+``torch.optim.lr_scheduler`` and ``torch.nn.utils.clip_grad_norm_``), member by member:
+
+* :data:`UPDATES` -- one function per optimiser kind (``sgd``, ``adam``, ``adamw``), from
+  (parameter, gradient, state, hyperparameters) to the new parameter;
+* :class:`Schedule` -- each member's learning-rate factor at a step (warm-up, then constant,
+  cosine, linear or step decay), computed on the device from (P,) tensors;
+* :func:`clip_coefficients` -- each member's ``clip_grad_norm_`` factor.
+
+Shapes: P members; every hyperparameter is a (P,) tensor broadcast against (P, ...) parameters.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def _b(v: Tensor, like: Tensor) -> Tensor:
+    """(P,) -> (P, 1, ..., 1) to broadcast against ``like`` (P, ...)."""
+    return v.reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+def _sgd(p: Tensor, g: Tensor, st: dict[str, Tensor], hp: dict[str, Tensor], lr: Tensor, t: int,
+         nesterov: bool) -> Tensor:
+    """torch.optim.SGD: d = g + wd p; with momentum buf = d (first step) else m buf + (1 - dampening) d;
+    d = d + m buf (nesterov) or buf; members with momentum 0 use d directly; p - lr d."""
+    b = lambda v: _b(v, p)  # noqa: E731
+    d = g + b(hp["weight_decay"]) * p
+    if "buf" not in st:
+        st["buf"] = d.clone()
+    else:
+        st["buf"] = b(hp["momentum"]) * st["buf"] + (1 - b(hp["dampening"])) * d
+    buf = st["buf"]
+    upd = d + b(hp["momentum"]) * buf if nesterov else buf
+    upd = torch.where(b(hp["momentum"]) > 0, upd, d)
+    return p - b(lr) * upd
+
+
+def _adam_like(decoupled: bool) -> Callable[..., Tensor]:
+    def update(p: Tensor, g: Tensor, st: dict[str, Tensor], hp: dict[str, Tensor], lr: Tensor, t: int,
+               nesterov: bool) -> Tensor:
+        """torch.optim.Adam (L2: g += wd p) / AdamW (decoupled: p *= 1 - lr wd), then the bias-corrected
+        moment update with eps added to sqrt(v_hat)."""
+        b = lambda v: _b(v, p)  # noqa: E731
+        if decoupled:
+            base = p * (1 - b(lr) * b(hp["weight_decay"]))
+        else:
+            g = g + b(hp["weight_decay"]) * p
+            base = p
+        if "m" not in st:
+            st["m"], st["v"] = torch.zeros_like(p), torch.zeros_like(p)
+        b1, b2 = b(hp["beta1"]), b(hp["beta2"])
+        st["m"] = st["m"] * b1 + (1 - b1) * g
+        st["v"] = st["v"] * b2 + (1 - b2) * g * g
+        bc1, bc2 = 1 - b1**t, 1 - b2**t
+        denom = (st["v"].sqrt() / bc2.sqrt()) + b(hp["eps"])
+        return base - (b(lr) / bc1) * st["m"] / denom
+    return update
+
+
+#: optimiser kind -> update(p, g, state, hp, lr, t, nesterov) -> new p (the state dict is updated in place)
+UPDATES: dict[str, Callable[..., Tensor]] = {"sgd": _sgd, "adam": _adam_like(False), "adamw": _adam_like(True)}
+
+
+class PopulationOptimizer:
+    """PyTorch's SGD / Adam / AdamW on stacked (P, ...) parameters, with per-member hyperparameters.
+
+    ``hp``: name -> (P,) tensor (``lr``, ``momentum``, ``dampening``, ``weight_decay``, ``beta1``,
+    ``beta2``, ``eps``); ``param_hp``: parameter name -> its own hyperparameters (a param group,
+    e.g. embeddings with ``embed_lr``), else ``hp``. :meth:`step` takes each member's learning-rate
+    factor (the schedule) and which members are still active (diverged members are frozen).
+    """
+
+    def __init__(self, kind: str, hp: dict[str, Tensor], nesterov: bool = False,
+                 param_hp: dict[str, dict[str, Tensor]] | None = None):
+        if kind not in UPDATES:
+            raise ValueError(f"optimizer {kind!r} has no population update rule; known: {', '.join(UPDATES)}")
+        self.kind, self.hp, self.nesterov = kind, hp, nesterov
+        self.param_hp = param_hp or {}
+        self.state: dict[str, dict[str, Tensor]] = {}
+        self.t = 0
+
+    @torch.no_grad()
+    def step(self, params: dict[str, Tensor], grads: dict[str, Tensor], active: Tensor,
+             lr_factor: Tensor | None = None) -> None:
+        self.t += 1
+        update = UPDATES[self.kind]
+        for name, p in params.items():
+            hp = self.param_hp.get(name, self.hp)
+            lr = hp["lr"] if lr_factor is None else hp["lr"] * lr_factor
+            new = update(p, grads[name], self.state.setdefault(name, {}), hp, lr, self.t, self.nesterov)
+            p.copy_(torch.where(_b(active, p), new, p))  # diverged members keep their parameters
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"t": self.t, "state": self.state}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.t, self.state = sd["t"], sd["state"]
+
+
+# ----------------------------------------------------------------------------- schedules
+_KINDS = ("constant", "cosine", "linear", "step")
+
+
+class Schedule:
+    """Each member's learning-rate factor at optimiser step t (0-based: the t-th update).
+
+    Equal to PyTorch's schedulers stepped once per optimiser step (``scheduler.step()`` after
+    ``optimizer.step()``): a warm-up ``LinearLR(start_factor=1/(w+1), total_iters=w)`` for the
+    first ``w = warmup_steps`` updates, then over the remaining ``T = steps - w`` updates
+    (``SequentialLR`` with milestone ``w``):
+
+    * ``constant``: 1;
+    * ``cosine``: ``CosineAnnealingLR(T_max=T, eta_min=final_lr_factor x lr)``;
+    * ``linear``: ``LinearLR(start_factor=1, end_factor=final_lr_factor, total_iters=T)``;
+    * ``step``: ``StepLR(step_size=decay_every, gamma=decay_gamma)``.
+
+    Per member: every setting is a (P,) tensor, so members of one population may differ.
+    """
+
+    def __init__(self, configs: list[dict[str, Any]], steps: int, dtype: torch.dtype, device: torch.device | str):
+        def col(key: str, default: Any, cast=float) -> Tensor:
+            vals = [cast(c.get(key) if c.get(key) is not None else default) for c in configs]
+            return torch.tensor(vals, dtype=dtype if cast is float else torch.long, device=device)
+
+        kinds = [c.get("schedule") or "constant" for c in configs]
+        self.kind = torch.tensor([_KINDS.index(k) for k in kinds], device=device)
+        self.warmup = col("warmup_steps", 0, float)
+        self.final = col("final_lr_factor", 0.0)
+        self.every = col("decay_every", 1, float)
+        self.gamma = col("decay_gamma", 0.1)
+        self.steps = float(steps)
+        self.trivial = all(k == "constant" for k in kinds) and not bool((self.warmup > 0).any())
+
+    def factor(self, t: int) -> Tensor | None:
+        """(P,) factors at step ``t``; None when every member trains at a constant rate."""
+        if self.trivial:
+            return None
+        w = self.warmup
+        warm = (t + 1) / (w + 1)
+        s = torch.clamp(t - w, min=0.0)  # steps since the warm-up ended
+        T = torch.clamp(self.steps - w, min=1.0)
+        cosine = self.final + (1 - self.final) * (1 + torch.cos(math.pi * torch.clamp(s, max=T) / T)) / 2
+        linear = 1 + (self.final - 1) * torch.clamp(s, max=T) / T
+        step = self.gamma ** torch.floor(s / self.every)
+        after = torch.where(self.kind == 1, cosine, torch.where(self.kind == 2, linear,
+                                                                 torch.where(self.kind == 3, step, torch.ones_like(s))))
+        return torch.where(t < w, warm, after)
+
+
+# ----------------------------------------------------------------------------- clipping
+def clip_coefficients(grads: dict[str, Tensor], max_norm: Tensor) -> tuple[Tensor, Tensor]:
+    """``(total_norm (P,), coefficient (P,))`` of ``torch.nn.utils.clip_grad_norm_`` for each member:
+    the L2 norm of the member's whole gradient (norm of the per-tensor norms, as torch computes it)
+    and ``min(1, max_norm / (total_norm + 1e-6))``; ``max_norm`` inf means no clipping (coefficient 1)."""
+    per_tensor = torch.stack([torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1) for g in grads.values()], 1)
+    total = torch.linalg.vector_norm(per_tensor, dim=1)
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    return total, coef
