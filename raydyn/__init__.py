@@ -7,7 +7,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "open_store", "RaydynError"]
+__all__ = ["__version__", "open_store", "RaydynError", "Sweep", "SweepSummary", "run_sweep"]
 
 from raydyn.errors import RaydynError
 
@@ -17,3 +17,12 @@ def open_store(uri: str | None = None):
     from raydyn.store import open_store as _open
 
     return _open(uri)
+
+
+def __getattr__(name: str):
+    """``raydyn.Sweep``, ``raydyn.run_sweep`` and ``raydyn.SweepSummary`` load on first use (they need Ray)."""
+    if name in ("Sweep", "SweepSummary", "run_sweep"):
+        from raydyn import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'raydyn' has no attribute {name!r}")

@@ -480,6 +480,7 @@ def main() -> None:
     import signal
 
     signal.signal(signal.SIGTERM, _on_signal)  # raydyn.sweep.ensure_ray keeps it across ray.init
+    _show_warnings()
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where the shell ignores it
         signal.signal(signal.SIGINT, _on_signal)
     try:
@@ -506,6 +507,25 @@ def main() -> None:
         _interrupted()
     if isinstance(rv, int) and not isinstance(rv, bool) and rv:  # typer.Exit(code) comes back as a value
         sys.exit(rv)
+
+
+def _show_warnings() -> None:
+    """raydyn's own warnings as one line each (``warning: ...``), not Python's file:line form."""
+    import warnings
+
+    from raydyn.errors import RaydynWarning
+
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, RaydynWarning):
+            from rich.text import Text
+
+            console.print(Text.assemble(("warning: ", "bold yellow"), str(message)), soft_wrap=True)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
 
 
 def _click_exceptions():

@@ -23,3 +23,8 @@ class DataError(RaydynError):
 
     The message names the file, folder or import path, and what is wrong with it.
     """
+
+
+class RaydynWarning(UserWarning):
+    """Something the user should know that does not stop the work (e.g. a GPU reserved but unused).
+    The CLI prints it as one ``warning:`` line."""

@@ -162,23 +162,30 @@ def _objective(values: list[float], goal: str) -> float:
 
 
 def population_trial(config: dict[str, Any], store_uri: str, sweep: str, spec_text: str | None = None,
-                     populations_by_id: dict[str, dict[str, Any]] | None = None, checkpoint_every: int = 0) -> None:
+                     populations_by_id: dict[str, dict[str, Any]] | None = None, checkpoint_every: int = 0,
+                     device: str = "auto", base_dir: str | None = None,
+                     plugin_paths: list[str] | None = None) -> None:
     """Tune function trainable: train one population and write it to the store.
 
     ``config`` holds either a population id (grid/random; the population is looked
     up in ``populations_by_id``) or, for optuna, a point of the search space that is
     crossed with the sweep's seeds here. Every ``checkpoint_every`` steps the full
     training state is reported as a Tune checkpoint; a retried trial resumes from
-    the last one (``resumed_from`` in its results says where).
+    the last one (``resumed_from`` in its results says where). ``device``: ``train.device``;
+    ``base_dir``: what relative data paths are relative to (the driver's directory).
     """
     import pyarrow as pa
     import torch
 
     from raydyn.spec import parse_sweep
     from raydyn.store import open_store
+    from raydyn.tasks import registry
     from raydyn.train.population import PopulationCheckpoint, train_population
     from raydyn.train.recorder import runs_table
 
+    from raydyn.tasks.plugins import add_search_path
+
+    add_search_path(*(plugin_paths or []), base_dir)  # the driver's plug-in folders, on this worker too
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # one line per checkpoint otherwise
     ctx = tune.get_context()
     cpus = ctx.get_trial_resources().required_resources.get("CPU", 1) if ctx else 1
@@ -225,14 +232,14 @@ def population_trial(config: dict[str, Any], store_uri: str, sweep: str, spec_te
 
     # Optuna's searcher expects its objective in every result: only the final report there
     # (so no progress reports and no checkpoints for Optuna trials)
-    if pop.shared["model"] == "none":  # optimiser-as-dynamical-system task: no network to vectorise
+    if registry.model(pop.shared["model"]).trainer == "dynamics":  # optimisers as dynamical systems: no network
         from raydyn.train.dynamics import train_dynamics
 
         result = train_dynamics(pop, on_record=None if metric else on_record)
     else:
         result = train_population(pop, on_record=None if metric else on_record,
                                   checkpoint_every=0 if metric else checkpoint_every,
-                                  on_checkpoint=on_checkpoint, resume=resume)
+                                  on_checkpoint=on_checkpoint, resume=resume, device=device, base_dir=base_dir)
     runs = runs_table(result, pop.pop_id, node=node)
     runs = runs.append_column("origin", pa.array([origin] * runs.num_rows, pa.string()))  # grid|random|refine|optuna
     store.write_runs(sweep, pop.pop_id, runs=runs, metrics=result.recorder.metrics_table(),
@@ -318,6 +325,13 @@ def check_sweep_unchanged(spec: SweepSpec, text: str, store: Store) -> None:
         )
 
 
+def base_dir_of(spec: SweepSpec, store: Store) -> str:
+    """What the sweep's relative data paths are relative to: the directory it was first launched from
+    (recorded with the sweep), else the current directory."""
+    meta = store.sweep_meta(spec.name) or {}
+    return meta.get("base_dir") or os.getcwd()
+
+
 def register_sweep(spec: SweepSpec, text: str, store: Store) -> None:
     """Store the sweep file with its hash; refuse a changed file under an existing name."""
     check_sweep_unchanged(spec, text, store)
@@ -326,7 +340,60 @@ def register_sweep(spec: SweepSpec, text: str, store: Store) -> None:
 
         store.put_sweep(spec.name, text, {"hash": sweep_hash(text),
                                           "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                          "method": spec.method, "versions": versions()})
+                                          "method": spec.method, "versions": versions(), "base_dir": os.getcwd()})
+
+
+def preflight(spec: SweepSpec, runs: list[RunConfig], store: Store) -> None:
+    """Build, on the driver, every data set the runs use and one model per architecture, so that a
+    deterministic set-up error (a missing file, a plug-in that does not import or returns no module, a
+    model that does not fit the data) is one message before anything launches, not a retried trial."""
+    import torch
+
+    from raydyn.errors import RaydynError as _Err
+    from raydyn.tasks import registry
+    from raydyn.tasks.build import init_model, load_data
+
+    base_dir = base_dir_of(spec, store)
+    seen_data: dict[str, Any] = {}
+    seen_arch: set[str] = set()
+    for r in runs:
+        cfg = r.config
+        if registry.model(cfg["model"]).trainer != "population":
+            continue
+        dkey = json.dumps([cfg["dataset"], cfg["data"], cfg["dtype"]], sort_keys=True, default=str)
+        if dkey not in seen_data:
+            seen_data[dkey] = load_data(cfg, base_dir)
+        arch = r.population_key()
+        if arch in seen_arch:
+            continue
+        seen_arch.add(arch)
+        try:
+            with torch.random.fork_rng():
+                init_model(cfg, seen_data[dkey])
+        except _Err:
+            raise
+        except Exception as e:  # a built-in model that does not fit the data (shapes, vocab, ...)
+            raise _Err(f"sweep {spec.name!r}: building model {cfg['model']!r} for dataset {cfg['dataset']!r} "
+                       f"failed: {type(e).__name__}: {e}") from None
+
+
+def plugin_paths(spec: SweepSpec) -> list[str]:
+    """Folders the sweep's plug-in model/data-set modules were imported from on the driver."""
+    from raydyn.tasks.plugins import search_paths
+
+    names = [spec.task.model, spec.task.dataset]
+    for pname in ("model", "dataset"):
+        if pname in spec.parameters and spec.parameters[pname].is_list():
+            names += [v for v in spec.parameters[pname].listed() if isinstance(v, str)]
+    return search_paths(*names)
+
+
+def gpu_warning(spec: SweepSpec) -> str | None:
+    """A warning when trials reserve GPUs they will not use (``resources.gpu > 0`` with ``device: cpu``)."""
+    if spec.resources.gpu > 0 and spec.train.device == "cpu":
+        return (f"resources.gpu: {spec.resources.gpu:g} GPU per trial is reserved, but train.device is 'cpu': "
+                "trials will not use it (set device: auto or cuda, or gpu: 0)")
+    return None
 
 
 def plan(spec: SweepSpec, store: Store) -> tuple[list[RunConfig], list[RunConfig]]:
@@ -358,6 +425,12 @@ def run_sweep(
         spec.expand()  # every point valid, before anything is written
     store.ensure_writable()
     check_sweep_unchanged(spec, text, store)
+    if (msg := gpu_warning(spec)) is not None:
+        import warnings
+
+        from raydyn.errors import RaydynWarning
+
+        warnings.warn(msg, RaydynWarning, stacklevel=2)
     progress = progress or (lambda info: None)
 
     if spec.method == "optuna":
@@ -399,6 +472,7 @@ def train_runs(
             register_sweep(spec, text, store)
         progress({"done": 0, "total": 0, "diverged": 0, "failed": 0, "retried": 0, "elapsed": 0.0})
         return SweepOutcome(spec.name, len(runs), len(runs), 0, 0, elapsed_s=time.time() - t0)
+    preflight(spec, todo, store)
     ensure_ray(address, num_cpus)
     check_resources(spec)
     if text is not None:
@@ -416,7 +490,9 @@ def train_runs(
 def _fit(spec, store, param_space, cb, max_failures, tune_config, spec_text=None, populations_by_id=None):
     trainable = tune.with_resources(
         tune.with_parameters(population_trial, store_uri=store.uri, sweep=spec.name, spec_text=spec_text,
-                             populations_by_id=populations_by_id, checkpoint_every=spec.train.checkpoint_every),
+                             populations_by_id=populations_by_id, checkpoint_every=spec.train.checkpoint_every,
+                             device=spec.train.device, base_dir=base_dir_of(spec, store),
+                             plugin_paths=plugin_paths(spec)),
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},
     )
     storage_path, storage_fs = _tune_storage(store)
@@ -457,6 +533,12 @@ def _run_optuna(spec, text, store, *, address, num_cpus, progress, max_failures,
     if remaining <= 0:
         return SweepOutcome(spec.name, len(done_pops) * len(seeds), len(done_pops) * len(seeds), 0, 0,
                             elapsed_s=time.time() - t0)
+    try:
+        file_run = spec.run_config({})
+    except Exception:  # noqa: BLE001 -- the file's own settings need not be a valid point by themselves
+        file_run = None
+    if file_run is not None:
+        preflight(spec, [file_run], store)  # the file's own settings: data set and model build
     ensure_ray(address, num_cpus)
     check_resources(spec)
     register_sweep(spec, text, store)

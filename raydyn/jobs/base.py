@@ -121,17 +121,33 @@ def run_config(store, sweep: str, run_id: str) -> tuple[dict[str, Any], dict[str
     return json.loads(row["config_json"]), json.loads(row["weights_layout"] or "{}")
 
 
-def rebuilt_model(cfg: dict[str, Any], layout: dict[str, Any], run_id: str):
+def rebuilt_model(cfg: dict[str, Any], layout: dict[str, Any], run_id: str, store=None, sweep: str | None = None):
     """``(model, data)`` of a run, built from its config, its parameter order checked against the
-    snapshot layout (RaydynError when the snapshots cannot be loaded back into it)."""
+    snapshot layout (RaydynError when the snapshots cannot be loaded back into it). With ``store`` and
+    ``sweep``, relative data paths resolve against the directory the sweep was launched from."""
     from raydyn.train.replay import check_param_order, run_model
 
-    model, data = run_model(cfg)
+    meta = (store.sweep_meta(sweep) or {}) if store is not None and sweep else {}
+    model, data = run_model(cfg, base_dir=meta.get("base_dir"))
     try:
         check_param_order(model, layout, f"run {run_id}")
     except ValueError as e:
         raise RaydynError(str(e)) from None
     return model, data
+
+
+def load_buffers(store, sweep: str, run_id: str) -> "np.ndarray | None":
+    """A run's stored buffer snapshots (T, B) in step order (the weights table's ``buffers`` column: batch
+    norm running statistics), or None when the run has none."""
+    import numpy as np
+
+    w = store.table("weights", sweep=sweep, filter=run_filter([run_id]))
+    if "buffers" not in w.column_names or w.num_rows == 0 or w.column("buffers").null_count == w.num_rows:
+        return None
+    order = np.argsort(w.column("step").to_numpy())
+    flat = w.column("buffers").combine_chunks()
+    dim = len(flat[0])
+    return flat.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)[order].astype(np.float64)
 
 
 def load_trajectories(store, sweep: str, run_ids, layers: list[str] | None = None,

@@ -89,13 +89,19 @@ class CMDJob(Job):
 
         t = len(steps)
         loss_real = acc_real = loss_rec = acc_rec = np.full(t, np.nan)
-        if o["evaluate"] and layout.get("kind") == "full" and cfg.get("model") != "none":
+        from raydyn.tasks import registry
+
+        if o["evaluate"] and layout.get("kind") == "full" and registry.model(cfg["model"]).trainer == "population":
+            from raydyn.jobs.base import load_buffers
             from raydyn.train.replay import evaluate_vectors
 
-            model, data = rebuilt_model(cfg, layout, rid)
-            loss_real, acc_real = evaluate_vectors(model, data, cfg.get("loss"), x)
+            model, data = rebuilt_model(cfg, layout, rid, store, sweep)
+            # models with running statistics: the real run's statistics at each step, for both (a
+            # reconstruction has no statistics of its own)
+            bufs = load_buffers(store, sweep, rid)
+            loss_real, acc_real = evaluate_vectors(model, data, cfg.get("loss"), x, bufs, layout)
             loss_rec, acc_rec = evaluate_vectors(model, data, cfg.get("loss"),
-                                                 (res.reconstruct_at(k) for k in range(t)))
+                                                 (res.reconstruct_at(k) for k in range(t)), bufs, layout)
         summary = pa.Table.from_pylist([{
             "run_id": rid, "cmd_modes_needed": res.n_modes, "cmd_recon_error": res.error,
             "cmd_max_layer_error": max(res.layer_errors.values()),

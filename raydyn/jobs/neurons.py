@@ -37,7 +37,8 @@ import numpy as np
 import pyarrow as pa
 
 from raydyn.errors import RaydynError
-from raydyn.jobs.base import Job, Unit, group_units, load_trajectories, rebuilt_model, run_config
+from raydyn.jobs.base import Job, Unit, group_units, load_buffers, load_trajectories, rebuilt_model, run_config
+from raydyn.train.replay import load_snapshot
 
 MODES_SCHEMA = pa.schema([
     ("run_id", pa.string()), ("step", pa.int64()), ("layer", pa.string()), ("layer_index", pa.int64()),
@@ -100,11 +101,14 @@ class NeuronsJob(Job):
         cfg, layout = run_config(store, sweep, rid)
         if layout.get("kind") != "full":
             raise RaydynError(not_full_message(rid, layout))
-        if cfg.get("model") == "none":
-            raise RaydynError(f"run {rid}: model 'none' (an optimiser on a test function) has no neurons")
-        model, data = rebuilt_model(cfg, layout, rid)
-        model = model.double()
+        from raydyn.tasks import registry
+
+        if registry.model(cfg["model"]).trainer != "population":
+            raise RaydynError(f"run {rid}: model {cfg['model']!r} (an optimiser on a test function) has no neurons")
+        model, data = rebuilt_model(cfg, layout, rid, store, sweep)
+        model = model.double().eval()  # running statistics (loaded per step below), no dropout
         data = data.to(torch.float64)
+        bufs = load_buffers(store, sweep, rid)
         names = layer_names(model)
         if not names:
             raise RaydynError(f"run {rid}: the model has no ReLU-like activation layer (activation "
@@ -114,9 +118,8 @@ class NeuronsJob(Job):
         params = list(model.parameters())
 
         labelled = data.kind in ("classification", "binary")
-        x_ref = data.x_train[:REF_SIZE]
-        n_eval = min(o["eval_size"], data.x_train.shape[0])
-        X, y = data.x_train[:n_eval], data.y_train[:n_eval]
+        x_ref, _ = data.head("train", REF_SIZE)
+        X, y = data.head("train", o["eval_size"])
         if data.kind == "binary":
             y_cls = (y > 0).long()
             loss = lambda out, yy: loss_fn(cfg.get("loss") or data.default_loss, out, yy.double() * 2 - 1)  # noqa: E731
@@ -131,6 +134,8 @@ class NeuronsJob(Job):
                 raise RaydynError(f"run {rid} has NaN/inf weights at step {int(steps[k])} (diverged); choose "
                                   "earlier --steps")
             vector_to_parameters(torch.as_tensor(x[k], dtype=torch.float64), params)
+            if bufs is not None:
+                load_snapshot(model, layout, x[k], bufs[k])
             modes = neuron_modes(model, x_ref)
             lin = linearity_probe(model, X, y_cls, loss_fn=loss) if labelled else None
             for j, n in enumerate(names):

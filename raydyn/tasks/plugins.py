@@ -4,11 +4,13 @@ Used for plug-in models (``task.model: "my_models:resnet"``) and data sets
 (``task.dataset: "my_data:load"``). The path is resolved on the driver when the sweep
 file is read and again on every Ray worker that builds the run, so a worker needs the
 module on its ``sys.path`` too (an installed package, ``PYTHONPATH``, or Ray's
-``runtime_env``). Errors name the path and say what went wrong.
+``runtime_env``). A module in the current working directory is importable too (as with ``python -m``).
+Errors name the path and say what went wrong.
 """
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import sys
 from typing import Any, Callable
@@ -22,6 +24,33 @@ _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.
 class PluginError(RaydynError, ValueError):
     """An import path that does not resolve to a callable (a ValueError too, so sweep-file validation
     reports it at its key path)."""
+
+
+def add_search_path(*dirs: str | None) -> None:
+    """Make modules in ``dirs`` importable (appended to ``sys.path``, after installed packages, if not
+    there yet). Ray workers call it with the driver's directories, so a plug-in the driver imported
+    from its working directory or its PYTHONPATH imports on the workers of the same machine too."""
+    for d in dirs:
+        if d and os.path.isdir(d) and d not in sys.path and os.path.abspath(d) not in sys.path:
+            sys.path.append(os.path.abspath(d))
+
+
+def search_paths(*import_paths: str) -> list[str]:
+    """The ``sys.path`` entries the (already imported) modules of ``import_paths`` were found in."""
+    out = []
+    for path in import_paths:
+        if not isinstance(path, str) or not is_import_path(path):
+            continue
+        top = sys.modules.get(path.split(":", 1)[0].split(".")[0])
+        f = getattr(top, "__file__", None)
+        if not f:
+            continue
+        d = os.path.dirname(os.path.abspath(f))
+        if os.path.basename(f) == "__init__.py":  # a package: its parent folder is the path entry
+            d = os.path.dirname(d)
+        if d not in out:
+            out.append(d)
+    return out
 
 
 def is_import_path(name: str) -> bool:
@@ -40,7 +69,14 @@ def resolve(path: str, what: str = "plug-in") -> Callable[..., Any]:
                           "(e.g. 'my_models:resnet')")
     module_name, attr = path.split(":", 1)
     try:
-        obj: Any = importlib.import_module(module_name)
+        try:
+            obj: Any = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            # like `python -m` and uvicorn: a module in the working directory is importable
+            if e.name != module_name.split(".")[0] or os.getcwd() in sys.path:
+                raise
+            add_search_path(os.getcwd())
+            obj = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
         missing = e.name or module_name
         hint = ("; is its folder on PYTHONPATH (on the driver and on every Ray worker) or the package installed?"

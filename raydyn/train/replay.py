@@ -19,12 +19,38 @@ from raydyn.tasks.data import Dataset
 from raydyn.train.objectives import accuracy, loss_fn
 
 
-def run_model(cfg: dict[str, Any], data: Dataset | None = None) -> tuple[torch.nn.Module, Dataset]:
-    """The run's model (its initial weights) and data set, built from its config."""
-    from raydyn.train.population import init_model, load_data
+def run_model(cfg: dict[str, Any], data: Dataset | None = None, base_dir: str | None = None
+              ) -> tuple[torch.nn.Module, Dataset]:
+    """The run's model (its initial weights) and data set, built from its config (relative data paths
+    resolved against ``base_dir``, the directory the sweep was launched from)."""
+    from raydyn.tasks.build import init_model, load_data
+    from raydyn.tasks.plugins import add_search_path
 
-    data = data if data is not None else load_data(cfg)
+    add_search_path(base_dir)  # plug-in modules that lived in the launch directory
+    data = data if data is not None else load_data(cfg, base_dir)
     return init_model(cfg, data), data
+
+
+@torch.no_grad()
+def load_snapshot(model: torch.nn.Module, layout: dict[str, Any], weights: np.ndarray | torch.Tensor,
+                  buffers: np.ndarray | torch.Tensor | None = None) -> torch.nn.Module:
+    """Load one stored snapshot into ``model`` in place: the flat parameter vector (D,) (``full`` layout)
+    and, when given, the flat vector of its floating buffers (batch norm running statistics) in the order
+    of ``layout['buffer_names']``. Returns the model."""
+    params = list(model.parameters())
+    dtype = params[0].dtype
+    v = torch.as_tensor(np.asarray(weights) if not isinstance(weights, torch.Tensor) else weights).to(dtype)
+    vector_to_parameters(v, params)
+    names = layout.get("buffer_names") or []
+    if buffers is not None and names:
+        own = dict(model.named_buffers())
+        flat = torch.as_tensor(np.asarray(buffers) if not isinstance(buffers, torch.Tensor) else buffers)
+        pos = 0
+        for n in names:
+            b = own[n]
+            b.copy_(flat[pos:pos + b.numel()].reshape(b.shape).to(b.dtype))
+            pos += b.numel()
+    return model
 
 
 def check_param_order(model: torch.nn.Module, layout: dict[str, Any], what: str = "run") -> None:
@@ -45,14 +71,18 @@ def check_param_order(model: torch.nn.Module, layout: dict[str, Any], what: str 
 
 @torch.no_grad()
 def evaluate_vectors(model: torch.nn.Module, data: Dataset, loss_name: str | None,
-                     vectors: Iterable[np.ndarray | torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+                     vectors: Iterable[np.ndarray | torch.Tensor], buffers: Any = None,
+                     layout: dict[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Test loss and accuracy of ``model`` with each flat weight vector loaded in turn.
 
     ``vectors``: (D,) arrays, D = number of model parameters, in ``model.parameters()`` order.
     Returns ``(loss (S,), accuracy (S,))`` on ``data.x_test``/``data.y_test`` with the loss and
-    accuracy the trainer uses (accuracy in [0, 1]; NaN for regression). The model is left
-    holding the last vector.
+    accuracy the trainer uses (accuracy in [0, 1]; NaN for regression), in ``eval()`` mode. ``buffers``:
+    one flat buffer vector per weight vector (the snapshots' ``buffers`` column, order of
+    ``layout['buffer_names']``), for models with running statistics. The model is left holding the
+    last vector.
     """
+    model.eval()
     params = list(model.parameters())
     n = sum(p.numel() for p in params)
     dtype, name = params[0].dtype, loss_name or data.default_loss
@@ -62,7 +92,10 @@ def evaluate_vectors(model: torch.nn.Module, data: Dataset, loss_name: str | Non
         if v.shape != (n,):
             raise ValueError(f"weight vector {k} has shape {tuple(v.shape)}, the model has {n} parameters")
         vector_to_parameters(v, params)
-        out = model(data.x_test)
-        losses.append(float(loss_fn(name, out, data.y_test)))
-        accs.append(float(accuracy(data.kind, out, data.y_test)))
+        if buffers is not None and layout is not None:
+            load_snapshot(model, layout, v, buffers[k])
+        x_test, y_test = data.head("test")
+        out = model(x_test)
+        losses.append(float(loss_fn(name, out, y_test)))
+        accs.append(float(accuracy(data.kind, out, y_test)))
     return np.array(losses, dtype=np.float64), np.array(accs, dtype=np.float64)
