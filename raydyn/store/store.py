@@ -722,67 +722,22 @@ class Store:
         return self.table("weights", sweep, columns, filter)
 
     # ------------------------------------------------------------------ models back from the store
-    def _run_row(self, run_id: str, sweep: str | None) -> dict[str, Any]:
-        t = self.table("runs", sweep=sweep, columns=["run_id", "sweep", "config_json", "weights_layout"],
-                       filter=pc.field("run_id") == run_id)
-        if t.num_rows == 0:
-            raise StoreError(f"no run {run_id!r} in store {self.uri}" + (f" (sweep {sweep!r})" if sweep else ""))
-        return t.to_pylist()[0]
-
+    # The one place the store reaches into the rest of raydyn, lazily (building a model needs torch and
+    # the model registry): everything is in raydyn.tasks.build, these are conveniences.
     def data(self, run_id: str, sweep: str | None = None):
-        """The run's data set (:class:`raydyn.tasks.data.Dataset`), rebuilt from its config (relative paths
-        resolved against the directory its sweep was launched from)."""
-        from raydyn.tasks.build import load_data
-        from raydyn.tasks.plugins import add_search_path
+        """The run's data set (:class:`raydyn.tasks.data.Dataset`), rebuilt from its config; see
+        :func:`raydyn.tasks.build.stored_data`."""
+        from raydyn.tasks.build import stored_data
 
-        row = self._run_row(run_id, sweep)
-        base_dir = (self.sweep_meta(row["sweep"]) or {}).get("base_dir")
-        add_search_path(base_dir)
-        return load_data(json.loads(row["config_json"]), base_dir)
+        return stored_data(self, run_id, sweep)
 
     def model(self, run_id: str, step: int | None = None, sweep: str | None = None):
-        """The run's ``nn.Module`` with its stored weights at ``step`` (default: its last snapshot) loaded,
-        buffers too (batch norm running statistics), in ``eval()`` mode.
+        """The run's ``nn.Module`` with its stored weights (and buffers: batch norm running statistics) at
+        ``step`` (default: its last snapshot) loaded, in ``eval()`` mode; needs full snapshots. See
+        :func:`raydyn.tasks.build.stored_model`."""
+        from raydyn.tasks.build import stored_model
 
-        Needs full snapshots (``train.record: [weights]`` without a sketch or a layer subset):
-        a :class:`StoreError` names the run otherwise. The model is rebuilt from the run's config
-        (built-in or plug-in: a plug-in's module must be importable here).
-        """
-        import numpy as np
-
-        from raydyn.tasks.build import init_model
-        from raydyn.train.replay import check_param_order, load_snapshot
-
-        row = self._run_row(run_id, sweep)
-        layout = json.loads(row["weights_layout"] or "{}")
-        if layout.get("kind") != "full":
-            raise StoreError(f"run {run_id}: its snapshots are {layout.get('kind')!r} (a subset of the parameters "
-                             "or a CountSketch of them), not every parameter; a model cannot be rebuilt from them. "
-                             "Record full snapshots (train.weights.max_size above the parameter count, no layers)")
-        w = self.table("weights", sweep=row["sweep"], filter=pc.field("run_id") == run_id)
-        if w.num_rows == 0:
-            raise StoreError(f"run {run_id} has no weight snapshots: record them with `train.record: [weights]`")
-        steps = w.column("step").to_numpy()
-        if step is None:
-            k = int(np.argmax(steps))
-        else:
-            hits = np.flatnonzero(steps == int(step))
-            if not hits.size:
-                shown = ", ".join(map(str, sorted(steps.tolist())[:12]))
-                raise StoreError(f"run {run_id} has no snapshot at step {step}; recorded steps: {shown}"
-                                 + (" ..." if len(steps) > 12 else ""))
-            k = int(hits[0])
-        data = self.data(run_id, row["sweep"])
-        cfg = json.loads(row["config_json"])
-        model = init_model(cfg, data)
-        try:
-            check_param_order(model, layout, f"run {run_id}")
-        except ValueError as e:
-            raise StoreError(str(e)) from None
-        weights = np.asarray(w.column("weights")[k].as_py())
-        buffers = (np.asarray(w.column("buffers")[k].as_py()) if "buffers" in w.column_names
-                   and w.column("buffers")[k].is_valid else None)
-        return load_snapshot(model, layout, weights, buffers).eval()
+        return stored_model(self, run_id, step, sweep)
 
     def completed_run_ids(self, sweep: str) -> set[str]:
         """run_ids of ``sweep`` whose runs row has status ``completed`` or ``diverged``."""

@@ -43,3 +43,74 @@ def init_model(cfg: dict[str, Any], data: Dataset) -> torch.nn.Module:
         model = registry.model(cfg["model"]).build(cfg, data.input_shape, data.out_dim, data.vocab)
     # a plug-in may create tensors in a fixed dtype; the run's dtype is what is trained
     return model.to(dtype)
+
+
+# ----------------------------------------------------------------------------- runs back from a store
+def _run_row(store, run_id: str, sweep: str | None) -> dict[str, Any]:
+    import pyarrow.compute as pc
+
+    from raydyn.errors import StoreError
+
+    t = store.table("runs", sweep=sweep, columns=["run_id", "sweep", "config_json", "weights_layout"],
+                    filter=pc.field("run_id") == run_id)
+    if t.num_rows == 0:
+        raise StoreError(f"no run {run_id!r} in store {store.uri}" + (f" (sweep {sweep!r})" if sweep else ""))
+    return t.to_pylist()[0]
+
+
+def stored_data(store, run_id: str, sweep: str | None = None) -> Dataset:
+    """A stored run's data set, rebuilt from its config (relative paths resolved against the directory its
+    sweep was launched from; plug-in loaders imported from there too)."""
+    import json
+
+    from raydyn.tasks.plugins import add_search_path
+
+    row = _run_row(store, run_id, sweep)
+    base_dir = (store.sweep_meta(row["sweep"]) or {}).get("base_dir")
+    add_search_path(base_dir)
+    return load_data(json.loads(row["config_json"]), base_dir)
+
+
+def stored_model(store, run_id: str, step: int | None = None, sweep: str | None = None) -> torch.nn.Module:
+    """A stored run's ``nn.Module`` with its weights at ``step`` (default: the last snapshot) and, when
+    recorded, its buffers (batch norm running statistics) loaded, in ``eval()`` mode.
+
+    Needs full snapshots (``train.record: [weights]``, no sketch, no layer subset): a
+    :class:`~raydyn.errors.StoreError` names the run otherwise, or the step when it was not recorded.
+    """
+    import json
+
+    import numpy as np
+    import pyarrow.compute as pc
+
+    from raydyn.errors import StoreError
+    from raydyn.train.replay import check_param_order, load_snapshot
+
+    row = _run_row(store, run_id, sweep)
+    layout = json.loads(row["weights_layout"] or "{}")
+    if layout.get("kind") != "full":
+        raise StoreError(f"run {run_id}: its snapshots are {layout.get('kind')!r} (a subset of the parameters or a "
+                         "CountSketch of them), not every parameter; a model cannot be rebuilt from them. Record "
+                         "full snapshots (train.weights.max_size above the parameter count, no weights.layers)")
+    w = store.table("weights", sweep=row["sweep"], filter=pc.field("run_id") == run_id)
+    if w.num_rows == 0:
+        raise StoreError(f"run {run_id} has no weight snapshots: record them with `train.record: [weights]`")
+    steps = w.column("step").to_numpy()
+    if step is None:
+        k = int(np.argmax(steps))
+    else:
+        hits = np.flatnonzero(steps == int(step))
+        if not hits.size:
+            shown = ", ".join(map(str, sorted(steps.tolist())[:12]))
+            raise StoreError(f"run {run_id} has no snapshot at step {step}; recorded steps: {shown}"
+                             + (" ..." if len(steps) > 12 else ""))
+        k = int(hits[0])
+    model = init_model(json.loads(row["config_json"]), stored_data(store, run_id, row["sweep"]))
+    try:
+        check_param_order(model, layout, f"run {run_id}")
+    except ValueError as e:
+        raise StoreError(str(e)) from None
+    weights = np.asarray(w.column("weights")[k].as_py())
+    buffers = (np.asarray(w.column("buffers")[k].as_py())
+               if "buffers" in w.column_names and w.column("buffers")[k].is_valid else None)
+    return load_snapshot(model, layout, weights, buffers).eval()

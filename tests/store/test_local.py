@@ -218,9 +218,18 @@ def test_store_imports_neither_ray_nor_torch():
 
 
 def test_store_imports_nothing_else_from_raydyn():
+    """The store stands alone; the one exception is Store.model/Store.data, which import
+    raydyn.tasks.build lazily (inside the method) to rebuild a run's model."""
     for path in sorted((REPO / "raydyn" / "store").glob("*.py")):
         tree = ast.parse(path.read_text())
+        allowed = set()
         for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef) and node.name in ("model", "data"):
+                allowed |= {id(n) for n in ast.walk(node) if isinstance(n, ast.ImportFrom)
+                            and n.module == "raydyn.tasks.build"}
+        for node in ast.walk(tree):
+            if id(node) in allowed:
+                continue
             names = []
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
