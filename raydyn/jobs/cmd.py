@@ -38,6 +38,9 @@ SUMMARY_SCHEMA = pa.schema([
     ("run_id", pa.string()), ("cmd_modes_needed", pa.int64()), ("cmd_recon_error", pa.float64()),
     ("cmd_max_layer_error", pa.float64()), ("cmd_test_acc_real", pa.float64()), ("cmd_test_acc_recon", pa.float64()),
     ("cmd_test_loss_real", pa.float64()), ("cmd_test_loss_recon", pa.float64()), ("cmd_test_acc_drop", pa.float64()),
+    # models with batch norm running statistics: the real weights with statistics recomputed on the training
+    # set, as the reconstruction's are (NaN for models without running statistics)
+    ("cmd_test_acc_real_recal", pa.float64()), ("cmd_test_loss_real_recal", pa.float64()),
 ])
 
 
@@ -88,7 +91,7 @@ class CMDJob(Job):
                         random_state=o["seed"], layers=layers)
 
         t = len(steps)
-        loss_real = acc_real = loss_rec = acc_rec = np.full(t, np.nan)
+        loss_real = acc_real = loss_rec = acc_rec = loss_recal = acc_recal = np.full(t, np.nan)
         from raydyn.tasks import registry
 
         if o["evaluate"] and layout.get("kind") == "full" and registry.model(cfg["model"]).trainer == "population":
@@ -96,18 +99,23 @@ class CMDJob(Job):
             from raydyn.train.replay import evaluate_vectors
 
             model, data = rebuilt_model(cfg, layout, rid, store, sweep)
-            # models with running statistics: the real run's statistics at each step, for both (a
-            # reconstruction has no statistics of its own)
+            # models with running statistics: the real weights with the run's own statistics at each step;
+            # a reconstruction has none of its own, so its batch norm statistics are recomputed on the
+            # training set (as for averaged weights, torch.optim.swa_utils.update_bn)
             bufs = load_buffers(store, sweep, rid)
             loss_real, acc_real = evaluate_vectors(model, data, cfg.get("loss"), x, bufs, layout)
             loss_rec, acc_rec = evaluate_vectors(model, data, cfg.get("loss"),
-                                                 (res.reconstruct_at(k) for k in range(t)), bufs, layout)
+                                                 (res.reconstruct_at(k) for k in range(t)), bufs, layout,
+                                                 recalibrate=bufs is not None)
+            if bufs is not None:  # like for like: the real weights with recomputed statistics too
+                loss_recal, acc_recal = evaluate_vectors(model, data, cfg.get("loss"), x, recalibrate=True)
         summary = pa.Table.from_pylist([{
             "run_id": rid, "cmd_modes_needed": res.n_modes, "cmd_recon_error": res.error,
             "cmd_max_layer_error": max(res.layer_errors.values()),
             "cmd_test_acc_real": acc_real[-1], "cmd_test_acc_recon": acc_rec[-1],
             "cmd_test_loss_real": loss_real[-1], "cmd_test_loss_recon": loss_rec[-1],
-            "cmd_test_acc_drop": acc_real[-1] - acc_rec[-1],
+            "cmd_test_acc_drop": (acc_recal[-1] if np.isfinite(acc_recal[-1]) else acc_real[-1]) - acc_rec[-1],
+            "cmd_test_acc_real_recal": acc_recal[-1], "cmd_test_loss_real_recal": loss_recal[-1],
         }], schema=SUMMARY_SCHEMA)
         curves = pa.table({
             "run_id": pa.array([rid] * t, pa.string()), "step": pa.array(np.asarray(steps, dtype=np.int64)),

@@ -70,9 +70,34 @@ def check_param_order(model: torch.nn.Module, layout: dict[str, Any], what: str 
 
 
 @torch.no_grad()
+def recalibrate_bn(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 256) -> bool:
+    """Recompute every batch norm's running statistics for the model's current weights: reset them and
+    average the batch statistics of ``x`` in chunks of ``batch_size`` (``torch.optim.swa_utils.update_bn``'s
+    recipe). Weights that were never trained as such (e.g. a CMD reconstruction) have no statistics of
+    their own. Returns False (and does nothing) when the model has no running statistics."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    if not bns:
+        return False
+    was_training = model.training
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the chunks
+    model.train()
+    for i in range(0, len(x), batch_size):
+        model(x[i:i + batch_size])
+    for m, mom in zip(bns, momenta):
+        m.momentum = mom
+    model.train(was_training)
+    return True
+
+
+@torch.no_grad()
 def evaluate_vectors(model: torch.nn.Module, data: Dataset, loss_name: str | None,
                      vectors: Iterable[np.ndarray | torch.Tensor], buffers: Any = None,
-                     layout: dict[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
+                     layout: dict[str, Any] | None = None, recalibrate: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Test loss and accuracy of ``model`` with each flat weight vector loaded in turn.
 
     ``vectors``: (D,) arrays, D = number of model parameters, in ``model.parameters()`` order.
@@ -80,9 +105,11 @@ def evaluate_vectors(model: torch.nn.Module, data: Dataset, loss_name: str | Non
     accuracy the trainer uses (accuracy in [0, 1]; NaN for regression), in ``eval()`` mode. ``buffers``:
     one flat buffer vector per weight vector (the snapshots' ``buffers`` column, order of
     ``layout['buffer_names']``), for models with running statistics. The model is left holding the
-    last vector.
+    last vector. ``recalibrate``: recompute batch norm statistics on the training set for each vector
+    (:func:`recalibrate_bn`) instead of loading ``buffers``.
     """
     model.eval()
+    x_train = data.head("train")[0] if recalibrate else None
     params = list(model.parameters())
     n = sum(p.numel() for p in params)
     dtype, name = params[0].dtype, loss_name or data.default_loss
@@ -92,7 +119,10 @@ def evaluate_vectors(model: torch.nn.Module, data: Dataset, loss_name: str | Non
         if v.shape != (n,):
             raise ValueError(f"weight vector {k} has shape {tuple(v.shape)}, the model has {n} parameters")
         vector_to_parameters(v, params)
-        if buffers is not None and layout is not None:
+        if recalibrate:
+            recalibrate_bn(model, x_train)
+            model.eval()
+        elif buffers is not None and layout is not None:
             load_snapshot(model, layout, v, buffers[k])
         x_test, y_test = data.head("test")
         out = model(x_test)
