@@ -364,3 +364,36 @@ def test_bf16_autocast_trains_close_to_float32(plugin):
         half = losses(text.replace("dtype: float32", "dtype: float32, precision: bf16"))
     np.testing.assert_allclose(half.train_loss, full.train_loss, rtol=0.05)  # bfloat16 has 8 bits of mantissa
     assert not np.allclose(half.train_loss, full.train_loss, rtol=1e-6)  # and it did compute in bfloat16
+
+
+def test_examples_vgg_on_an_image_folder_keeps_the_exact_scale_law(tmp_path, monkeypatch):
+    """The README's byo path end to end, small: examples/make_digits_images.py writes an image folder,
+    the example VGG plug-in (ordinary BatchNorm2d) trains on it in float64 with bn_eps 1e-300, and the
+    exact scale law of every BN-preceded conv channel holds to 1e-6 (Kunin et al. 2021)."""
+    import subprocess
+
+    from raydyn.analysis.symmetry import predict, relative_error
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.setenv("RAYDYN_CACHE_DIR", str(tmp_path / "cache"))
+    subprocess.run([sys.executable, str(repo / "examples" / "make_digits_images.py"), "--out", str(tmp_path / "png"),
+                    "--size", "8"], check=True, capture_output=True)
+    monkeypatch.chdir(repo)  # examples.byo_models imports from the repo root, as in sweeps/byo_cnn.yaml
+    text = (f"name: v\ntask: {{model: 'examples.byo_models:vgg', dataset: image_folder, "
+            f"data: {{root: '{tmp_path / 'png'}', size: 8}}, depth: 2, width: 4, model_options: {{bn_eps: 1.0e-300}}}}\n"
+            "train: {steps: 15, batch_size: 32, momentum: 0.9, weight_decay: 5.0e-4, dtype: float64, record: [symmetry]}\n"
+            "parameters: {lr: {values: [0.05, 0.2]}}\n")
+    (pop,) = populations(parse_sweep(text).expand(), 8)
+    res = train_population(pop)
+    t = res.recorder.extra_tables()
+    steps, groups = t["symmetry_steps"].to_pylist(), t["symmetry_groups"].to_pylist()
+    scale = [g for g in groups if g["kind"] == "scale"]
+    assert sorted({g["layer"] for g in scale}) == ["0", "4"]  # both convs (each feeds its BatchNorm2d)
+    for g in scale:
+        rows = sorted((r for r in steps if (r["run_id"], r["kind"], r["layer"]) == (g["run_id"], "scale", g["layer"])),
+                      key=lambda r: r["step"])
+        q, d = np.array([r["q"] for r in rows]), np.array([r["drive"] for r in rows])
+        assert q.shape == (16, 4)  # every step, every channel
+        pred = predict("scale", q[0], len(q) - 1, g["lr"], g["weight_decay"], g["momentum"], sq_norms=d[:-1],
+                       method="exact", dampening=g["dampening"])
+        assert float(np.max(relative_error(pred, q))) < 1e-6

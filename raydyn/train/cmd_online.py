@@ -83,8 +83,10 @@ def layers_table(run_id: str, result: CMDResult) -> pa.Table:
 class OnlineCMDTracker:
     """Online CMD of every member of a population; a recorder tracker (see ``recorder.TRACKERS``)."""
 
-    def __init__(self, cfg: dict[str, Any], run_ids: list[str], names: list[str], shapes: list[tuple[int, ...]]):
+    def __init__(self, cfg: dict[str, Any], run_ids: list[str], names: list[str], shapes: list[tuple[int, ...]],
+                 data: Any = None):
         c = cfg["cmd"]
+        self.data = data  # the trial's data set (else rebuilt from the config at the end)
         self.cfg, self.run_ids, self.names, self.shapes = cfg, list(run_ids), list(names), list(shapes)
         sizes = [int(np.prod(s)) for s in shapes]
         self.layers = layer_slices(self.names, sizes)
@@ -116,8 +118,11 @@ class OnlineCMDTracker:
         if not done:
             return {}
         model = data = None
-        if self.cfg.get("model") != "none":
-            model, data = run_model(self.cfg)
+        from raydyn.tasks import registry
+
+        if registry.model(self.cfg["model"]).trainer == "population":
+            model, data = run_model(self.cfg, None if self.data is None else self.data.to(self.data.dtype or
+                                                                                          torch.float32, "cpu"))
             check_param_order(model, {"kind": "full", "names": self.names, "shapes": self.shapes},
                               "cmd_online")
         summary: dict[str, list] = {k: [] for k in (

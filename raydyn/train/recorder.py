@@ -106,7 +106,7 @@ PROBES: dict[str, Callable[[dict[str, Any]], dict[str, torch.Tensor]]] = {
 def _cmd_online(rec: "Recorder") -> Any:
     from raydyn.train.cmd_online import OnlineCMDTracker
 
-    return OnlineCMDTracker(rec.cfg, rec.run_ids, rec.names, rec.shapes)
+    return OnlineCMDTracker(rec.cfg, rec.run_ids, rec.names, rec.shapes, data=rec.context.get("data"))
 
 
 # Trackers: stateful recordings that summarise a member's whole trajectory as it goes
@@ -237,14 +237,16 @@ class Recorder:
                                             dim=1).to(self.snapshot_dtype)
         host = to_host(pack)
         idx = np.flatnonzero(host.pop("mask"))
-        arrays = {k: host[k][idx] for k in cols}
-        arrays["weight_norms"] = host["weight_norms"][idx]  # (len(idx), n_params)
-        arrays["lr"] = host["lr"][idx] if "lr" in host else self.lrs[idx]
+        every = len(idx) == self.P  # every member recorded: take the rows as they are (fresh tensors, no copy)
+        pick = (lambda a: a) if every else (lambda a: a[idx])  # noqa: E731
+        arrays = {k: pick(host[k]) for k in cols}
+        arrays["weight_norms"] = pick(host["weight_norms"])  # (len(idx), n_params)
+        arrays["lr"] = pick(host["lr"]) if "lr" in host else self.lrs[idx]
         self._metric_chunks.append((step, idx, arrays))
         if self.want_weights:
-            self._weight_chunks.append((step, idx, host["weights"][idx]))
+            self._weight_chunks.append((step, idx, pick(host["weights"])))
             if "buffers" in host:
-                self._buffer_chunks.append((step, idx, host["buffers"][idx]))
+                self._buffer_chunks.append((step, idx, pick(host["buffers"])))
         for tracker in self.trackers.values():
             tracker.update(step, idx, params)
 
@@ -288,14 +290,13 @@ class Recorder:
             return None
         member = np.concatenate([idx for _, idx, _ in self._weight_chunks])
         steps = np.concatenate([np.full(len(idx), s, dtype=np.int64) for s, idx, _ in self._weight_chunks])
-        # rows grouped by run, in step order; one numpy gather (Arrow's sort_by on a table of
-        # hundreds of MB of snapshots cost as much as writing it)
+        # rows grouped by run, in step order: each chunk is copied once, straight to its rows (a
+        # concatenate-then-gather would copy the snapshots twice; Arrow's sort_by cost as much as writing)
         order = np.lexsort((steps, member))
         rid = np.array(self.run_ids, dtype=object)[member[order]]
-        cols = {"run_id": rid, "step": steps[order],
-                "weights": _list_column(np.concatenate([w for _, _, w in self._weight_chunks])[order])}
+        cols = {"run_id": rid, "step": steps[order], "weights": _list_column(_fill_rows(self._weight_chunks, order))}
         if self._buffer_chunks:  # recorded at the same records as the weights
-            cols["buffers"] = _list_column(np.concatenate([b for _, _, b in self._buffer_chunks])[order])
+            cols["buffers"] = _list_column(_fill_rows(self._buffer_chunks, order))
         return pa.table(cols)
 
     # ---------------------------------------------------------------- checkpoint state
@@ -372,10 +373,29 @@ class Recorder:
         return out
 
 
+def _fill_rows(chunks: list[tuple[int, np.ndarray, np.ndarray]], order: np.ndarray) -> np.ndarray:
+    """Stack the chunks' rows (concatenated in record order) into row order ``order``, one copy."""
+    n = len(order)
+    first = chunks[0][2]
+    out = np.empty((n, first.shape[1]), dtype=first.dtype)
+    dest = np.empty(n, dtype=np.int64)
+    dest[order] = np.arange(n)  # where each row of the concatenation goes
+    pos = 0
+    for _, idx, rows in chunks:
+        out[dest[pos:pos + len(idx)]] = rows
+        pos += len(idx)
+    return out
+
+
 def _list_column(mat: np.ndarray) -> pa.Array:
-    """(rows, D) float matrix -> a list<float32|float64> column, one list per row."""
-    vec = pa.FixedSizeListArray.from_arrays(pa.array(mat.reshape(-1)), mat.shape[1])
-    return vec.cast(pa.list_(pa.float64() if mat.dtype == np.float64 else pa.float32()))
+    """(rows, D) float matrix -> a list<float32|float64> column, one list per row, without copying the values."""
+    mat = np.ascontiguousarray(mat)
+    typ = pa.float64() if mat.dtype == np.float64 else pa.float32()
+    values = pa.Array.from_buffers(typ, mat.size, [None, pa.py_buffer(mat)])
+    offsets = pa.array(np.arange(0, mat.size + 1, mat.shape[1], dtype=np.int32))
+    if mat.size >= 2**31:  # beyond int32 offsets
+        return pa.LargeListArray.from_arrays(offsets.cast(pa.int64()), values)
+    return pa.ListArray.from_arrays(offsets, values)
 
 
 def runs_table(result: Any, pop_id: str, node: str | None = None) -> pa.Table:
