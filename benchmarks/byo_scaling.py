@@ -119,7 +119,7 @@ def main() -> None:
         print(f"{width:5d} {med['raydyn']:10.2f} {med['bare']:9.2f} {med['bare x2']:11.2f} "
               f"{med['raydyn'] / med['bare']:12.3f} {med['raydyn'] / med['bare x2']:15.3f}")
     cross = [w for w, m in rows if m["raydyn"] >= min(m["bare"], m["bare x2"])]
-    print(f"crossover (raydyn no faster than the better bare loop): "
+    print("crossover (raydyn no faster than the better bare loop): "
           + (f"from width {cross[0]}" if cross else "none in the widths measured"))
     print(f"load average at end: {os.getloadavg()[0]:.2f}")
 

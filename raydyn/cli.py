@@ -45,10 +45,12 @@ def _store(uri: str | None):
 
 def _resolve_sweep(sweep: str, store) -> tuple[Any, str]:
     """A sweep given as a file path or as a name stored in the store -> (spec, text)."""
-    from raydyn.spec import load_sweep, parse_sweep
+    from raydyn.spec import load_sweep
 
     if sweep.endswith((".yaml", ".yml")) or Path(sweep).is_file():
         return load_sweep(sweep)
+    from raydyn.spec import parse_stored
+
     text = store.sweep_text(sweep)
     if text is None:
         known = store.sweeps()
@@ -57,7 +59,7 @@ def _resolve_sweep(sweep: str, store) -> tuple[Any, str]:
             + (f"; sweeps there: {', '.join(known)}" if known else " (the store has no sweeps yet)")
             + ". Give a sweep name or a sweep file path."
         )
-    return parse_sweep(text, f"{store.uri} sweeps/{sweep}/sweep.yaml"), text
+    return parse_stored(store, sweep), text
 
 
 def _fmt_time(s: float) -> str:

@@ -51,11 +51,8 @@ from raydyn.errors import SpecError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
-OPTIMIZERS = ("sgd", "adam", "adamw", "omd", "ogd", "bisection")
+# optimisers as dynamical systems (no network: model 'none', raydyn.train.dynamics)
 DYNAMICS_OPTIMIZERS = ("omd", "ogd", "bisection")
-LOSSES = ("cross_entropy", "mse", "hinge")
-RECORDABLE = ("weights", "weight_stats", "ntk", "sharpness", "cmd_online", "symmetry", "neurons")  # weights + recorder PROBES and TRACKERS
-SCHEDULES = ("constant", "cosine", "linear", "step")
 
 # Parameters that may differ between members of one population (one Tune trial):
 # they are per-member tensors in the vectorised optimiser. Everything else is
@@ -112,7 +109,10 @@ class TaskSpec(_Model):
     def _model_name(cls, v: str) -> str:
         from raydyn.tasks import registry
 
-        registry.model(v)  # PluginError (a ValueError for pydantic below) naming the model
+        try:
+            registry.model(v)
+        except ValueError as e:  # PluginError: reported at the key path task.model
+            raise ValueError(str(e).removeprefix("task.model: ")) from None
         return v
 
     @field_validator("dataset")
@@ -120,7 +120,10 @@ class TaskSpec(_Model):
     def _dataset_name(cls, v: str) -> str:
         from raydyn.tasks import registry
 
-        registry.dataset(v)
+        try:
+            registry.dataset(v)
+        except ValueError as e:
+            raise ValueError(str(e).removeprefix("task.dataset: ")) from None
         return v
 
     @model_validator(mode="after")
@@ -696,6 +699,18 @@ def parse_sweep(text: str, source: str = "<sweep>") -> SweepSpec:
         raise SpecError(_format_errors(e, source)) from None
     _check_parameters(spec, source)
     return spec
+
+
+def parse_stored(store: Any, sweep: str) -> SweepSpec | None:
+    """The sweep file stored with ``sweep`` in ``store``, parsed (None when the store has none). Plug-in
+    modules are importable from the directory the sweep was launched in (recorded as ``base_dir``)."""
+    text = store.sweep_text(sweep)
+    if text is None:
+        return None
+    from raydyn.tasks.plugins import add_search_path
+
+    add_search_path((store.sweep_meta(sweep) or {}).get("base_dir"))
+    return parse_sweep(text, f"{store.uri} sweeps/{sweep}/sweep.yaml")
 
 
 def load_sweep(path: str | Path) -> tuple[SweepSpec, str]:

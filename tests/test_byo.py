@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import textwrap
 import warnings
 from pathlib import Path
 

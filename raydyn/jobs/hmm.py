@@ -86,9 +86,9 @@ class HMMJob(Job):
         runs = store.table("runs", sweep=sweep)
         group_by = self.options["group_by"]
         if group_by is None:  # all seeds of one configuration
-            from raydyn.spec import parse_sweep
+            from raydyn.spec import parse_stored, parse_sweep
 
-            spec = parse_sweep(store.sweep_text(sweep) or "", sweep)
+            spec = parse_stored(store, sweep) or parse_sweep("", sweep)
             group_by = [a for a in spec.axes() if a != "seed"] or None
         groups = group_units(runs, group_by)
         if not group_by and groups:  # no axis but seed: one group of every run

@@ -134,10 +134,10 @@ class PhaseJob(Job):
     name = "phase"
 
     def plan(self, store, sweep: str) -> list[Unit]:
-        from raydyn.spec import parse_sweep
+        from raydyn.spec import parse_stored
 
-        text = store.sweep_text(sweep)
-        self.thresholds = parse_sweep(text, f"sweeps/{sweep}/sweep.yaml").thresholds() if text else PhaseThresholds()
+        spec = parse_stored(store, sweep)
+        self.thresholds = spec.thresholds() if spec is not None else PhaseThresholds()
         runs = store.runs(sweep=sweep, columns=["run_id", "status"])
         return group_units(runs, None, status=("completed", "diverged"))
 

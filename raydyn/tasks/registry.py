@@ -36,11 +36,10 @@ from __future__ import annotations
 import inspect
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Callable
 
-import torch
 from torch import nn
 
 from raydyn.errors import RaydynError
