@@ -26,14 +26,15 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 
-def sweep_text(name: str, n_configs: int, steps: int, record_every: int, record: str) -> str:
+def sweep_text(name: str, n_configs: int, steps: int, record_every: int, record: str,
+               eval_every: int | None = None) -> str:
     n_lr = 8
     n_seed = max(1, n_configs // n_lr)
     lrs = [round(0.01 * (i + 1), 4) for i in range(n_lr)]
     return f"""
 name: {name}
 task: {{dataset: digits, model: mlp, depth: 2, width: 64}}
-train: {{steps: {steps}, batch_size: 64, optimizer: sgd, momentum: 0.9, lr: 0.05, record_every: {record_every}, record: {record}}}
+train: {{steps: {steps}, batch_size: 64, optimizer: sgd, momentum: 0.9, lr: 0.05, record_every: {record_every}, record: {record}{f", eval_every: {eval_every}" if eval_every else ""}}}
 method: grid
 parameters:
   lr: {{values: {lrs}}}
@@ -58,6 +59,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--bare-threads", type=int, default=1)
     ap.add_argument("--skip-tune", action="store_true", help="skip the (slow) plain-Tune baseline")
+    ap.add_argument("--skip-bare", action="store_true", help="skip the bare loop (to re-measure the recording overhead)")
     args = ap.parse_args()
 
     import torch
@@ -80,25 +82,38 @@ def main() -> None:
         for cfg in configs:
             train_single(cfg, data=data, record=False)
 
-    t_bare = timed(bare, args.repeats)
+    print(f"machine: {os.cpu_count()} cores, load average at start {os.getloadavg()[0]:.2f}")
+    t_bare = float("nan") if args.skip_bare else timed(bare, args.repeats)
     print(f"bare loop ({args.bare_threads} torch thread):      {t_bare:8.1f} s")
 
     t0 = time.perf_counter()
     ensure_ray(num_cpus=2)
     print(f"ray start-up (once):               {time.perf_counter() - t0:8.1f} s")
 
-    def raydyn(record_every: int, record: str, tag: str):
+    phases: dict[str, list[dict[str, float]]] = {}
+
+    def raydyn(record_every: int, record: str, tag: str, eval_every: int | None = None):
         def go():
             with tempfile.TemporaryDirectory() as d:
-                text = sweep_text(f"bench-{tag}", args.configs, args.steps, record_every, record)
+                text = sweep_text(f"bench-{tag}", args.configs, args.steps, record_every, record, eval_every)
                 out = run_sweep(parse_sweep(text), text, open_store(d))
                 assert out.trained == len(configs), out
+                phases.setdefault(tag, []).append(out.phase_s)
         return go
 
-    t_ray = timed(raydyn(args.steps, "[]", "norec"), args.repeats)
-    print(f"raydyn, first/last step recorded:  {t_ray:8.1f} s")
-    t_rec = timed(raydyn(10, "[weights]", "rec"), args.repeats)
-    print(f"raydyn, record_every=10 + weights: {t_rec:8.1f} s")
+    def where(tag: str) -> str:
+        """Median over repeats of the trials' seconds (summed over the 2 trials) per phase."""
+        ps = phases[tag]
+        return ", ".join(f"{k} {statistics.median(p[k] for p in ps):.1f} s" for k in ("train", "tables", "write"))
+
+    # A B A B: the two raydyn paths alternated, so drifting machine load hits both alike
+    t_ray_all, t_rec_all = [], []
+    for _ in range(args.repeats):
+        t_ray_all.append(timed(raydyn(args.steps, "[]", "norec"), 1))
+        t_rec_all.append(timed(raydyn(10, "[weights]", "rec"), 1))
+    t_ray, t_rec = statistics.median(t_ray_all), statistics.median(t_rec_all)
+    print(f"raydyn, first/last step recorded:  {t_ray:8.1f} s   (trials: {where('norec')})")
+    print(f"raydyn, record_every=10 + weights: {t_rec:8.1f} s   (trials: {where('rec')})")
 
     def one_config(config):
         torch.set_num_threads(1)
@@ -123,6 +138,7 @@ def main() -> None:
     print(f"plain Tune / bare    = {t_tune / t_bare:.3f}")
     print(f"raydyn / plain Tune  = {t_ray / t_tune:.3f}")
     print(f"recording overhead   = {100 * (t_rec / t_ray - 1):+.1f}%  (target <= 15%)")
+    print(f"load average at end: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

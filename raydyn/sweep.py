@@ -240,13 +240,19 @@ def population_trial(config: dict[str, Any], store_uri: str, sweep: str, spec_te
         result = train_population(pop, on_record=None if metric else on_record,
                                   checkpoint_every=0 if metric else checkpoint_every,
                                   on_checkpoint=on_checkpoint, resume=resume, device=device, base_dir=base_dir)
+    t_tables = time.perf_counter()
     runs = runs_table(result, pop.pop_id, node=node)
     runs = runs.append_column("origin", pa.array([origin] * runs.num_rows, pa.string()))  # grid|random|refine|optuna
-    store.write_runs(sweep, pop.pop_id, runs=runs, metrics=result.recorder.metrics_table(),
-                     weights=result.recorder.weights_table(), extra=result.recorder.extra_tables())
+    tables = dict(metrics=result.recorder.metrics_table(), weights=result.recorder.weights_table(),
+                  extra=result.recorder.extra_tables())
+    t_write = time.perf_counter()
+    store.write_runs(sweep, pop.pop_id, runs=runs, **tables)
     diverged = sum(m.status == "diverged" for m in result.members)
+    # where a trial's time went (summed over trials in SweepOutcome.phase_s): training (incl. recording and
+    # checkpoints), building its Arrow tables, writing them to the store
     final: dict[str, Any] = {**base, "step": int(pop.shared["steps"]), "active": n - diverged,
-                             "diverged": diverged, "pop_done": 1}
+                             "diverged": diverged, "pop_done": 1, "t_train": result.wall_time_s,
+                             "t_tables": t_write - t_tables, "t_write": time.perf_counter() - t_write}
     if metric:
         final["objective"] = _objective(runs.column(metric).to_pylist() if metric in runs.column_names else [], goal)
     tune.report(final)
@@ -259,6 +265,7 @@ class _Progress(tune.Callback):
     def __init__(self, total: int, update: Callable[[dict[str, Any]], None]):
         self.total, self.update = total, update
         self.done = self.diverged = self.failed = self.retried = 0
+        self.phase_s: dict[str, float] = {}
         self.t0 = time.time()
 
     def __getstate__(self):  # Tune pickles callbacks with its experiment state; the live display stays here
@@ -272,6 +279,8 @@ class _Progress(tune.Callback):
             return
         self.done += int(result["members"])
         self.diverged += int(result["diverged"])
+        for k in ("t_train", "t_tables", "t_write"):
+            self.phase_s[k[2:]] = self.phase_s.get(k[2:], 0.0) + float(result.get(k, 0.0))
         self._emit()
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -299,6 +308,7 @@ class SweepOutcome:
     diverged: int
     failed_populations: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
+    phase_s: dict[str, float] = field(default_factory=dict)  # trial seconds summed: train, tables, write
 
 
 def _tune_storage(store: Store) -> tuple[str | None, Any]:
@@ -484,7 +494,8 @@ def train_runs(
     grid = _fit(spec, store, param_space, cb, max_failures, tune.TuneConfig(
         max_concurrent_trials=spec.resources.max_concurrent), populations_by_id={p.pop_id: p.to_dict() for p in pops})
     failed = [r.config["population"] for r in grid if r.error is not None]
-    return SweepOutcome(spec.name, len(runs), len(runs) - len(todo), cb.done, cb.diverged, failed, time.time() - t0)
+    return SweepOutcome(spec.name, len(runs), len(runs) - len(todo), cb.done, cb.diverged, failed, time.time() - t0,
+                        dict(cb.phase_s))
 
 
 def _fit(spec, store, param_space, cb, max_failures, tune_config, spec_text=None, populations_by_id=None):

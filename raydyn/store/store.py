@@ -369,10 +369,11 @@ class Store:
         row_bytes = data.nbytes / max(data.num_rows, 1)
         rows_per_group = int(max(1, min(_MAX_ROW_GROUP_ROWS, _ROW_GROUP_BYTES // max(row_bytes, 1))))
 
-        # float vectors (weight snapshots) barely compress (~7% with zstd) and dominate write time:
-        # lz4 and no dictionary attempt for them, zstd for everything else
+        # float vectors (weight snapshots) barely compress (lz4 3%, zstd ~7%) and dominate write time:
+        # snappy (0.5 s per 230 MB of snapshots against lz4's 0.9-2.4 s, measured on a trained population's
+        # weights) and no dictionary attempt for them, zstd for everything else
         floats = [f.name for f in data.schema if pa.types.is_list(f.type) and pa.types.is_floating(f.type.value_type)]
-        compression = {f.name: ("lz4" if f.name in floats else "zstd") for f in data.schema} if floats else "zstd"
+        compression = {f.name: ("snappy" if f.name in floats else "zstd") for f in data.schema} if floats else "zstd"
         dictionary = [f.name for f in data.schema if f.name not in floats] if floats else True
 
         def write(tmp: str) -> None:
