@@ -152,3 +152,30 @@ def test_stored_precision_per_group_dt_off_grid_records_and_seed_classes(ray_ses
     assert len(within) == 6
     rule = summary.koopman_class_rule.iloc[0]
     assert rule.startswith("seed-to-seed: mean + 3 SD of 6 distances") and f"{seed_threshold(within):.4g}" in rule
+    # --windows: one spectrum per group and step window (both ends included), one row per run and window
+    outcome = run_job(KoopmanJob(group_by=["record_every", "seed"], layers=["3."], delays=2, rank=3,
+                                 windows=[(0, 20), (20, 40)]), store, "kprec")
+    assert not outcome.failed, outcome.failed
+    sp = store.table("koopman_spectra", sweep="kprec").to_pandas()
+    assert len(set(sp.group)) == 12 and set(sp.window) == {"steps=0-20", "steps=20-40"}
+    ids = runs[(runs.record_every == 2) & (runs.seed == 1)].run_id.tolist()
+    trajs = load_trajectories(store, "kprec", ids, ["3."], keep_dtype=True)
+    cut = [trajs[r][1][(trajs[r][0] % 2 == 0) & (trajs[r][0] >= 20) & (trajs[r][0] <= 40)] for r in ids]
+    assert all(len(c) == 11 for c in cut)
+    got = sp[sp.group == "record_every=2,seed=1|steps=20-40"].sort_values("index")
+    np.testing.assert_allclose(np.sort_complex(got.real.to_numpy() + 1j * got.imag.to_numpy()),
+                               np.sort_complex(spectrum(cut, 2, 3)), atol=1e-8)
+    win = store.table("koopman_windows", sweep="kprec").to_pandas()
+    assert len(win) == 24 and set(win.koopman_window) == {"steps=0-20", "steps=20-40"}
+
+
+def test_windows_option_is_parsed_and_bad_values_named():
+    from raydyn.errors import RaydynError
+    from raydyn.jobs.koopman import _parse_windows
+
+    assert _parse_windows("0-100,100-200") == [(0, 100), (100, 200)]
+    assert _parse_windows(None) is None
+    with pytest.raises(RaydynError, match="must have 0 <= START < END"):
+        _parse_windows("5-2")
+    with pytest.raises(RaydynError, match="START-END separated by commas"):
+        _parse_windows("0:100")
