@@ -93,18 +93,22 @@ def _kp():
 class _WassersteinWorker:
     """Holds all spectra (zero-copy views of one packed array) and computes blocks."""
 
-    def __init__(self, packed: tuple[np.ndarray, np.ndarray], p: float):
+    def __init__(self, packed: tuple[np.ndarray, np.ndarray], p: float, periods: np.ndarray | None = None):
         values, offsets = packed
         self._spectra = [values[offsets[k] : offsets[k + 1]] for k in range(offsets.size - 1)]
         self._p = p
+        self._periods = periods
 
     def block(self, rows: tuple[int, int], cols: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int], np.ndarray]:
         r0, r1 = rows
         c0, c1 = cols
+        per = self._periods
         if rows == cols:
-            out = _kp().pairwise_wasserstein(self._spectra[r0:r1], p=self._p)
+            out = _kp().pairwise_wasserstein(self._spectra[r0:r1], p=self._p,
+                                             imag_period=None if per is None else per[r0:r1])
         else:
-            out = _kp().wasserstein_block(self._spectra[r0:r1], self._spectra[c0:c1], p=self._p)
+            out = _kp().wasserstein_block(self._spectra[r0:r1], self._spectra[c0:c1], p=self._p,
+                                          imag_period=None if per is None else np.concatenate([per[r0:r1], per[c0:c1]]))
         return rows, cols, out
 
 
@@ -117,6 +121,7 @@ def pairwise_distance_matrix(
     p: float = 1,
     block_size: int | None = None,
     n_actors: int | None = None,
+    imag_period=None,
 ) -> np.ndarray:
     """Symmetric (N, N) matrix of Wasserstein-p distances between spectra, on Ray actors.
 
@@ -125,7 +130,7 @@ def pairwise_distance_matrix(
     reference and compute upper-triangle blocks (block i <= block j) with
     :func:`raydyn.analysis.koopman.pairwise_wasserstein` (diagonal blocks) and
     :func:`raydyn.analysis.koopman.wasserstein_block` (off-diagonal ones).
-    Equals ``pairwise_wasserstein(spectra, p)``. Ray must already be initialised.
+    Equals ``pairwise_wasserstein(spectra, p, imag_period=imag_period)``. Ray must already be initialised.
 
     Parameters
     ----------
@@ -133,11 +138,14 @@ def pairwise_distance_matrix(
     p : Wasserstein order >= 1
     block_size : spectra per block side; default gives at least ~8 blocks per actor
     n_actors : number of actors (each takes 1 CPU)
+    imag_period : None, a float, or N floats: imaginary parts compared modulo the period
+        (continuous-time spectra: 2 pi / dt), as in ``pairwise_wasserstein``
     """
     _require_ray()
     p = _kp()._check_p(p)
     spectra = _kp()._as_spectra_list(spectra, "spectra")
     n = len(spectra)
+    periods = _kp()._periods(imag_period, n)
     if n < 2:
         return np.zeros((n, n))
     if n_actors is None:
@@ -158,7 +166,7 @@ def pairwise_distance_matrix(
     offsets = np.zeros(n + 1, dtype=np.int64)
     offsets[1:] = np.cumsum([s.size for s in spectra])
     ref = ray.put((np.concatenate(spectra), offsets))
-    workers = [_WassersteinWorker.remote(ref, p) for _ in range(min(int(n_actors), len(tasks)))]
+    workers = [_WassersteinWorker.remote(ref, p, periods) for _ in range(min(int(n_actors), len(tasks)))]
     out = np.zeros((n, n))
     try:
         pool = ActorPool(workers)

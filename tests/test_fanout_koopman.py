@@ -26,6 +26,11 @@ def test_fanout_equals_pure_kernel(ray_session):
     got_default = pairwise_distance_matrix(spectra, p=2)
     np.testing.assert_allclose(got_default, pairwise_wasserstein(spectra, p=2), rtol=0, atol=1e-12)
     assert pairwise_distance_matrix(spectra[:1]).shape == (1, 1)
+    # continuous-time spectra: imaginary parts modulo per-spectrum periods, as the pure kernel
+    periods = np.random.default_rng(3).choice([np.pi, 2 * np.pi, np.inf], size=len(spectra))
+    got_wrapped = pairwise_distance_matrix(spectra, block_size=40, n_actors=2, imag_period=periods)
+    np.testing.assert_allclose(got_wrapped, pairwise_wasserstein(spectra, imag_period=periods), rtol=0, atol=1e-12)
+    assert (got_wrapped <= ref + 1e-12).all() and (got_wrapped < ref - 1e-3).any()
 
 
 def test_fanout_requires_ray(monkeypatch):

@@ -11,7 +11,6 @@ from raydyn.spec import parse_sweep
 from raydyn.store import open_store
 from raydyn.sweep import run_sweep
 
-pytestmark = pytest.mark.ray
 
 SWEEP = """
 name: hmmjob
@@ -24,6 +23,7 @@ resources: {cpu: 1}
 """
 
 
+@pytest.mark.ray
 def test_hmm_job_writes_states_models_and_phase_metrics(ray_session, tmp_path):
     store = open_store(tmp_path)
     spec = parse_sweep(SWEEP)
@@ -36,9 +36,18 @@ def test_hmm_job_writes_states_models_and_phase_metrics(ray_session, tmp_path):
     assert seen[-1] == (12, 12, 0)
     models = store.table("hmm_models", sweep="hmmjob").to_pandas()
     assert set(models.group) == {"lr=0.05", "lr=0.5"} and (models.groupby("group").chosen.sum() == 1).all()
-    # the chosen k has the lowest BIC of its group
+    # the chosen k has the lowest BIC of its group; Hu et al.'s held-out BIC is reported next to it
     for _, g in models.groupby("group"):
         assert g.loc[g.chosen, "bic"].item() == g.bic.min()
+        assert g.heldout_bic.notna().all()
+    # detour p-values are reported raw and Holm-adjusted over each group's tested states
+    from raydyn.analysis.hmm import adjust_pvalues
+
+    det = store.table("hmm_detours", sweep="hmmjob").to_pandas()
+    assert (det.correction == "holm").all()
+    for _, g in det.groupby("group"):
+        np.testing.assert_allclose(g.p_adj.to_numpy(), adjust_pvalues(g.p.to_numpy(), "holm"), equal_nan=True)
+        assert not (g.detour & ~(g.p_adj < 0.05)).any()
     states = store.table("hmm_states", sweep="hmmjob").to_pandas()
     assert states.groupby("run_id").step.apply(list).map(lambda s: s == list(range(0, 121, 10))).all()
     summary = runs_with_metrics(store, "hmmjob").to_pandas()
@@ -52,3 +61,21 @@ def test_hmm_job_writes_states_models_and_phase_metrics(ray_session, tmp_path):
 
     page = build_report(store, "hmmjob", tmp_path / "r.html", axes=spec.axes()).read_text()
     assert "<h2>hmm</h2>" in page and page.count("<figcaption>training map lr=") == 2 and "could not draw" not in page
+
+
+def test_hmm_cli_passes_standardize_selection_and_correction(monkeypatch):
+    """`raydyn analyze hmm` hands --standardize/--selection/--correction to the job; bad values are named."""
+    from typer.testing import CliRunner
+
+    import raydyn.cli as cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "run_analysis", lambda job, *a, **k: seen.update(job.options))
+    r = CliRunner().invoke(cli.app, ["analyze", "hmm", "x", "--standardize", "run", "--selection", "heldout",
+                                     "--correction", "bh"])
+    assert r.exit_code == 0, r.output
+    assert (seen["standardize"], seen["selection"], seen["correction"]) == ("run", "heldout", "bh")
+    r = CliRunner().invoke(cli.app, ["analyze", "hmm", "x"])
+    assert (seen["standardize"], seen["selection"], seen["correction"]) == ("global", "bic", "holm")
+    r = CliRunner().invoke(cli.app, ["analyze", "hmm", "x", "--standardize", "zscore"])
+    assert "--standardize 'zscore': allowed values are global, run, none" in str(r.exception)  # main() prints it, exit 2

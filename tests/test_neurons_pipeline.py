@@ -145,12 +145,12 @@ def test_cli_phase_map_and_report(neu_store, tmp_path):
     assert (tmp_path / "m.png").stat().st_size > 1000
     page = build_report(open_store(root), "neujob", tmp_path / "r.html", metrics=["opt_fraction"]).read_text()
     assert "could not draw" not in page
-    assert "OPT (always-active) fraction per layer over training" in page and "Attraction basins" in page
+    assert "OPT (order-preserving) fraction per layer over training" in page and "Attraction basins" in page
     # recorded with the probe but never analysed: the time course alone
     shutil.rmtree(root / "neurons_modes")
     shutil.rmtree(root / "neurons_summary")
     page = build_report(open_store(root), "neujob", tmp_path / "r2.html", metrics=["final_test_acc"]).read_text()
-    assert "OPT (always-active) fraction per layer over training" in page and "Attraction basins" not in page
+    assert "OPT (order-preserving) fraction per layer over training" in page and "Attraction basins" not in page
     r = cli.invoke(app, ["analyze", "neurons", "neujob", "--steps", "a,b", "--store", str(root)])
     assert isinstance(r.exception, RaydynError) and "--steps 'a,b'" in str(r.exception)
 

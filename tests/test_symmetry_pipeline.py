@@ -146,13 +146,15 @@ def test_a_diverging_member_stops_at_its_divergence_step():
         assert np.isnan(d[-1]).all()
 
 
-def test_adam_is_recorded_but_not_predicted(tmp_path):
+def test_adam_is_recorded_but_refused(tmp_path):
     from raydyn.jobs.symmetry import predicted, supported
 
     res = train_population(_pop(steps=10, opt="adam", lrs="[0.001]", moms="[0.0]"))
     for (_, kind, layer), (steps, q, d, g) in _series(res).items():
         s = {**g, "q": q, "drive": d, "steps": steps}
-        assert "adam" in supported(s) and np.isnan(predicted(s, "exact")).all()
+        assert "adam" in supported(s)
+        with pytest.raises(RaydynError, match="no symmetry law for this run: optimizer 'adam'"):
+            predicted(s, "exact")
 
 
 # ---------------------------------------------------------------------------- the Ray job
@@ -245,3 +247,45 @@ def test_not_recorded_is_a_clear_error(ray_session, tmp_path):
     run_sweep(parse_sweep(text), text, store)
     with pytest.raises(RaydynError, match=r"add `symmetry` to `train.record`"):
         run_job(SymmetryJob(), store, "nosym")
+
+
+FIXED = """
+name: symfixed
+task: {dataset: digits, model: mlp, depth: 1, width: 8, batch_norm: true, bn_eps: 1.0e-300}
+train: {steps: 40, batch_size: 32, optimizer: sgd, lr: 0.1, weight_decay: 0.001, dtype: float64, record_every: 20,
+        record: [symmetry]}
+method: grid
+parameters:
+  fixed_norm: {values: [null, 1.0]}
+resources: {cpu: 1}
+"""
+
+
+@pytest.mark.ray
+def test_fixed_norm_runs_are_refused_not_mispredicted(ray_session, tmp_path):
+    """train.fixed_norm rescales every parameter after each step: the SGD laws do not hold (relative error
+    ~1 when applied anyway), so the job refuses those runs and says why, and still measures the break."""
+    from raydyn.analysis.symmetry import predict
+    from raydyn.jobs import run_job
+    from raydyn.jobs.symmetry import SymmetryJob, run_series
+    from raydyn.store import open_store
+    from raydyn.sweep import run_sweep
+
+    store = open_store(tmp_path / "s")
+    assert run_sweep(parse_sweep(FIXED), FIXED, store).trained == 2
+    assert not run_job(SymmetryJob(), store, "symfixed").failed
+    runs = store.table("runs", sweep="symfixed", columns=["run_id", "fixed_norm"]).to_pandas()
+    summary = store.table("symmetry_summary", sweep="symfixed").to_pandas().merge(runs, on="run_id")
+    free, fixed = summary[summary.fixed_norm.isna()].iloc[0], summary[summary.fixed_norm.notna()].iloc[0]
+    assert free.sym_exact_err < 1e-10 and not isinstance(free.sym_refused, str)
+    assert np.isnan(fixed.sym_exact_err) and np.isnan(fixed.sym_continuous_err)
+    assert "fixed_norm=1.0" in fixed.sym_refused and fixed.sym_scale_break > 0
+    laws = store.table("symmetry_laws", sweep="symfixed").to_pandas()
+    mine = laws[laws.run_id == fixed.run_id]
+    assert mine.rel_err_max.isna().all() and mine.refused.str.contains("fixed_norm").all()
+    # what the job reported before: the SGD law applied to the constrained run is far off
+    errs = [relative_error(predict(s["kind"], s["q"][0], len(s["q"]) - 1, s["lr"], s["weight_decay"], s["momentum"],
+                                   sq_norms=None if s["kind"] == "translation" else s["drive"][:-1]), s["q"]).max()
+            for s in run_series(store, "symfixed", fixed.run_id)]
+    print(f"fixed_norm run, SGD law applied anyway: relative errors {np.round(errs, 3)}")
+    assert max(errs) > 0.1

@@ -9,19 +9,22 @@ slows training down.
 
 The pipeline, split so that the expensive part can be fanned out (e.g. as Ray tasks):
 
-1. :func:`prepare` -- validate, z-score each run per feature over time, split **runs**
-   (not time points) into train / held-out.
+1. :func:`prepare` -- validate, split **runs** (not time points) into train / held-out,
+   z-score every feature with one mean/std pooled over the *training* runs (default; or
+   per run, as Hu et al.).
 2. :func:`fit_plan` -- the list of independent ``(k, seed)`` jobs.
 3. :func:`fit_one` -- one EM fit (hmmlearn ``GaussianHMM``) for one ``(k, seed)``; a pure
    function of its arguments, returns an :class:`HMMFit` of plain arrays.
 4. :func:`select` -- keep the best restart per ``k`` (train log-likelihood), choose ``k`` by
-   BIC, score held-out runs, Viterbi-decode every run, relabel states canonically.
+   BIC (or, as Hu et al., the best restart by held-out score and ``k`` by held-out BIC),
+   score held-out runs, Viterbi-decode every run, relabel states canonically.
 
 :func:`fit_hmm` runs all four in a loop. :func:`training_map`, :func:`convergence_steps`
 and :func:`detour_analysis` interpret the result.
 
-Units: features are in "z-units" after :func:`prepare` (per-run standard deviations by
-default, as in the paper; see :func:`zscore_runs` for the pooled alternative);
+Units: features are in "z-units" after :func:`prepare` (standard deviations pooled over the
+training runs by default; per-run ones with ``standardize="run"``, as in the paper: see
+:func:`zscore_runs` for why that is not the default);
 log-likelihoods are natural logs of densities of those z-scored observations; time is the
 row index of a sequence unless step numbers are given.
 
@@ -56,13 +59,19 @@ __all__ = [
     "training_map",
     "convergence_steps",
     "detour_analysis",
+    "adjust_pvalues",
+    "CORRECTIONS",
+    "SELECTIONS",
 ]
 
 COVARIANCE_TYPES: tuple[str, ...] = ("full", "diag")
 """Covariance types accepted by :func:`fit_one` / :func:`fit_hmm`."""
 
 _COVARS_PRIOR = 1e-2
-"""Ridge added to the covariance numerator in EM (z-units squared); hmmlearn's default size."""
+"""Ridge added to the covariance numerator in EM, as a fraction of each feature's pooled variance
+over the training time points (hmmlearn's default size, 1e-2, on z-scored features)."""
+_MIN_COVAR = 1e-3
+"""hmmlearn's ``min_covar`` (added to the initial covariance), likewise relative to the variance."""
 
 
 # --------------------------------------------------------------------------- validation
@@ -113,8 +122,9 @@ def _check_positive_int(value, name: str) -> int:
 # --------------------------------------------------------------------------- preparation
 
 
-STANDARDIZE: tuple[str, ...] = ("run", "global", "none")
-"""How :func:`prepare` scales features: per run (Hu et al.), pooled over runs, or not at all."""
+STANDARDIZE: tuple[str, ...] = ("global", "run", "none")
+"""How :func:`prepare` scales features: pooled over the training runs (default), per run (Hu et
+al.), or not at all."""
 
 
 def _zscore(a: np.ndarray, mean: np.ndarray, std: np.ndarray, constant: np.ndarray) -> np.ndarray:
@@ -123,21 +133,29 @@ def _zscore(a: np.ndarray, mean: np.ndarray, std: np.ndarray, constant: np.ndarr
     return z
 
 
-def zscore_runs(sequences: Sequence[np.ndarray], standardize: str = "run") -> list[np.ndarray]:
+def zscore_runs(
+    sequences: Sequence[np.ndarray], standardize: str = "global", fit_index: Sequence[int] | None = None
+) -> list[np.ndarray]:
     """Z-score features over time (population std, ``ddof=0``).
 
     Args:
         sequences: list of ``(T_i, F)`` arrays.
-        standardize: ``"run"`` -- each run per feature over its own time steps, as Hu et al.
-            do (removes between-run differences in level and scale; note that it also shifts
-            state means between runs whose state occupancies differ, which can make BIC add
-            states when runs are short and states sticky); ``"global"`` -- one mean/std per
-            feature pooled over all runs (an affine map shared by all runs, so a Gaussian
-            HMM stays a Gaussian HMM with the same states); ``"none"`` -- copy as float64.
+        standardize: ``"global"`` (default) -- one mean/std per feature pooled over the runs in
+            ``fit_index`` (all runs when None) and applied to every run: an affine map shared
+            by all runs, so a Gaussian HMM stays a Gaussian HMM with the same states;
+            ``"run"`` -- each run per feature over its own time steps, as Hu et al. do. Per-run
+            scaling removes between-run differences in level and scale, but it also moves each
+            state's mean by a different amount in each run whenever runs spend different
+            fractions of time in the states, and BIC then buys extra states to absorb those
+            offsets (4-state data, 30 runs x 200 steps, self-transition 0.9: ``"run"`` picks
+            6 states, ``"global"`` 4 with ARI 0.99); ``"none"`` -- copy as float64.
+        fit_index: runs whose time points define the pooled mean/std (``"global"`` only), e.g.
+            the training runs, so held-out runs never inform the scaling of the data the model
+            is fitted on.
 
     Returns:
         list of ``(T_i, F)`` float64 arrays. A column that is exactly constant (within the
-        run for ``"run"``, over all runs for ``"global"``) becomes all zeros, never NaN.
+        run for ``"run"``, over the pooled runs for ``"global"``) becomes all zeros, never NaN.
     """
     if standardize not in STANDARDIZE:
         raise ValueError(f"standardize={standardize!r}; allowed values are {STANDARDIZE}")
@@ -145,7 +163,10 @@ def zscore_runs(sequences: Sequence[np.ndarray], standardize: str = "run") -> li
     if standardize == "none":
         return seqs
     if standardize == "global":
-        x = np.concatenate(seqs, axis=0)
+        idx = range(len(seqs)) if fit_index is None else [int(i) for i in fit_index]
+        if not len(idx):
+            raise ValueError("fit_index is empty; need at least one run to pool the mean/std over")
+        x = np.concatenate([seqs[i] for i in idx], axis=0)
         stats = (x.mean(axis=0), x.std(axis=0), x.max(axis=0) == x.min(axis=0))
         return [_zscore(a, *stats) for a in seqs]
     return [_zscore(a, a.mean(axis=0), a.std(axis=0), a.max(axis=0) == a.min(axis=0)) for a in seqs]
@@ -193,9 +214,9 @@ def prepare(
     held_out: float = 0.2,
     random_state: int | None = None,
     feature_names: Sequence[str] | None = None,
-    standardize: str = "run",
+    standardize: str = "global",
 ) -> HMMData:
-    """Validate and z-score runs, then split runs into train and held-out.
+    """Validate runs, split them into train and held-out, and z-score them.
 
     Args:
         sequences: list of ``(T_i, F)`` arrays, one per training run.
@@ -204,14 +225,17 @@ def prepare(
             (so with a single run nothing is held out).
         random_state: int seed for the split; None draws fresh entropy.
         feature_names: optional ``F`` names.
-        standardize: ``"run"`` (default, as Hu et al.), ``"global"`` or ``"none"``; see
-            :func:`zscore_runs`.
+        standardize: ``"global"`` (default: one mean/std per feature pooled over the
+            *training* runs, applied to all runs), ``"run"`` (per run, as Hu et al.) or
+            ``"none"``; see :func:`zscore_runs`.
 
     Raises:
         ValueError: empty list, non-2-D arrays, mismatched ``F``, non-finite values,
             ``held_out`` outside ``[0, 1)``, or ``feature_names`` of the wrong length.
     """
-    seqs = zscore_runs(sequences, standardize)
+    if standardize not in STANDARDIZE:
+        raise ValueError(f"standardize={standardize!r}; allowed values are {STANDARDIZE}")
+    seqs = _check_sequences(sequences)
     if not (isinstance(held_out, (int, float, np.floating)) and 0.0 <= float(held_out) < 1.0):
         raise ValueError(f"held_out={held_out!r}; must be a fraction in [0, 1)")
     n_features = seqs[0].shape[1]
@@ -225,10 +249,11 @@ def prepare(
     n = len(seqs)
     n_test = min(math.ceil(float(held_out) * n), n - 1) if held_out > 0 else 0
     perm = rng.permutation(n)
+    train_index, heldout_index = np.sort(perm[n_test:]), np.sort(perm[:n_test])
     return HMMData(
-        sequences=tuple(seqs),
-        train_index=np.sort(perm[n_test:]),
-        heldout_index=np.sort(perm[:n_test]),
+        sequences=tuple(zscore_runs(seqs, standardize, fit_index=train_index)),
+        train_index=train_index,
+        heldout_index=heldout_index,
         feature_names=feature_names,
     )
 
@@ -316,7 +341,12 @@ def fit_one(
         tol: EM stops when the log-likelihood gain is below this (nats).
 
     Returns:
-        :class:`HMMFit`. ``loglik`` is ``-inf`` if EM produced a non-finite likelihood.
+        :class:`HMMFit`. ``loglik`` is ``-inf`` if EM produced a non-finite likelihood or broke
+        down (:func:`select` skips such restarts).
+
+    The covariance prior (``covars_prior``) is ``1e-2`` times each feature's variance pooled
+    over ``train_sequences`` (a diagonal ridge for full covariances), so the fit does not depend
+    on the units of the features.
 
     Raises:
         ValueError: bad ``k``/``covariance_type``, invalid sequences, or fewer training
@@ -333,10 +363,13 @@ def fit_one(
     lengths = [len(s) for s in seqs]
     if x.shape[0] < k:
         raise ValueError(f"k={k} states but only {x.shape[0]} training time points; need at least k")
-    # hmmlearn adds a scalar covars_prior to *every* entry of a full covariance (a rank-1
-    # term that does not keep it positive-definite when features are constant or
-    # collinear); a ridge prior * I does. For diag the scalar already acts per variance.
-    prior = _COVARS_PRIOR * np.eye(x.shape[1]) if covariance_type == "full" else _COVARS_PRIOR
+    # The prior is relative to the data: 1e-2 x each feature's pooled variance (1e-2 on z-scored
+    # features, as before; a fixed 1e-2 on raw features of scale 1e-3 is 1e4 x their variance and
+    # swamps them). hmmlearn adds a scalar covars_prior to *every* entry of a full covariance (a
+    # rank-1 term that does not keep it positive-definite when features are constant or
+    # collinear); a diagonal ridge does. For diag the vector acts per variance.
+    var = _feature_scale(x)
+    prior = np.diag(_COVARS_PRIOR * var) if covariance_type == "full" else _COVARS_PRIOR * var
     model = GaussianHMM(
         n_components=k,
         covariance_type=covariance_type,
@@ -344,13 +377,17 @@ def fit_one(
         tol=tol,
         random_state=int(seed),
         covars_prior=prior,
+        min_covar=_MIN_COVAR * float(var.min()),
     )
     # One BLAS thread: the matrices are tiny (F x F), so threading only adds overhead (we
     # measured 25x slowdowns on a loaded 2-core machine), and parallelism belongs one level
     # up, across (k, seed) jobs.
     with threadpool_limits(limits=1), np.errstate(all="ignore"):
-        model.fit(x, lengths)
-        loglik = float(model.score(x, lengths))
+        try:
+            model.fit(x, lengths)
+            loglik = float(model.score(x, lengths))
+        except (ValueError, np.linalg.LinAlgError):  # EM broke down (non-finite parameters): a failed restart
+            loglik = -math.inf
     if not np.isfinite(loglik):
         loglik = -math.inf
     covars = np.array(model.covars_, dtype=np.float64)  # full form (k, F, F) for every type
@@ -369,6 +406,15 @@ def fit_one(
     )
 
 
+def _feature_scale(x: np.ndarray) -> np.ndarray:
+    """``(F,)`` pooled variance of each feature, with constant features given a positive stand-in
+    (the mean variance of the others, or 1 when every feature is constant)."""
+    var = x.var(axis=0)
+    pos = var[var > 0]
+    fill = float(pos.mean()) if pos.size else 1.0
+    return np.where(var > 0, var, fill)
+
+
 def n_free_parameters(k: int, n_features: int, covariance_type: str) -> int:
     """Free scalar parameters of a ``k``-state Gaussian HMM over ``n_features`` features.
 
@@ -383,6 +429,11 @@ def n_free_parameters(k: int, n_features: int, covariance_type: str) -> int:
 
 
 # --------------------------------------------------------------------------- selection
+
+SELECTIONS: tuple[str, ...] = ("bic", "heldout")
+"""How :func:`select` picks the restart per ``k`` and then ``k``: ``"bic"`` -- best training
+log-likelihood, lowest training BIC; ``"heldout"`` -- as Hu et al.'s model-selection script, the
+restart with the best held-out log-likelihood, then the lowest held-out BIC."""
 
 
 @dataclass(frozen=True)
@@ -401,7 +452,10 @@ class HMMResult:
             ``-2 loglik + n_free_parameters * ln(n_obs)``); NaN if every restart failed.
         train_loglik: ``k -> total training log-likelihood`` of the best restart (nats).
         heldout_loglik: ``k -> held-out log-likelihood per time point`` (nats per step,
-            comparable across data sizes); empty dict if no run was held out.
+            comparable across data sizes) of the kept restart; empty dict if no run was held out.
+        heldout_bic: ``k -> -2 (total held-out log-likelihood) + n_free_parameters ln(held-out
+            time points)`` of the kept restart (Hu et al.'s held-out BIC); empty without held-out runs.
+        selection: ``"bic"`` or ``"heldout"`` (see :data:`SELECTIONS`).
         states: one int array ``(T_i,)`` per input sequence, input order (Viterbi path).
         transmat: ``(k, k)``; startprob: ``(k,)``; means: ``(k, F)`` in z-units;
         covars: ``(k, F, F)`` (always full form, diagonal if ``covariance_type="diag"``).
@@ -428,6 +482,8 @@ class HMMResult:
     fit: HMMFit
     order: np.ndarray
     sequences: tuple[np.ndarray, ...] = field(repr=False)
+    heldout_bic: dict[int, float] = field(default_factory=dict)
+    selection: str = "bic"
 
     @property
     def n_runs(self) -> int:
@@ -451,20 +507,29 @@ def _canonical_order(states: list[np.ndarray], means: np.ndarray) -> np.ndarray:
     return np.array(sorted(range(k), key=lambda s: keys[s]), dtype=int)
 
 
-def select(data: HMMData, fits: Sequence[HMMFit]) -> HMMResult:
+def select(data: HMMData, fits: Sequence[HMMFit], selection: str = "bic") -> HMMResult:
     """Combine independent fits: best restart per ``k``, ``k`` by BIC, decode all runs.
 
     Args:
         data: the :class:`HMMData` whose ``train_sequences`` the fits were trained on.
         fits: :class:`HMMFit` objects from :func:`fit_one`, any order, any mix of ``k``.
+        selection: ``"bic"`` (default) -- per ``k`` the restart with the best training
+            log-likelihood, ``k`` by training BIC; ``"heldout"`` -- per ``k`` the restart with
+            the best held-out log-likelihood and ``k`` by held-out BIC, as in Hu et al.'s
+            model-selection script (needs held-out runs).
 
     Returns:
-        :class:`HMMResult`. Ties in BIC go to the smaller ``k``.
+        :class:`HMMResult`. Ties go to the smaller ``k``.
 
     Raises:
         ValueError: no fits, fits of mixed covariance types or feature counts not matching
-            ``data``, or no fit with a finite likelihood.
+            ``data``, no fit with a finite likelihood, or ``selection="heldout"`` without
+            held-out runs.
     """
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection={selection!r}; allowed values are {SELECTIONS}")
+    if selection == "heldout" and len(data.heldout_index) == 0:
+        raise ValueError("selection='heldout' needs held-out runs; use held_out > 0 with at least 2 runs")
     if len(fits) == 0:
         raise ValueError("fits is empty; run fit_one for at least one (k, seed)")
     cov_types = {f.covariance_type for f in fits}
@@ -482,9 +547,24 @@ def select(data: HMMData, fits: Sequence[HMMFit]) -> HMMResult:
                 f"data.train_sequences has {n_obs}; fits must come from the same split"
             )
 
+    heldout = data.heldout_sequences
+    xh = np.concatenate(heldout) if heldout else None
+    lh = [len(s) for s in heldout]
+
+    def heldout_total(f: HMMFit) -> float:
+        with np.errstate(all="ignore"):
+            try:
+                v = float(f.to_model().score(xh, lh))
+            except (ValueError, np.linalg.LinAlgError):
+                return -math.inf
+        return v if np.isfinite(v) else -math.inf
+
+    scored = [f for f in sorted(fits, key=lambda f: (f.n_states, f.seed)) if np.isfinite(f.loglik)]
+    ho = {id(f): heldout_total(f) for f in scored} if heldout else {}
+    key = (lambda f: f.loglik) if selection == "bic" else (lambda f: ho[id(f)])
     best: dict[int, HMMFit] = {}
-    for f in sorted(fits, key=lambda f: (f.n_states, f.seed)):
-        if np.isfinite(f.loglik) and (f.n_states not in best or f.loglik > best[f.n_states].loglik):
+    for f in scored:
+        if (selection == "bic" or np.isfinite(ho[id(f)])) and (f.n_states not in best or key(f) > key(best[f.n_states])):
             best[f.n_states] = f
     if not best:
         raise ValueError("no fit has a finite log-likelihood; check the data or lower max_states")
@@ -495,19 +575,18 @@ def select(data: HMMData, fits: Sequence[HMMFit]) -> HMMResult:
         for k in ks
     }
     train_loglik = {k: best[k].loglik if k in best else -math.inf for k in ks}
-    heldout = data.heldout_sequences
     heldout_loglik: dict[int, float] = {}
+    heldout_bic: dict[int, float] = {}
     if heldout:
-        xh = np.concatenate(heldout)
-        lh = [len(s) for s in heldout]
+        n_ho = xh.shape[0]
         for k in ks:
-            if k in best:
-                with np.errstate(all="ignore"):
-                    heldout_loglik[k] = float(best[k].to_model().score(xh, lh)) / xh.shape[0]
-            else:
-                heldout_loglik[k] = math.nan
+            total = ho[id(best[k])] if k in best else -math.inf
+            heldout_loglik[k] = total / n_ho if k in best else math.nan
+            heldout_bic[k] = (-2.0 * total + n_free_parameters(k, f_dim, covariance_type) * math.log(n_ho)
+                              if k in best and np.isfinite(total) else math.nan)
 
-    k_best = min(best, key=lambda k: (bic[k], k))
+    criterion = bic if selection == "bic" else heldout_bic
+    k_best = min(best, key=lambda k: (criterion[k] if np.isfinite(criterion[k]) else math.inf, k))
     chosen = best[k_best]
     model = chosen.to_model()
     raw_states = [np.asarray(model.predict(s), dtype=int) for s in data.sequences]
@@ -531,6 +610,8 @@ def select(data: HMMData, fits: Sequence[HMMFit]) -> HMMResult:
         fit=chosen,
         order=order,
         sequences=data.sequences,
+        heldout_bic=heldout_bic,
+        selection=selection,
     )
 
 
@@ -543,7 +624,8 @@ def fit_hmm(
     random_state: int | None = None,
     feature_names: Sequence[str] | None = None,
     n_iter: int = 100,
-    standardize: str = "run",
+    standardize: str = "global",
+    selection: str = "bic",
 ) -> HMMResult:
     """Fit Gaussian HMMs with ``1..max_states`` states to many runs and pick one by BIC.
 
@@ -559,8 +641,9 @@ def fit_hmm(
         random_state: int seed for the split and all fits; None draws fresh entropy.
         feature_names: optional ``F`` names carried into the result.
         n_iter: maximum EM iterations per fit.
-        standardize: ``"run"`` (default, per-run z-scores as Hu et al.), ``"global"`` or
-            ``"none"``; see :func:`zscore_runs`.
+        standardize: ``"global"`` (default: pooled over the training runs), ``"run"``
+            (per-run z-scores as Hu et al.) or ``"none"``; see :func:`zscore_runs`.
+        selection: ``"bic"`` (default) or ``"heldout"`` (Hu et al.); see :func:`select`.
 
     Returns:
         :class:`HMMResult` (``states`` for every input run, in input order).
@@ -575,8 +658,10 @@ def fit_hmm(
     )
     n_obs = sum(len(s) for s in data.train_sequences)
     jobs = [(k, s) for k, s in fit_plan(max_states, restarts, random_state) if k <= n_obs]
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection={selection!r}; allowed values are {SELECTIONS}")
     fits = [fit_one(data.train_sequences, k, s, covariance_type, n_iter=n_iter) for k, s in jobs]
-    return select(data, fits)
+    return select(data, fits, selection)
 
 
 # --------------------------------------------------------------------------- training map
@@ -774,6 +859,39 @@ def convergence_steps(
     return out
 
 
+CORRECTIONS: tuple[str, ...] = ("holm", "bh", "none")
+"""Multiple-testing corrections of :func:`adjust_pvalues`: Holm's step-down (family-wise error
+rate), Benjamini-Hochberg (false discovery rate), or none."""
+
+
+def adjust_pvalues(p: np.ndarray, method: str = "holm") -> np.ndarray:
+    """Adjusted p-values for testing every finite entry of ``p`` at once (NaNs stay NaN).
+
+    ``holm``: sort the m finite p-values ascending, p_(1) <= ... <= p_(m); the adjusted value of
+    p_(i) is max_{j <= i} min(1, (m - j + 1) p_(j)) (Holm 1979). ``bh``: min_{j >= i}
+    min(1, m p_(j) / j) (Benjamini & Hochberg 1995). ``none``: ``p`` unchanged. Rejecting where
+    the adjusted value is below alpha controls the family-wise error (holm) or the false
+    discovery rate (bh) at alpha.
+    """
+    if method not in CORRECTIONS:
+        raise ValueError(f"correction={method!r}; allowed values are {CORRECTIONS}")
+    p = np.asarray(p, dtype=np.float64)
+    out = p.copy()
+    ok = np.flatnonzero(np.isfinite(p))
+    m = ok.size
+    if method == "none" or m == 0:
+        return out
+    order = ok[np.argsort(p[ok], kind="stable")]
+    ps = p[order]
+    rank = np.arange(1, m + 1)
+    if method == "holm":
+        adj = np.maximum.accumulate(np.minimum(1.0, (m - rank + 1) * ps))
+    else:
+        adj = np.minimum.accumulate(np.minimum(1.0, m * ps / rank)[::-1])[::-1]
+    out[order] = adj
+    return out
+
+
 @dataclass(frozen=True)
 class DetourResult:
     """Per-state association between visiting a state and convergence time.
@@ -782,16 +900,21 @@ class DetourResult:
     between the 0/1 "run visited the state" indicator and the run's convergence time;
     ``p`` its two-sided p-value (:func:`scipy.stats.pearsonr`). Where the indicator is
     constant (state visited by every run or by none) or convergence times are all equal,
-    ``r`` and ``p`` are NaN and ``defined`` is False.
+    ``r`` and ``p`` are NaN and ``defined`` is False. Every defined state is one test, so
+    ``p_adjusted`` corrects ``p`` for the family of the group's defined states
+    (:func:`adjust_pvalues`), and detours are called on it.
 
     Attributes:
         visit_fraction: fraction of runs visiting each state.
         r, p: as above.
+        p_adjusted: ``p`` adjusted with ``correction`` over the defined states.
+        correction: ``"holm"``, ``"bh"`` or ``"none"``.
         defined: whether ``r`` is defined.
         mean_convergence_visited / mean_convergence_not_visited: mean convergence time of
             runs that do / do not visit the state (NaN if none).
         obligatory: visited by every run.
-        detour: not obligatory, ``r > 0`` and ``p < alpha``: visiting it delays convergence.
+        detour: not obligatory, ``r > 0`` and ``p_adjusted < alpha``: visiting it delays
+            convergence.
         alpha: the significance level used.
         n_runs: number of runs.
     """
@@ -806,6 +929,8 @@ class DetourResult:
     detour: np.ndarray
     alpha: float
     n_runs: int
+    p_adjusted: np.ndarray | None = None
+    correction: str = "holm"
 
     @property
     def detour_states(self) -> np.ndarray:
@@ -821,6 +946,7 @@ def detour_analysis(
     convergence: np.ndarray,
     n_states: int | None = None,
     alpha: float = 0.05,
+    correction: str = "holm",
 ) -> DetourResult:
     """Find obligatory and detour states (Hu et al. 2023, Sec. "detour states").
 
@@ -830,6 +956,8 @@ def detour_analysis(
             :func:`convergence_steps`).
         n_states: number of states; default ``max label + 1``.
         alpha: significance level for calling a detour, in ``(0, 1)``.
+        correction: ``"holm"`` (default), ``"bh"`` or ``"none"``: how the p-values of the
+            group's states are adjusted for testing all of them (:func:`adjust_pvalues`).
 
     Returns:
         :class:`DetourResult`.
@@ -859,6 +987,8 @@ def detour_analysis(
         raise ValueError(f"detour analysis needs at least 3 runs, got {len(runs)}")
     if not (0.0 < float(alpha) < 1.0):
         raise ValueError(f"alpha={alpha!r}; must be in (0, 1)")
+    if correction not in CORRECTIONS:
+        raise ValueError(f"correction={correction!r}; allowed values are {CORRECTIONS}")
     top = max(int(z.max()) for z in runs) + 1
     k = top if n_states is None else _check_positive_int(n_states, "n_states")
     if top > k:
@@ -884,7 +1014,8 @@ def detour_analysis(
         r[s], p[s] = float(res.statistic), float(res.pvalue)
     defined = np.isfinite(r)
     obligatory = visited.all(axis=1)
-    detour = ~obligatory & defined & (np.nan_to_num(r) > 0) & (np.nan_to_num(p, nan=1.0) < alpha)
+    p_adj = adjust_pvalues(np.where(defined, p, np.nan), correction)
+    detour = ~obligatory & defined & (np.nan_to_num(r) > 0) & (np.nan_to_num(p_adj, nan=1.0) < alpha)
     return DetourResult(
         visit_fraction=visited.mean(axis=1),
         r=r,
@@ -896,4 +1027,6 @@ def detour_analysis(
         detour=detour,
         alpha=float(alpha),
         n_runs=len(runs),
+        p_adjusted=p_adj,
+        correction=correction,
     )

@@ -47,10 +47,12 @@ __all__ = [
     "pairwise_wasserstein",
     "conjugacy_test",
     "conjugacy_classes",
+    "seed_threshold",
     "gavish_donoho_omega",
 ]
 
 Rank = Union[int, float, str, None]
+Precision = Union[None, str, type, np.dtype, float]
 
 # ---------------------------------------------------------------------------
 # Input validation
@@ -61,6 +63,41 @@ def _check_n_delays(n_delays: int) -> int:
     if isinstance(n_delays, (bool, np.bool_)) or not isinstance(n_delays, Integral) or n_delays < 0:
         raise ValueError(f"n_delays must be a non-negative integer, got {n_delays!r}")
     return int(n_delays)
+
+
+def _input_eps(trajectories) -> float:
+    """Unit roundoff of the given snapshots: float32's when every array is float32/complex64
+    (float16's for float16), float64's otherwise (lists, ints, float64)."""
+    arrays = trajectories if isinstance(trajectories, (list, tuple)) else [trajectories]
+    eps = 0.0
+    for x in arrays:
+        dt = getattr(x, "dtype", None)
+        if dt is None or not np.issubdtype(dt, np.inexact):
+            eps = max(eps, float(np.finfo(np.float64).eps))
+        else:
+            eps = max(eps, float(np.finfo(dt).eps))
+    return eps or float(np.finfo(np.float64).eps)
+
+
+def _precision_eps(precision: Precision, trajectories) -> float:
+    """The relative precision that sets the numerical-rank cutoff (see :func:`spectrum`)."""
+    if precision is None:
+        return _input_eps(trajectories)
+    if isinstance(precision, (bool, np.bool_)):
+        raise ValueError(f"precision must be None, a float dtype or a relative precision in (0, 1), got {precision!r}")
+    if isinstance(precision, Real):
+        if not 0 < float(precision) < 1:
+            raise ValueError(f"precision as a number is the data's relative precision and must lie in (0, 1), "
+                             f"got {precision!r}")
+        return float(precision)
+    try:
+        dt = np.dtype(precision)
+    except TypeError:
+        dt = None
+    if dt is None or not np.issubdtype(dt, np.inexact):
+        raise ValueError(f"precision must be None, a float dtype ('float32', 'float64') or a relative precision "
+                         f"in (0, 1), got {precision!r}")
+    return float(np.finfo(dt).eps)
 
 
 def _as_trajectories(trajectories, n_delays: int) -> list[np.ndarray]:
@@ -229,11 +266,14 @@ def gavish_donoho_omega(beta: float) -> float:
     return lam / math.sqrt(_mp_median(float(beta)))
 
 
-def _choose_rank(s: np.ndarray, shape: tuple[int, int], rank: Rank) -> tuple[int, int]:
-    """Return (rank used, numerical rank). ``shape`` is that of the full Hankel matrix."""
+def _choose_rank(s: np.ndarray, shape: tuple[int, int], rank: Rank, eps: float = float(np.finfo(np.float64).eps)
+                 ) -> tuple[int, int]:
+    """Return (rank used, numerical rank). ``shape`` is that of the full Hankel matrix; ``eps``
+    the relative precision of the snapshots (rounding noise below ``s_max max(shape) eps`` is
+    not dynamics)."""
     if s.size == 0 or s[0] == 0:
         raise ValueError("the snapshot matrix is identically zero: no dynamics to fit")
-    tol = s[0] * max(shape) * np.finfo(np.float64).eps
+    tol = s[0] * max(shape) * eps
     r_num = int(np.count_nonzero(s > tol))
     if rank is None:
         r = r_num
@@ -274,12 +314,14 @@ class DMDResult:
     eigenvalues : (rank,) complex -- discrete-time eigenvalues (per recorded step),
         sorted by decreasing modulus, then by angle.
     rank : int -- number of singular values kept.
-    numerical_rank : int -- singular values above ``s_max * max(shape) * eps``.
+    numerical_rank : int -- singular values above ``s_max * max(shape) * eps``, ``eps`` the
+        precision of the snapshots (``precision``).
     singular_values : (min(N, M),) float -- of the (possibly reduced) snapshot matrix X.
     n_features : int -- N = D' (d + 1) with D' the state dimension after ``pca``.
     n_snapshots : int -- M, number of snapshot pairs.
     reduced : str -- "none", "qr" (lossless projection for large D) or "pca".
     atilde : (rank, rank) complex -- the reduced operator U^H Y V S^-1.
+    eps : float -- the relative precision used for the numerical rank.
     """
 
     eigenvalues: np.ndarray
@@ -290,6 +332,7 @@ class DMDResult:
     n_snapshots: int
     reduced: str
     atilde: np.ndarray
+    eps: float = float(np.finfo(np.float64).eps)
 
     def continuous_eigenvalues(self, dt: float = 1.0) -> np.ndarray:
         """log(lambda) / dt on the principal branch (zero eigenvalues give -inf)."""
@@ -320,9 +363,11 @@ def fit_dmd(
     rank: Rank = None,
     *,
     pca: int | None = None,
+    precision: Precision = None,
 ) -> DMDResult:
     """Exact DMD (Tu et al. 2014) of delay-embedded trajectories; see :func:`spectrum`."""
     d = _check_n_delays(n_delays)
+    eps = _precision_eps(precision, trajectories)
     trajs = _as_trajectories(trajectories, d)
     dim = trajs[0].shape[1]
     total = sum(x.shape[0] for x in trajs)
@@ -350,7 +395,7 @@ def fit_dmd(
     full_shape = (dim_eff * (d + 1), n_snap)
     # X = x_rows^T = U S V^H  <=>  x_rows = conj(V) S U^T: take the SVD of the rows directly.
     vc, s, ut = np.linalg.svd(x_rows, full_matrices=False)  # vc (M, k), ut (k, N')
-    r, r_num = _choose_rank(s, full_shape, rank)
+    r, r_num = _choose_rank(s, full_shape, rank, eps)
     u = ut[:r].T  # (N', r) left singular vectors of X
     v = vc[:, :r].conj()  # (M, r) right singular vectors of X
     # Atilde = U^H Y V S^-1 with Y = y_rows^T
@@ -365,6 +410,7 @@ def fit_dmd(
         n_snapshots=n_snap,
         reduced=reduced,
         atilde=atilde,
+        eps=eps,
     )
 
 
@@ -377,6 +423,7 @@ def spectrum(
     continuous: bool = False,
     pca: int | None = None,
     random_state=None,
+    precision: Precision = None,
 ) -> np.ndarray:
     """Koopman eigenvalues of one system from one or several trajectories (exact DMD).
 
@@ -389,9 +436,10 @@ def spectrum(
         trajectory; snapshot pairs (z_t, z_{t+1}) never straddle two trajectories.
     rank : None | int | float | "optimal"
         SVD truncation of the stacked snapshot matrix X (N = D (d+1) by M pairs):
-        None = full numerical rank (s > s_max max(N, M) eps); int = that many (capped
-        at the numerical rank); float in (0, 1) = smallest rank holding that fraction
-        of sum s^2; "optimal" = Gavish-Donoho hard threshold omega(beta) median(s).
+        None = full numerical rank (s > s_max max(N, M) eps, eps from ``precision``);
+        int = that many (capped at the numerical rank); float in (0, 1) = smallest rank
+        holding that fraction of sum s^2; "optimal" = Gavish-Donoho hard threshold
+        omega(beta) median(s).
     dt : float > 0
         Recording interval, used when ``continuous``.
     continuous : bool
@@ -404,6 +452,12 @@ def spectrum(
         no dense D-sized SVD is needed.
     random_state : ignored
         Accepted for API symmetry; every path here is deterministic.
+    precision : None | dtype | float
+        Relative precision of the snapshots, which sets the numerical-rank cutoff eps.
+        None (default): that of the arrays given -- float32 (or complex64) arrays use
+        float32's eps = 1.2e-7, float64 ones 2.2e-16; so pass snapshots as stored, not
+        cast to float64 first (rounding noise of float32 weights would otherwise be kept as
+        up to N spurious eigenvalues). A dtype ('float32') or a number in (0, 1) overrides it.
 
     Returns
     -------
@@ -411,7 +465,7 @@ def spectrum(
     """
     del random_state  # deterministic algorithm
     dt = _check_dt(dt)
-    res = fit_dmd(trajectories, n_delays, rank, pca=pca)
+    res = fit_dmd(trajectories, n_delays, rank, pca=pca, precision=precision)
     if continuous:
         return _to_continuous(res.eigenvalues, dt)
     return res.eigenvalues
@@ -448,10 +502,49 @@ def _check_p(p: float) -> float:
     return float(p)
 
 
-def _cost(a: np.ndarray, b: np.ndarray, p: float) -> np.ndarray:
-    """|a_i - b_j|^p for (..., n) and (..., m) complex -> (..., n, m) float64."""
+def _check_period(period, name: str = "imag_period") -> float:
+    if period is None:
+        return math.inf
+    if isinstance(period, (bool, np.bool_)) or not isinstance(period, Real) or not (float(period) > 0):
+        raise ValueError(f"{name} must be None or a number > 0 (2 pi / dt for continuous-time spectra), got {period!r}")
+    return float(period)
+
+
+def _periods(imag_period, n: int, name: str = "imag_period") -> np.ndarray | None:
+    """None (no wrap), or (n,) periods from a scalar or a per-spectrum sequence (inf: no wrap)."""
+    if imag_period is None:
+        return None
+    if isinstance(imag_period, (list, tuple, np.ndarray)):
+        arr = [_check_period(v, f"{name}[{k}]") for k, v in enumerate(imag_period)]
+        if len(arr) != n:
+            raise ValueError(f"{name} has {len(arr)} periods but there are {n} spectra; give one per spectrum")
+        return np.asarray(arr, dtype=np.float64)
+    return np.full(n, _check_period(imag_period, name))
+
+
+def _wrap(di: np.ndarray, period) -> np.ndarray:
+    """Imaginary differences wrapped into [-P/2, P/2] (P: scalar or (..., 1, 1) per pair; inf: unchanged)."""
+    per = np.asarray(period, dtype=np.float64)
+    finite = np.isfinite(per)
+    if not finite.any():
+        return di
+    safe = np.where(finite, per, 1.0)
+    wrapped = di - safe * np.round(di / safe)
+    return np.where(finite, wrapped, di)
+
+
+def _cost(a: np.ndarray, b: np.ndarray, p: float, period=None) -> np.ndarray:
+    """|a_i - b_j|^p for (..., n) and (..., m) complex -> (..., n, m) float64.
+
+    ``period``: when given (scalar, or broadcastable to the leading axes), imaginary parts are
+    compared modulo it: the ground cost of continuous-time eigenvalues log(lambda) / dt,
+    whose imaginary parts are only defined modulo 2 pi / dt.
+    """
     dr = a.real[..., :, None] - b.real[..., None, :]
     di = a.imag[..., :, None] - b.imag[..., None, :]
+    if period is not None:
+        per = np.asarray(period, dtype=np.float64)
+        di = _wrap(di, per.reshape(per.shape + (1, 1)) if per.ndim else per)
     dr *= dr
     di *= di
     dr += di
@@ -479,7 +572,7 @@ def _transport_lp(cost: np.ndarray) -> float:
     return float(res.fun)
 
 
-def wasserstein(eigs_a, eigs_b, p: float = 1) -> float:
+def wasserstein(eigs_a, eigs_b, p: float = 1, *, imag_period: float | None = None) -> float:
     """Wasserstein-p distance between two eigenvalue sets as uniform point masses.
 
     W_p = (min_pi sum_ij pi_ij |a_i - b_j|^p)^(1/p), pi with row sums 1/n and column
@@ -491,21 +584,28 @@ def wasserstein(eigs_a, eigs_b, p: float = 1) -> float:
     Parameters
     ----------
     eigs_a : (n,) complex;  eigs_b : (m,) complex;  p : float >= 1
+    imag_period : None or float > 0
+        Compare imaginary parts modulo this period, i.e. on a cylinder: for continuous-time
+        spectra log(lambda) / dt pass 2 pi / dt, so that a pair of eigenvalues just above and
+        below the negative real axis (lambda ~ -1, the period-2 oscillation) is close, not
+        2 pi / dt apart. None (default): plain Euclidean cost (discrete-time spectra).
 
     Returns
     -------
     float, in the units of the eigenvalues.
     """
     p = _check_p(p)
+    period = _check_period(imag_period)
+    period = None if math.isinf(period) else period
     a = _as_spectrum(eigs_a, "eigs_a")
     b = _as_spectrum(eigs_b, "eigs_b")
     n, m = a.size, b.size
     if n != m:
         big = n * m // math.gcd(n, m)
         if big > _LCM_MAX:
-            return _transport_lp(_cost(a, b, p)) ** (1.0 / p)
+            return _transport_lp(_cost(a, b, p, period)) ** (1.0 / p)
         a, b = np.repeat(a, big // n), np.repeat(b, big // m)
-    c = _cost(a, b, p)
+    c = _cost(a, b, p, period)
     r, k = linear_sum_assignment(c)
     return float((c[r, k].sum() / a.size) ** (1.0 / p))
 
@@ -577,12 +677,13 @@ def _assignment_sums(cost: np.ndarray) -> np.ndarray:
     return out
 
 
-def _w_equal_batch(a: np.ndarray, b: np.ndarray, p: float) -> np.ndarray:
-    """W_p for pairs of equal-size sets: a, b (P, n) -> (P,)."""
+def _w_equal_batch(a: np.ndarray, b: np.ndarray, p: float, period: np.ndarray | None = None) -> np.ndarray:
+    """W_p for pairs of equal-size sets: a, b (P, n) -> (P,); period (P,) or None."""
     n = a.shape[1]
     out = np.empty(a.shape[0])
     for s in range(0, a.shape[0], _PAIR_CHUNK):
-        c = _cost(a[s : s + _PAIR_CHUNK], b[s : s + _PAIR_CHUNK], p)
+        per = None if period is None else period[s : s + _PAIR_CHUNK]
+        c = _cost(a[s : s + _PAIR_CHUNK], b[s : s + _PAIR_CHUNK], p, per)
         out[s : s + c.shape[0]] = _assignment_sums(c) / n
     return out if p == 1.0 else out ** (1.0 / p)
 
@@ -600,11 +701,16 @@ class _Packed:
             self.row[idx] = np.arange(idx.size)
 
 
-def _pair_values(packed: _Packed, i: np.ndarray, j: np.ndarray, p: float) -> np.ndarray:
-    """W_p for the pairs (i[k], j[k]) of packed spectra."""
+def _pair_values(packed: _Packed, i: np.ndarray, j: np.ndarray, p: float,
+                 periods: np.ndarray | None = None) -> np.ndarray:
+    """W_p for the pairs (i[k], j[k]) of packed spectra; ``periods`` (N,) per spectrum or None.
+
+    A pair's imaginary period is the smaller of its two (frequencies are comparable only
+    modulo the coarser sampling's 2 pi / dt)."""
     out = np.empty(i.size)
     if i.size == 0:
         return out
+    pair_period = None if periods is None else np.minimum(periods[i], periods[j])
     ni, nj = packed.lengths[i], packed.lengths[j]
     keys = ni.astype(np.int64) * (1 << 32) + nj
     for key in np.unique(keys):
@@ -612,14 +718,16 @@ def _pair_values(packed: _Packed, i: np.ndarray, j: np.ndarray, p: float) -> np.
         n, m = int(key >> 32), int(key & 0xFFFFFFFF)
         a = packed.by_len[n][packed.row[i[sel]]]
         b = packed.by_len[m][packed.row[j[sel]]]
+        per = None if pair_period is None else pair_period[sel]
         if n == m:
-            out[sel] = _w_equal_batch(a, b, p)
+            out[sel] = _w_equal_batch(a, b, p, per)
             continue
         big = n * m // math.gcd(n, m)
         if big <= _LCM_MAX:
-            out[sel] = _w_equal_batch(np.repeat(a, big // n, axis=1), np.repeat(b, big // m, axis=1), p)
+            out[sel] = _w_equal_batch(np.repeat(a, big // n, axis=1), np.repeat(b, big // m, axis=1), p, per)
         else:
-            out[sel] = [_transport_lp(_cost(x, y, p)) ** (1.0 / p) for x, y in zip(a, b)]
+            out[sel] = [_transport_lp(_cost(x, y, p, None if per is None else per[k])) ** (1.0 / p)
+                        for k, (x, y) in enumerate(zip(a, b))]
     return out
 
 
@@ -631,13 +739,16 @@ def _as_spectra_list(spectra, name: str) -> list[np.ndarray]:
     return [_as_spectrum(s, f"{name}[{k}]") for k, s in enumerate(spectra)]
 
 
-def pairwise_wasserstein(spectra, p: float = 1) -> np.ndarray:
+def pairwise_wasserstein(spectra, p: float = 1, *, imag_period=None) -> np.ndarray:
     """Symmetric matrix of W_p distances between all spectra.
 
     Parameters
     ----------
     spectra : list of (n_k,) complex arrays (or an (N, n) complex array)
     p : float >= 1
+    imag_period : None, a float > 0, or N floats (one per spectrum, inf = none)
+        Imaginary parts compared modulo the period (see :func:`wasserstein`); per pair the
+        smaller of the two spectra's periods.
 
     Returns
     -------
@@ -650,20 +761,23 @@ def pairwise_wasserstein(spectra, p: float = 1) -> np.ndarray:
     out = np.zeros((n, n))
     if n < 2:
         return out
+    periods = _periods(imag_period, n)
     packed = _Packed(spectra)
     iu, ju = np.triu_indices(n, 1)
-    vals = _pair_values(packed, iu, ju, p)
+    vals = _pair_values(packed, iu, ju, p, periods)
     out[iu, ju] = vals
     out[ju, iu] = vals
     return out
 
 
-def wasserstein_block(spectra_rows, spectra_cols, p: float = 1) -> np.ndarray:
+def wasserstein_block(spectra_rows, spectra_cols, p: float = 1, *, imag_period=None) -> np.ndarray:
     """W_p distances between every row spectrum and every column spectrum.
 
     Parameters
     ----------
     spectra_rows : list of R (n_k,) complex arrays;  spectra_cols : list of C arrays
+    imag_period : None, a float > 0, or R + C floats (rows first), as in
+        :func:`pairwise_wasserstein`
 
     Returns
     -------
@@ -675,9 +789,10 @@ def wasserstein_block(spectra_rows, spectra_cols, p: float = 1) -> np.ndarray:
     out = np.zeros((len(rows), len(cols)))
     if not rows or not cols:
         return out
+    periods = _periods(imag_period, len(rows) + len(cols))
     packed = _Packed(rows + cols)
     i, j = np.meshgrid(np.arange(len(rows)), len(rows) + np.arange(len(cols)), indexing="ij")
-    out[:] = _pair_values(packed, i.ravel(), j.ravel(), p).reshape(len(rows), len(cols))
+    out[:] = _pair_values(packed, i.ravel(), j.ravel(), p, periods).reshape(len(rows), len(cols))
     return out
 
 
@@ -701,6 +816,11 @@ class ConjugacyTestResult:
     null : (n_null,) statistics under relabelled seeds
     exact : bool, True when every relabelling was enumerated
     distance_matrix : (n_a + n_b, n_a + n_b), A's seeds first
+    p_floor : the smallest p-value this design can give: the observed labelling and, when
+        n_a == n_b, its mirror image (A and B swapped: the same statistic) always count, so
+        2 / C(n_a + n_b, n_a) for equal sizes, 1 / C(n_a + n_b, n_a) otherwise (and at least
+        1 / (1 + n_permutations) for random relabellings). 1/3 for 2 seeds per condition,
+        0.1 for 3, 0.029 for 4, 0.0079 for 5, 1.1e-5 for 10.
     """
 
     statistic: float
@@ -714,6 +834,7 @@ class ConjugacyTestResult:
     null: np.ndarray
     exact: bool
     distance_matrix: np.ndarray
+    p_floor: float = 0.0
 
     @property
     def within(self) -> np.ndarray:
@@ -738,6 +859,8 @@ def conjugacy_test(
     *,
     p: float = 1,
     distance_matrix: np.ndarray | None = None,
+    imag_period=None,
+    alpha: float = 0.05,
 ) -> ConjugacyTestResult:
     """Are two conditions' Koopman spectra further apart than seeds of one condition?
 
@@ -757,6 +880,10 @@ def conjugacy_test(
     p : Wasserstein order
     distance_matrix : optional precomputed (n_a + n_b)^2 matrix (A's seeds first),
         e.g. from :func:`raydyn.fanout.pairwise_distance_matrix`.
+    imag_period : passed to :func:`pairwise_wasserstein` (2 pi / dt for continuous spectra).
+    alpha : significance level the design is checked against: when even the most extreme
+        outcome cannot reach it (``p_floor > alpha``, e.g. 2 seeds per condition: 1/3) a
+        ``UserWarning`` says so; the result carries ``p_floor``.
     """
     a = _as_spectra_list(spectra_a, "spectra_a")
     b = _as_spectra_list(spectra_b, "spectra_b")
@@ -770,7 +897,7 @@ def conjugacy_test(
         raise ValueError(f"n_permutations must be an int >= 1, got {n_permutations!r}")
     n = n_a + n_b
     if distance_matrix is None:
-        dist = pairwise_wasserstein(a + b, p=p)
+        dist = pairwise_wasserstein(a + b, p=p, imag_period=imag_period)
     else:
         dist = _check_distance_matrix(distance_matrix)
         if dist.shape[0] != n:
@@ -793,6 +920,19 @@ def conjugacy_test(
     tol = 1e-12 * max(1.0, abs(stat))
     hits = int(np.count_nonzero(null >= stat - tol))
     p_value = hits / n_total if exact else (1 + hits) / (1 + n_permutations)
+    floor = (2.0 if n_a == n_b else 1.0) / n_total
+    if not exact:
+        floor = max(floor, 1.0 / (1 + n_permutations))
+    if floor > alpha:
+        import warnings
+
+        warnings.warn(
+            f"conjugacy_test: with {n_a} and {n_b} seeds the smallest attainable p-value is {floor:.3g} "
+            f"(> alpha = {alpha}); no outcome can be significant -- use more seeds per condition "
+            f"(n = {_seeds_needed(alpha)} each reaches {alpha})",
+            UserWarning,
+            stacklevel=2,
+        )
 
     ia, ib = np.arange(n_a), np.arange(n_a, n)
     within_a = dist[np.ix_(ia, ia)][np.triu_indices(n_a, 1)]
@@ -820,7 +960,16 @@ def conjugacy_test(
         null=null,
         exact=exact,
         distance_matrix=dist,
+        p_floor=float(floor),
     )
+
+
+def _seeds_needed(alpha: float) -> int:
+    """Smallest n with 2 / C(2n, n) <= alpha (equal seeds per condition)."""
+    n = 2
+    while 2.0 / math.comb(2 * n, n) > alpha:
+        n += 1
+    return n
 
 
 # ---------------------------------------------------------------------------
@@ -853,9 +1002,22 @@ def _first_appearance(labels: np.ndarray) -> np.ndarray:
     return rank[inv]
 
 
+def seed_threshold(within_distances, n_sd: float = 3.0) -> float:
+    """Cut height from seed-to-seed distances of runs known to be one system: mean + n_sd SD.
+
+    With ``n_sd = 3`` two seeds of one system fall in one class with high probability, so
+    a split at this height is a separation beyond seed-to-seed variation. Needs >= 2
+    distances (an SD).
+    """
+    w = np.asarray(within_distances, dtype=np.float64).ravel()
+    if w.size < 2 or not np.all(np.isfinite(w)):
+        raise ValueError(f"within_distances must hold at least 2 finite seed-to-seed distances, got {w.size}")
+    return float(w.mean() + n_sd * w.std(ddof=1))
+
+
 def conjugacy_classes(
     distance_matrix,
-    threshold: float | None = None,
+    threshold: float | str | None = None,
     n_classes: int | None = None,
     method: str = "average",
     *,
@@ -867,18 +1029,18 @@ def conjugacy_classes(
     ----------
     distance_matrix : (N, N) symmetric, zero diagonal (e.g. :func:`pairwise_wasserstein`)
     threshold : cut height: spectra whose clusters merge at linkage distance
-        <= threshold share a class.
+        <= threshold share a class. ``"gap"``: cut in the middle of the largest gap
+        between successive merge heights -- this always yields >= 2 classes for N >= 3,
+        so use it only for data known to hold several classes.
     n_classes : alternatively, the number of classes (``maxclust``).
     method : "single" | "complete" | "average" | "weighted" (scipy linkage).
     within_distances : optional 1-D seed-to-seed distances of runs known to be the
         same system; when no threshold/n_classes is given the threshold is
-        mean + 3 sd of them (seeds of one system then fall in one class with high
-        probability).
+        :func:`seed_threshold` of them (mean + 3 SD).
 
-    Default (no threshold, n_classes or within_distances): cut in the middle of the
-    largest gap between successive merge heights. This always yields >= 2 classes
-    for N >= 3, so use it only for data known to hold several classes; with N <= 2
-    all spectra form one class.
+    Default (no threshold, n_classes or within_distances): **one class**. Nothing in a
+    distance matrix alone says how far apart two systems must be to differ, so classes
+    are only split against a scale: seed-to-seed distances, a threshold, or a count.
 
     Returns
     -------
@@ -896,27 +1058,29 @@ def conjugacy_classes(
     if n_classes is not None:
         if isinstance(n_classes, (bool, np.bool_)) or not isinstance(n_classes, Integral) or not 1 <= n_classes <= n:
             raise ValueError(f"n_classes must be an int in [1, N={n}], got {n_classes!r}")
-    if threshold is not None:
-        if not isinstance(threshold, Real) or not np.isfinite(threshold) or threshold < 0:
-            raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}")
+    gap = isinstance(threshold, str)
+    if gap and threshold != "gap":
+        raise ValueError(f"threshold must be a finite number >= 0 or 'gap', got {threshold!r}")
+    if threshold is not None and not gap:
+        if isinstance(threshold, (bool, np.bool_)) or not isinstance(threshold, Real) or not np.isfinite(threshold) \
+                or threshold < 0:
+            raise ValueError(f"threshold must be a finite number >= 0 or 'gap', got {threshold!r}")
     if n == 1:
         return np.zeros(1, dtype=np.intp)
+    if threshold is None and n_classes is None and within_distances is None:
+        return np.zeros(n, dtype=np.intp)
     z = hierarchy.linkage(squareform(d, checks=False), method=method)
     if n_classes is not None:
         labels = hierarchy.fcluster(z, n_classes, criterion="maxclust")
         return _first_appearance(labels)
     if threshold is None:
-        if within_distances is not None:
-            w = np.asarray(within_distances, dtype=np.float64).ravel()
-            if w.size == 0 or not np.all(np.isfinite(w)):
-                raise ValueError("within_distances must be a non-empty finite 1-D array")
-            threshold = float(w.mean() + 3 * (w.std(ddof=1) if w.size > 1 else 0.0))
-        elif n <= 2:
+        threshold = seed_threshold(within_distances)
+    elif gap:
+        if n <= 2:
             return np.zeros(n, dtype=np.intp)
-        else:
-            h = np.sort(z[:, 2])
-            gaps = np.diff(h)
-            k = int(np.argmax(gaps))
-            threshold = float((h[k] + h[k + 1]) / 2)
+        h = np.sort(z[:, 2])
+        gaps = np.diff(h)
+        k = int(np.argmax(gaps))
+        threshold = float((h[k] + h[k + 1]) / 2)
     labels = hierarchy.fcluster(z, threshold, criterion="distance")
     return _first_appearance(labels)

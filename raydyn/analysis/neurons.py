@@ -1,29 +1,40 @@
 """Neuron transformation modes, linearity probes and attraction basins.
 
-Motivated by Lin, Zhang, Feng & Zhao (2025), who describe training as moving
-ReLU-like neurons between transformation modes and relate the result to the
-size of attraction basins in sample and weight space. No code was published
-with that paper: **every definition below is raydyn's own operationalisation**,
-chosen to be precise, cheap and testable, and may differ from the authors'.
+After Lin, Feng, Zhang & Zhao, "Network Dynamics-Based Framework for Understanding Deep
+Neural Networks" (arXiv:2501.02436, 2025), who classify neurons by whether their
+transformation of the samples is *order-preserving* (OPT) or *non-order-preserving* (NPT),
+and relate the mix of modes across layers, and the sizes of attraction basins in sample and
+weight space, to learning phases. No code was published with that paper: **every definition
+below is raydyn's own operationalisation** of its description, chosen to be precise, cheap
+and testable, and may differ from the authors' in the details listed.
 
 Modes (on a fixed reference subset of training inputs)
-    A ReLU-like neuron is *active* on an input when its pre-activation (the
-    input of its activation module) is > 0. A neuron is
+    Each activation function f is strictly increasing on an open interval (lo, hi) -- its
+    *order-preserving range* -- and not beyond it: ReLU (0, inf); ReLU6 (0, 6); LeakyReLU,
+    PReLU and RReLU with a positive slope, ELU, CELU, SELU and Softplus everywhere
+    (-inf, inf); the non-monotone GELU (x > -0.7518; tanh form -0.7525), SiLU (x > -1.2785),
+    Mish (x > -1.1924) and Hardswish (x > -1.5) above their minimum. A neuron is
 
-    * OPT ("open", always-positive transformation): active on every event;
-    * NPT ("partial"): active on some but not all events;
-    * dead: active on no event.
+    * OPT: every reference event's pre-activation lies in the range, so the neuron maps the
+      events in a strictly order-preserving way (for ReLU: it acts linearly on all of them);
+    * NPT: some events lie in the range and some outside (for ReLU: some are cut to 0, their
+      order lost);
+    * dead: no event lies in the range (for ReLU: inactive everywhere). The paper's NPT is
+      raydyn's NPT plus dead.
 
-    For a dense layer an event is a sample. For a convolutional feature map
-    (N, C, *spatial) a neuron is a channel and an event is a (sample, position)
-    pair, so an OPT channel is exactly one that acts linearly on the whole
-    reference set.
+    So a LeakyReLU or ELU neuron is always OPT (those functions preserve order everywhere).
+    For a dense layer an event is a sample. Neurons are the channel axis of the activation's
+    input: the last axis when that input comes straight from an ``nn.Linear`` (e.g. a
+    transformer MLP's (N, S, C): an event is a (sample, position) pair), else axis 1
+    (PyTorch's (N, C, *spatial) convolution layout: an event is a (sample, position) pair).
 
 Linearity probe
     For one activation module at a time, replace it by the identity (forward
     hook returning its input) and report the change in loss and accuracy on
-    (X, y). A layer whose pre-activations are all positive on X changes by
-    exactly 0 (ReLU is the identity there).
+    (X, y). A ReLU layer whose pre-activations are all positive on X changes by
+    exactly 0 (ReLU is the identity there). (The paper's L-Map substitutes linear maps
+    for neurons; this is raydyn's per-layer version; its rank probability distribution is
+    not implemented.)
 
 Sample-space basin
     For sample x with predicted class c and random unit directions u_i in input
@@ -39,15 +50,16 @@ Weight-space basin
     For draw d with standard normal noise Z_d (one tensor per perturbed
     parameter W), the perturbed weights are
     W + sigma * (|W|_F / sqrt(numel W)) * Z_d, so each tensor moves by about
-    sigma times its own norm (E|dW|_F^2 = sigma^2 |W|_F^2). The accuracy at sigma
+    sigma times its own norm (E|dW|_F^2 = sigma^2 |W|_F^2; an all-zero tensor is not
+    moved). The accuracy at sigma
     is the median over draws of the accuracy on (X, y); the basin is the largest
     sigma in [0, sigma_max] whose accuracy is at least base accuracy - drop
     (default drop = 0.01, one percentage point), by bisection with common
     random numbers.
 
 All functions switch the model to eval mode while they run (batch norm uses
-running statistics, dropout is off) and restore the previous mode, the
-weights and all hooks before returning. Tensors in, numpy/dataclasses out.
+running statistics, dropout is off, RReLU uses its mean slope) and restore the previous
+mode, the weights and all hooks before returning. Tensors in, numpy/dataclasses out.
 """
 from __future__ import annotations
 
@@ -61,6 +73,7 @@ from torch import nn
 
 __all__ = [
     "RELU_LIKE",
+    "order_preserving_range",
     "activation_rates",
     "neuron_modes",
     "LinearityProbe",
@@ -75,6 +88,50 @@ RELU_LIKE: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ReLU6, nn.ELU, nn.CELU, nn.SELU,
     nn.GELU, nn.SiLU, nn.Mish, nn.Softplus, nn.Hardswish,
 )
+
+
+# Where the non-monotone activations have their minimum (argmin of f, found numerically;
+# tests/analysis/test_neurons.py checks them against torch): f is strictly increasing above it.
+_GELU_MIN = -0.7517915246935645
+_GELU_TANH_MIN = -0.7524614220710163
+_SILU_MIN = -1.278464542761074
+_MISH_MIN = -1.1924312145154954
+_HARDSWISH_MIN = -1.5
+
+
+def order_preserving_range(module: nn.Module) -> tuple[np.ndarray | float, float]:
+    """(lo, hi): the open interval on which ``module``'s activation is strictly increasing.
+
+    ``lo`` is a float, or a (C,) array for a per-channel PReLU. A neuron whose pre-activations
+    all lie in (lo, hi) transforms its inputs order-preservingly (OPT).
+    """
+    inf = float("inf")
+    if isinstance(module, nn.ReLU6):
+        return 0.0, 6.0
+    if isinstance(module, nn.ReLU):
+        return 0.0, inf
+    if isinstance(module, nn.LeakyReLU):
+        return (-inf if module.negative_slope > 0 else 0.0), inf
+    if isinstance(module, nn.PReLU):
+        w = module.weight.detach().to("cpu", torch.float64).numpy()
+        lo = np.where(w > 0, -inf, 0.0)
+        return (float(lo[0]) if lo.size == 1 else lo), inf
+    if isinstance(module, nn.RReLU):  # eval mode: slope (lower + upper) / 2
+        return (-inf if module.lower + module.upper > 0 else 0.0), inf
+    if isinstance(module, (nn.ELU, nn.CELU)):
+        return (-inf if module.alpha > 0 else 0.0), inf
+    if isinstance(module, (nn.SELU, nn.Softplus)):
+        return -inf, inf
+    if isinstance(module, nn.GELU):
+        return (_GELU_TANH_MIN if module.approximate == "tanh" else _GELU_MIN), inf
+    if isinstance(module, nn.SiLU):
+        return _SILU_MIN, inf
+    if isinstance(module, nn.Mish):
+        return _MISH_MIN, inf
+    if isinstance(module, nn.Hardswish):
+        return _HARDSWISH_MIN, inf
+    raise ValueError(f"no order-preserving range known for {type(module).__name__}; "
+                     f"supported: {[t.__name__ for t in RELU_LIKE]}")
 
 
 # ---------------------------------------------------------------- helpers
@@ -175,10 +232,12 @@ def activation_rates(
     types: Sequence[type[nn.Module]] = RELU_LIKE,
     batch_size: int = 1024,
 ) -> dict[str, np.ndarray]:
-    """Fraction of events on which each neuron's pre-activation is > 0.
+    """Fraction of events on which each neuron's pre-activation lies in its activation's
+    order-preserving range (:func:`order_preserving_range`; for ReLU: is > 0).
 
     X_ref: (N, ...) reference inputs (float, or int64 tokens). Returns activation-module name -> (C,)
-    float array in [0, 1] (C = features for dense layers, channels for conv).
+    float array in [0, 1]. C is the channel axis of the activation's input: the last axis when
+    the input is an ``nn.Linear``'s output, axis 1 otherwise (dense (N, C), conv (N, C, ...)).
     Each activation module must be called exactly once per forward pass.
     """
     _check_model(model)
@@ -187,9 +246,14 @@ def activation_rates(
     acts = _activation_modules(model, types)
     if not acts:
         raise ValueError(f"model has no activation module of types {[t.__name__ for t in types]}")
+    ranges = {n: order_preserving_range(m) for n, m in acts}
     pos: dict[str, torch.Tensor] = {}
     tot: dict[str, int] = {}
     seen: set[str] = set()
+    linear_out: list[torch.Tensor] = []  # the output of the nn.Linear that ran last
+
+    def on_linear(mod: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
+        linear_out[:] = [out]
 
     def hook(name: str) -> Callable:
         # a pre-hook sees the pre-activation even for inplace activations
@@ -200,17 +264,27 @@ def activation_rates(
                     f"activation module {name!r} ran 2 times in one forward pass; "
                     "give each use its own module instance")
             seen.add(name)
-            zc = z.transpose(0, 1).reshape(z.shape[1], -1) if z.ndim > 1 else z.reshape(1, -1)
-            cnt = (zc > 0).sum(dim=1)
+            if z.ndim <= 1:
+                zc = z.reshape(1, -1)
+            else:
+                axis = -1 if (z.ndim > 2 and linear_out and linear_out[0] is z) else 1
+                zc = z.movedim(axis, 0).reshape(z.shape[axis], -1)
+            lo, hi = ranges[name]
+            lo_t = torch.as_tensor(lo, dtype=zc.dtype).reshape(-1, 1) if np.ndim(lo) else lo
+            cnt = ((zc > lo_t) & (zc < hi)).sum(dim=1)
+            if name in pos and pos[name].shape != cnt.shape:
+                raise ValueError(f"activation module {name!r} saw {cnt.shape[0]} channels, earlier {pos[name].shape[0]}")
             pos[name] = pos.get(name, 0) + cnt
             tot[name] = tot.get(name, 0) + zc.shape[1]
         return f
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in acts]
+    handles += [m.register_forward_hook(on_linear) for m in model.modules() if isinstance(m, nn.Linear)]
     try:
         with _eval_mode(model):
             for sl in _batches(X_ref.shape[0], batch_size):
                 seen.clear()
+                linear_out.clear()
                 model(X_ref[sl])
     finally:
         for h in handles:
@@ -229,8 +303,9 @@ def neuron_modes(
 ) -> dict[str, tuple[float, float, float]]:
     """(opt, npt, dead) fractions of the neurons of each activation layer.
 
-    OPT: active (pre-activation > 0) on every event of X_ref; dead: on none;
-    NPT: otherwise. Fractions of the layer's neurons; they sum to 1.
+    OPT: pre-activation in the activation's order-preserving range on every event of X_ref
+    (for ReLU: > 0); dead: on none; NPT: otherwise. Fractions of the layer's neurons; they
+    sum to 1.
     Returns activation-module name -> (opt, npt, dead).
     """
     rates = activation_rates(model, X_ref, types, batch_size)

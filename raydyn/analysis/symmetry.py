@@ -54,7 +54,14 @@ Conventions used throughout:
   from a name -> tensor dict in exactly this convention.
 * Step 0 must be the optimiser's first step (empty momentum buffer).
 
-Nesterov momentum is not covered.
+Only plain ``torch.optim.SGD`` updates (with or without heavy-ball momentum, dampening and
+weight decay) at one constant learning rate have these laws. :func:`predict` refuses Adam /
+AdamW and Nesterov, and :func:`law_refusal` names, from a run's config, every other setting
+without an exact law: ``fixed_norm`` (all parameters rescaled together after each step), a
+learning-rate schedule or warm-up (a different eta every step), gradient-norm clipping (the
+gradient rescaled by a data-dependent factor). :func:`layer_hyperparameters` gives each group
+its own param group's lr / weight decay (``embed_lr`` / ``embed_weight_decay`` for parameters
+named ``embed*``) and refuses a group whose members train with different ones.
 """
 from __future__ import annotations
 
@@ -83,7 +90,13 @@ __all__ = [
     "param_dict",
     "grad_dict",
     "buffer_dict",
+    "OPTIMIZERS",
+    "law_refusal",
+    "layer_hyperparameters",
 ]
+
+OPTIMIZERS: tuple[str, ...] = ("sgd",)
+"""Optimisers with exact and continuous laws here (torch.optim.SGD, heavy-ball momentum, no Nesterov)."""
 
 KINDS: tuple[str, ...] = ("translation", "scale", "rescale")
 LOSSES: tuple[str, ...] = ("cross_entropy", "mse", "other")
@@ -463,6 +476,62 @@ def buffer_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str,
 # --------------------------------------------------------------------------
 
 
+def law_refusal(cfg: Mapping[str, object]) -> str | None:
+    """Why a run trained with config ``cfg`` has no exact symmetry law, or None when it has one.
+
+    Reads ``optimizer``, ``nesterov``, ``fixed_norm``, ``schedule`` (constant when absent),
+    ``warmup_steps`` (0 when absent) and ``clip_grad_norm`` (None when absent), so configs of
+    runs trained before a setting existed are read as not using it.
+    """
+    if not isinstance(cfg, Mapping):
+        raise ValueError(f"cfg must be a run config mapping, got {type(cfg).__name__}")
+    reasons = []
+    opt = str(cfg.get("optimizer", "sgd"))
+    if opt not in OPTIMIZERS:
+        reasons.append(f"optimizer {opt!r} (the laws cover SGD with or without momentum)")
+    if cfg.get("nesterov"):
+        reasons.append("Nesterov momentum")
+    if cfg.get("fixed_norm") is not None:
+        reasons.append(f"fixed_norm={cfg['fixed_norm']} (every step rescales all parameters together to a fixed "
+                       "total norm, which no per-group law tracks)")
+    schedule = cfg.get("schedule", "constant") or "constant"
+    if schedule != "constant":
+        reasons.append(f"schedule={schedule!r} (the laws assume one learning rate at every step)")
+    warmup = cfg.get("warmup_steps", 0) or 0
+    if float(warmup) > 0:
+        reasons.append(f"warmup_steps={warmup} (the learning rate changes during warm-up)")
+    if cfg.get("clip_grad_norm") is not None:
+        reasons.append(f"clip_grad_norm={cfg['clip_grad_norm']} (clipping rescales the gradient by a "
+                       "data-dependent factor)")
+    return "; ".join(reasons) if reasons else None
+
+
+def layer_hyperparameters(
+    groups: Sequence[SymmetryGroup], cfg: Mapping[str, object], lr: float, weight_decay: float,
+    embed_prefix: str = "embed",
+) -> dict[tuple[str, str], tuple[float, float] | str]:
+    """(kind, layer) -> the (lr, weight decay) its groups train with, or why there is none.
+
+    ``lr`` / ``weight_decay`` are the run's (as trained); parameters whose names start with
+    ``embed_prefix`` train with ``cfg['embed_lr']`` / ``cfg['embed_weight_decay']`` when set
+    (raydyn's second param group). A group whose members fall in both param groups with
+    different hyperparameters has no single law: its entry is the reason (a string).
+    """
+    base = (float(lr), float(weight_decay))
+    embed = (float(cfg["embed_lr"]) if cfg.get("embed_lr") is not None else base[0],
+             float(cfg["embed_weight_decay"]) if cfg.get("embed_weight_decay") is not None else base[1])
+    seen: dict[tuple[str, str], set[tuple[float, float]]] = {}
+    for g in groups:
+        for m in g.members:
+            seen.setdefault((g.kind, g.layer), set()).add(embed if m.param.startswith(embed_prefix) else base)
+    out: dict[tuple[str, str], tuple[float, float] | str] = {}
+    for key, hps in seen.items():
+        out[key] = next(iter(hps)) if len(hps) == 1 else (
+            f"{key[0]} groups of layer {key[1]} mix parameters of two param groups (embed_lr/embed_weight_decay "
+            f"{embed[0]:g}/{embed[1]:g} vs lr/weight_decay {base[0]:g}/{base[1]:g}); a law needs one")
+    return out
+
+
 def _check_hparams(
     kind: str, steps: int, lr: float, weight_decay: float, momentum: float,
     method: str, dampening: float,
@@ -527,6 +596,8 @@ def predict(
     sq_norms: object | None = None,
     method: str = "exact",
     dampening: float = 0.0,
+    optimizer: str = "sgd",
+    nesterov: bool = False,
 ) -> np.ndarray:
     r"""Predicted quantity at steps 0..steps under ``torch.optim.SGD``.
 
@@ -542,6 +613,8 @@ def predict(
         g_k (momentum == 0) or of the momentum buffer after step k, b_{k+1}
         (momentum > 0); for rescale outgoing minus incoming.
     method: "exact" or "continuous".
+    optimizer, nesterov: the run's optimiser; anything but "sgd" without Nesterov is refused
+        (ValueError): there is no law for it here.
 
     Returns float64 array of shape (steps + 1, *S).
 
@@ -601,6 +674,11 @@ def predict(
 
     The continuous laws are O(eta)-accurate approximations of the discrete ones.
     """
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"no symmetry law for optimizer {optimizer!r}: the exact and continuous laws cover "
+                         "torch.optim.SGD (with or without momentum) only")
+    if nesterov:
+        raise ValueError("no symmetry law for Nesterov momentum: the laws cover heavy-ball SGD only")
     _check_hparams(kind, steps, lr, weight_decay, momentum, method, dampening)
     q0 = np.asarray(q0, dtype=np.float64)
     if not np.all(np.isfinite(q0)):

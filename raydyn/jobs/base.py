@@ -150,12 +150,14 @@ def load_buffers(store, sweep: str, run_id: str) -> "np.ndarray | None":
     return flat.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)[order].astype(np.float64)
 
 
-def load_trajectories(store, sweep: str, run_ids, layers: list[str] | None = None,
+def load_trajectories(store, sweep: str, run_ids, layers: list[str] | None = None, keep_dtype: bool = False,
                       ) -> dict[str, tuple["np.ndarray", "np.ndarray", dict]]:
     """Weight trajectories of runs: run_id -> (steps (T,), weights (T, D) float64, layout).
 
     ``layers`` keeps only stored parameters whose names start with one of the prefixes
-    (possible when the run stored full parameter vectors, not a sketch).
+    (possible when the run stored full parameter vectors, not a sketch). ``keep_dtype``: the
+    weights in their stored precision (float32 unless ``train.weights.dtype: float64``), so
+    an analysis can tell rounding noise from signal (the Koopman DMD rank cutoff does).
     """
     import numpy as np
 
@@ -176,7 +178,7 @@ def load_trajectories(store, sweep: str, run_ids, layers: list[str] | None = Non
         if not len(sel):
             continue
         order = sel[np.argsort(steps[sel])]
-        x = mat[order].astype(np.float64)
+        x = mat[order] if keep_dtype else mat[order].astype(np.float64)
         layout = layouts.get(r, {})
         if layers:
             if "countsketch" in layout.get("kind", ""):

@@ -2,13 +2,15 @@
 
 Groups of runs (default: all seeds of one configuration = every swept axis but seed)
 are modelled together. The driver reads each group's metric sequences and prepares
-them (z-scored per run, runs split into train/held-out); every (group, k, restart)
-EM fit is one Ray task; the driver then selects k by BIC per group, decodes every
-run (Viterbi), builds the training map and runs the detour analysis.
+them (runs split into train/held-out, then z-scored with one mean/std per feature pooled
+over the group's training runs, or per run with ``--standardize run``); every
+(group, k, restart) EM fit is one Ray task; the driver then selects k per group (training
+BIC, or Hu et al.'s held-out selection), decodes every run (Viterbi), builds the training
+map and runs the detour analysis (p-values adjusted for testing every state).
 
-Tables: ``hmm_models`` (group, k, bic, train/held-out log-likelihood, chosen),
+Tables: ``hmm_models`` (group, k, bic, heldout_bic, train/held-out log-likelihood, chosen),
 ``hmm_states`` (run_id, step, state), ``hmm_transitions`` (group, src, dst, prob,
-count, n_runs, top features), ``hmm_detours`` (group, state, visit_fraction, r, p,
+count, n_runs, top features), ``hmm_detours`` (group, state, visit_fraction, r, p, p_adj,
 obligatory, detour), ``hmm_summary`` (run_id, hmm_group, hmm_n_states, hmm_has_detour,
 hmm_visits_detour, convergence_step): the phase-map metrics.
 """
@@ -33,11 +35,13 @@ class HMMJob(Job):
     def __init__(self, group_by: list[str] | None = None, features: list[str] | None = None, max_states: int = 8,
                  restarts: int = 5, covariance_type: str = "full", held_out: float = 0.2, random_state: int = 0,
                  convergence_metric: str = "test_acc", convergence_threshold: float = 0.9,
-                 convergence_mode: str = "above", alpha: float = 0.05):
+                 convergence_mode: str = "above", alpha: float = 0.05, standardize: str = "global",
+                 selection: str = "bic", correction: str = "holm"):
         super().__init__(group_by=group_by, features=features, max_states=max_states, restarts=restarts,
                          covariance_type=covariance_type, held_out=held_out, random_state=random_state,
                          convergence_metric=convergence_metric, convergence_threshold=convergence_threshold,
-                         convergence_mode=convergence_mode, alpha=alpha)
+                         convergence_mode=convergence_mode, alpha=alpha, standardize=standardize,
+                         selection=selection, correction=correction)
         self._groups: dict[str, dict[str, Any]] = {}
 
     def __getstate__(self):  # shipped with every unit: leave the driver's group data behind
@@ -77,7 +81,11 @@ class HMMJob(Job):
             c = r[[conv, "step"]].dropna()
             conv_seqs.append((c.step.to_numpy(), c[conv].to_numpy(dtype=np.float64)))
             run_ids.append(rid)
-        data = prepare(seqs, held_out=o["held_out"], random_state=o["random_state"], feature_names=feats)
+        data = prepare(seqs, held_out=o["held_out"], random_state=o["random_state"], feature_names=feats,
+                       standardize=o.get("standardize", "global"))
+        if o.get("selection", "bic") == "heldout" and len(data.heldout_index) == 0:
+            raise RaydynError(f"hmm: --selection heldout needs held-out runs, but group {unit.key} holds none out "
+                              f"({len(seqs)} runs, --held-out {o['held_out']}); raise --held-out or use --selection bic")
         return {"data": data, "steps": steps, "conv": conv_seqs, "run_ids": run_ids, "unit": unit}
 
     def plan(self, store, sweep: str) -> list[Unit]:
@@ -123,13 +131,15 @@ class HMMJob(Job):
         for key, g in self._groups.items():
             if key not in fits:
                 continue
-            res = select(g["data"], fits[key])
+            res = select(g["data"], fits[key], o.get("selection", "bic"))
             tmap = training_map(res)
             conv = convergence_steps([c[1] for c in g["conv"]], o["convergence_threshold"], o["convergence_mode"],
                                      steps=[c[0] for c in g["conv"]])
-            det = detour_analysis(res.states, conv, n_states=res.n_states, alpha=o["alpha"])
+            det = detour_analysis(res.states, conv, n_states=res.n_states, alpha=o["alpha"],
+                                  correction=o.get("correction", "holm"))
             for k in sorted(res.bic):
-                models.append({"group": key, "k": k, "bic": res.bic[k], "train_loglik": res.train_loglik.get(k, np.nan),
+                models.append({"group": key, "k": k, "bic": res.bic[k], "heldout_bic": res.heldout_bic.get(k, np.nan),
+                               "train_loglik": res.train_loglik.get(k, np.nan),
                                "heldout_loglik": res.heldout_loglik.get(k, np.nan), "chosen": k == res.n_states,
                                "transmat": json.dumps(res.transmat.tolist()) if k == res.n_states else None,
                                "means": json.dumps(res.means.tolist()) if k == res.n_states else None,
@@ -142,7 +152,8 @@ class HMMJob(Job):
                                         [[n, round(float(v), 4)] for n, v in e.ranked_features[:3]])})
             for s in range(res.n_states):
                 detours.append({"group": key, "state": s, "visit_fraction": float(det.visit_fraction[s]),
-                                "r": float(det.r[s]), "p": float(det.p[s]), "obligatory": bool(det.obligatory[s]),
+                                "r": float(det.r[s]), "p": float(det.p[s]), "p_adj": float(det.p_adjusted[s]),
+                                "correction": det.correction, "obligatory": bool(det.obligatory[s]),
                                 "detour": bool(det.detour[s])})
             detour_set = set(det.detour_states.tolist())
             for i, rid in enumerate(g["run_ids"]):
@@ -176,6 +187,15 @@ def register_cli(analyze_app) -> None:
         conv_metric: str = typer.Option("test_acc", "--convergence-metric", help="Metric defining convergence."),
         conv_threshold: float = typer.Option(0.9, "--convergence-threshold", help="Level it must cross."),
         conv_mode: str = typer.Option("above", "--convergence-mode", help="above | below"),
+        standardize: str = typer.Option("global", "--standardize", help="global: one mean/std per feature pooled "
+                                        "over the group's training runs (default) | run: each run z-scored "
+                                        "on its own (Hu et al.) | none"),
+        selection: str = typer.Option("bic", "--selection", help="bic: per k the best training likelihood, k by "
+                                      "training BIC (default) | heldout: per k the best held-out likelihood, k by "
+                                      "held-out BIC (Hu et al.)"),
+        correction: str = typer.Option("holm", "--correction", help="Adjustment of the detour p-values for testing "
+                                       "every state: holm (default) | bh (Benjamini-Hochberg) | none"),
+        alpha: float = typer.Option(0.05, "--alpha", help="Significance level for detours (on adjusted p-values)."),
         seed: int = typer.Option(0, "--seed", help="Seed for the run split and the EM restarts."),
         store: Optional[str] = typer.Option(None, "--store", help="Store URI (default: $RAYDYN_STORE or ./raydyn-results)."),
         address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: local)."),
@@ -187,10 +207,19 @@ def register_cli(analyze_app) -> None:
             raise RaydynError(f"--covariance {covariance!r}: allowed values are full, diag")
         if conv_mode not in ("above", "below"):
             raise RaydynError(f"--convergence-mode {conv_mode!r}: allowed values are above, below")
+        from raydyn.analysis.hmm import CORRECTIONS, SELECTIONS, STANDARDIZE
+
+        for flag, value, allowed in (("--standardize", standardize, STANDARDIZE), ("--selection", selection, SELECTIONS),
+                                     ("--correction", correction, CORRECTIONS)):
+            if value not in allowed:
+                raise RaydynError(f"{flag} {value!r}: allowed values are {', '.join(allowed)}")
+        if not 0 < alpha < 1:
+            raise RaydynError(f"--alpha {alpha}: must be in (0, 1)")
         job = HMMJob(group_by=group_by.split(",") if group_by else None,
                      features=features.split(",") if features else None, max_states=max_states, restarts=restarts,
                      covariance_type=covariance, held_out=held_out, random_state=seed, convergence_metric=conv_metric,
-                     convergence_threshold=conv_threshold, convergence_mode=conv_mode)
+                     convergence_threshold=conv_threshold, convergence_mode=conv_mode, alpha=alpha,
+                     standardize=standardize, selection=selection, correction=correction)
         run_analysis(job, sweep, store, address)
 
 

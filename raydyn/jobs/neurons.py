@@ -1,8 +1,9 @@
 """Neuron transformation modes and attraction basins (after Lin et al. 2025) over a sweep, one run per Ray task.
 
 The definitions are raydyn's own operationalisation (the paper gives no code), documented in
-:mod:`raydyn.analysis.neurons`: a ReLU-like neuron is OPT when active on every sample of a fixed
-reference set (the first 256 training inputs), NPT when active on some, dead on none; the
+:mod:`raydyn.analysis.neurons`: a ReLU-like neuron is OPT (order-preserving) when its pre-activation
+lies in its activation's increasing range (ReLU: > 0) on every sample of a fixed reference set (the
+first 256 training inputs), NPT on some, dead on none; the
 linearity probe replaces one activation layer by the identity; the sample-space basin is the
 median over samples of the largest relative input perturbation that keeps >= 95 % of random
 directions' predicted class; the weight-space basin is the largest layer-relative weight noise
@@ -223,7 +224,7 @@ def report_section(store, sweep: str, max_runs: int = 4) -> list[tuple[str, byte
         ids = runs.run_id.tolist()
         picks = [ids[i] for i in np.unique(np.linspace(0, len(ids) - 1, min(max_runs, len(ids))).round().astype(int))]
         fig = plot_modes_over_time(df[df.run_id.isin(picks)], labels=dict(zip(runs.run_id, runs.lr)))
-        out.append(("OPT (always-active) fraction per layer over training, with test accuracy (dashed)", png(fig)))
+        out.append(("OPT (order-preserving) fraction per layer over training, with test accuracy (dashed)", png(fig)))
     if "neurons_summary" in tables:
         s = store.table("neurons_summary", sweep=sweep).to_pandas()
         r = store.table("runs", sweep=sweep, columns=["run_id", "lr"]).to_pandas()

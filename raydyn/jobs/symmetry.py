@@ -6,16 +6,21 @@ group's quantity and drive at every step; ``symmetry_groups``: units and hyperpa
 trajectory from its value at the first step, the hyperparameters and the recorded drives with
 :func:`raydyn.analysis.symmetry.predict`: the exact discrete law of the SGD update and the
 paper's continuous modified-gradient-flow solution. Only ``torch.optim.SGD`` semantics without
-Nesterov are covered; other optimisers get the measured break but no predictions (NaN).
+Nesterov at one constant learning rate are covered: runs with another optimiser, Nesterov,
+``fixed_norm``, a schedule or warm-up, or gradient clipping (:func:`~raydyn.analysis.symmetry.
+law_refusal`), and layers whose groups mix the ``embed_lr`` and the base param group, are
+*refused*: the measured break is written, the errors are NaN and ``refused`` says why. Layers of
+the embedding param group are predicted with ``embed_lr`` / ``embed_weight_decay``.
 
 Tables (under the sweep, part ``main``; rerunning replaces them):
 
 * ``symmetry_laws`` (run x kind x layer x method): ``n_units``, ``steps``, ``rel_err_max`` and
   ``rel_err_median`` over the layer's units of :func:`raydyn.analysis.symmetry.relative_error`
-  (sup-norm error of the predicted trajectory over the sup norm of the measured one), and
-  ``break`` (see below);
+  (sup-norm error of the predicted trajectory over the sup norm of the measured one),
+  ``break`` (see below) and ``refused`` (why there is no law, or null);
 * ``symmetry_summary`` (one row per run; phase-map metrics): ``sym_exact_err`` and
-  ``sym_continuous_err`` (largest ``rel_err_max`` over layers), and per kind
+  ``sym_continuous_err`` (largest ``rel_err_max`` over layers), ``sym_refused`` (why the run's
+  laws were refused, or null), and per kind
   ``sym_<kind>_break``: how far the quantity moved over training, median over the layer's
   units of ``|q_T - q_0|`` divided by the median of ``|q_0|``, averaged over the kind's layers
   (0 for a conserved quantity; with weight decay alone, translation gives
@@ -35,12 +40,12 @@ METHODS = ("exact", "continuous")
 KINDS = ("translation", "scale", "rescale")
 SUMMARY_SCHEMA = pa.schema(
     [("run_id", pa.string()), ("sym_exact_err", pa.float64()), ("sym_continuous_err", pa.float64())]
-    + [(f"sym_{k}_break", pa.float64()) for k in KINDS]
+    + [(f"sym_{k}_break", pa.float64()) for k in KINDS] + [("sym_refused", pa.string())]
 )
 LAWS_SCHEMA = pa.schema([
     ("run_id", pa.string()), ("kind", pa.string()), ("layer", pa.string()), ("method", pa.string()),
     ("n_units", pa.int64()), ("steps", pa.int64()), ("rel_err_max", pa.float64()),
-    ("rel_err_median", pa.float64()), ("break", pa.float64()),
+    ("rel_err_median", pa.float64()), ("break", pa.float64()), ("refused", pa.string()),
 ])
 NOT_RECORDED = ("sweep {sweep!r} has no symmetry recordings: add `symmetry` to `train.record` in the sweep file "
                 "(it records every symmetry group's quantity and gradient norm at every step) and run it")
@@ -82,25 +87,49 @@ def run_series(store, sweep: str, run_id: str) -> list[dict[str, Any]]:
     return out
 
 
-def supported(series: dict[str, Any]) -> str | None:
-    """None when the laws cover this run's optimiser, else why not."""
-    if series["optimizer"] != "sgd":
-        return f"optimizer {series['optimizer']!r} (the laws cover SGD with or without momentum)"
-    if series["nesterov"]:
-        return "Nesterov momentum"
-    return None
+def supported(series: dict[str, Any], cfg: dict[str, Any] | None = None) -> str | None:
+    """None when the laws cover this run (its recorded optimiser and, given, its config), else why not."""
+    from raydyn.analysis.symmetry import law_refusal
+
+    return law_refusal({**(cfg or {}), "optimizer": series["optimizer"], "nesterov": series["nesterov"]})
 
 
-def predicted(series: dict[str, Any], method: str) -> np.ndarray:
-    """The law's prediction of ``series['q']`` (T, U) from its first row (NaN when not supported)."""
+def predicted(series: dict[str, Any], method: str, cfg: dict[str, Any] | None = None,
+              hparams: tuple[float, float] | str | None = None) -> np.ndarray:
+    """The law's prediction of ``series['q']`` (T, U) from its first row.
+
+    ``hparams``: the layer's (lr, weight decay) when they differ from the run's (its own param
+    group), or the reason it has none. Raises RaydynError naming the reason when there is no law.
+    """
     from raydyn.analysis.symmetry import predict
 
+    why = supported(series, cfg) or (hparams if isinstance(hparams, str) else None)
+    if why is not None:
+        raise RaydynError(f"no symmetry law for this run: {why}")
+    lr, wd = hparams if hparams is not None else (series["lr"], series["weight_decay"])
     q, d = series["q"], series["drive"]
-    if supported(series) is not None:
-        return np.full_like(q, np.nan)
-    return predict(series["kind"], q[0], len(q) - 1, series["lr"], series["weight_decay"], series["momentum"],
+    return predict(series["kind"], q[0], len(q) - 1, lr, wd, series["momentum"],
                    sq_norms=d[:-1] if series["kind"] != "translation" else None, method=method,
                    dampening=series["dampening"])
+
+
+def _nan_if_refused(series: dict[str, Any], method: str) -> np.ndarray:
+    try:
+        return predicted(series, method)
+    except RaydynError:
+        return np.full_like(series["q"], np.nan)
+
+
+def layer_params(cfg: dict[str, Any], series: list[dict[str, Any]]) -> dict[tuple[str, str], Any]:
+    """(kind, layer) -> (lr, weight decay) or a refusal, for runs whose embedding param group has its own
+    hyperparameters (the model is rebuilt from the config to see which parameters each group holds)."""
+    from raydyn.analysis.symmetry import find_groups, layer_hyperparameters
+    from raydyn.train.replay import run_model
+
+    if cfg.get("embed_lr") is None and cfg.get("embed_weight_decay") is None or not series:
+        return {}
+    model, _ = run_model(cfg)
+    return layer_hyperparameters(find_groups(model, "cross_entropy"), cfg, series[0]["lr"], series[0]["weight_decay"])
 
 
 def broken(q: np.ndarray) -> float:
@@ -115,7 +144,7 @@ def law_traces(store, sweep: str, run_id: str, method: str = "exact"):
     from raydyn.analysis.symmetry import LawTrace
 
     return [LawTrace(s["kind"], f"{s['layer']} ({s['module']})" if s.get("module") else s["layer"], s["steps"],
-                     s["q"], predicted(s, method), s["units"])
+                     s["q"], _nan_if_refused(s, method), s["units"])
             for s in run_series(store, sweep, run_id)]
 
 
@@ -138,12 +167,18 @@ class SymmetryJob(Job):
     # worker -------------------------------------------------------------------
     def compute(self, store, sweep: str, unit: Unit) -> dict[str, pa.Table]:
         from raydyn.analysis.symmetry import relative_error
+        from raydyn.jobs.base import run_config
 
         (rid,) = unit.run_ids
         rows = []
         worst = {m: np.nan for m in METHODS}
         breaks: dict[str, list[float]] = {k: [] for k in KINDS}
-        for s in run_series(store, sweep, rid):
+        cfg, _ = run_config(store, sweep, rid)
+        series = run_series(store, sweep, rid)
+        run_refused = supported(series[0], cfg) if series else None
+        per_layer = {} if run_refused else layer_params(cfg, series)
+        refusals = {run_refused} if run_refused else set()
+        for s in series:
             q = s["q"]
             if not np.isfinite(q).all():
                 bad = int(s["steps"][np.flatnonzero(~np.isfinite(q).all(axis=1))[0]])
@@ -151,15 +186,24 @@ class SymmetryJob(Job):
                                   f"{bad} (the run diverged there); nothing to compare")
             b = broken(q)
             breaks[s["kind"]].append(b)
+            hp = per_layer.get((s["kind"], s["layer"]))
+            why = run_refused or (hp if isinstance(hp, str) else None)
+            if why:
+                refusals.add(why)
             for method in self.options["methods"]:
-                err = relative_error(predicted(s, method), q)
-                emax = float(np.max(err)) if err.size else np.nan
+                if why:
+                    emax = emed = np.nan
+                else:
+                    err = relative_error(predicted(s, method, cfg, hp), q)
+                    emax = float(np.max(err)) if err.size else np.nan
+                    emed = float(np.median(err)) if err.size else np.nan
                 rows.append({"run_id": rid, "kind": s["kind"], "layer": s["layer"], "method": method,
                              "n_units": int(q.shape[1]), "steps": int(q.shape[0] - 1), "rel_err_max": emax,
-                             "rel_err_median": float(np.median(err)) if err.size else np.nan, "break": b})
+                             "rel_err_median": emed, "break": b, "refused": why})
                 if np.isfinite(emax):
                     worst[method] = emax if np.isnan(worst[method]) else max(worst[method], emax)
-        summary = {"run_id": rid, "sym_exact_err": worst["exact"], "sym_continuous_err": worst["continuous"]}
+        summary = {"run_id": rid, "sym_exact_err": worst["exact"], "sym_continuous_err": worst["continuous"],
+                   "sym_refused": "; ".join(sorted(refusals)) or None}
         for k in KINDS:
             summary[f"sym_{k}_break"] = float(np.mean(breaks[k])) if breaks[k] else np.nan
         return {"symmetry_laws": pa.Table.from_pylist(rows, schema=LAWS_SCHEMA),
@@ -211,9 +255,13 @@ def register_cli(analyze_app) -> None:
             raise RaydynError(f"--max-plots must be at least 1, got {max_plots}")
         methods = METHODS if method == "both" else (method,)
         run_analysis(SymmetryJob(methods=methods), sweep, store, address)
+        st = _store(store)
+        spec, _ = _resolve_sweep(sweep, st)
+        refused = [r for r in st.table("symmetry_summary", sweep=spec.name, columns=["sym_refused"]).column(0).to_pylist()
+                   if r]
+        for why in sorted(set(refused)):
+            out.print(f"no law for {refused.count(why)} run(s): {why} (their breaks are measured, errors NaN)")
         if plots:
-            st = _store(store)
-            spec, _ = _resolve_sweep(sweep, st)
             summary = st.table("symmetry_summary", sweep=spec.name, columns=["run_id"]).column("run_id").to_pylist()
             runs = st.table("runs", sweep=spec.name, columns=["run_id", "lr"]).to_pylist()
             lr = {r["run_id"]: r["lr"] for r in runs}

@@ -1,8 +1,8 @@
 """Neuron transformation modes in the recorder (``train.record: [neurons]``).
 
 At every record, for every member, the OPT / NPT / dead fractions of each ReLU-like activation
-layer (:func:`raydyn.analysis.neurons.neuron_modes`: OPT active on every reference sample, NPT
-on some, dead on none; raydyn's operationalisation of Lin et al. 2025) on a fixed reference set:
+layer (:func:`raydyn.analysis.neurons.neuron_modes`: OPT when the pre-activation lies in the activation's
+order-preserving range (ReLU: > 0) on every reference sample, NPT on some, dead on none; raydyn's operationalisation of Lin et al. 2025) on a fixed reference set:
 the first ``REF_SIZE`` training inputs. Columns of the ``metrics`` table, one list per row with
 one value per activation layer (in ``model.named_modules()`` order, so populations of different
 depth share one schema): ``neuron_opt``, ``neuron_npt``, ``neuron_dead``.

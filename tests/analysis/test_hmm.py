@@ -153,7 +153,7 @@ def test_diag_covariance_and_determinism():
 def test_constant_features_give_zeros_not_nan():
     rng = np.random.default_rng(SEED)
     xs = [np.column_stack([rng.normal(size=50), np.full(50, 3.7), np.full(50, 0.1 * i)]) for i in range(4)]
-    for z in zscore_runs(xs):
+    for z in zscore_runs(xs, "run"):
         assert np.isfinite(z).all()
         assert np.all(z[:, 1:] == 0.0)
         assert z[:, 0].mean() == pytest.approx(0.0, abs=1e-12)
@@ -378,3 +378,141 @@ def test_detour_bad_inputs():
         detour_analysis(s, np.array([1.0, 2.0, 3.0]), n_states=1)
     d = detour_analysis(s, np.array([5.0, 5.0, 5.0]))  # constant convergence: r undefined
     assert not d.defined.any() and not d.detour.any()
+
+
+# --------------------------------------------------------------------------- issue 15: defaults that are right
+
+
+def _sticky4(n_runs: int = 30, length: int = 200, seed: int = SEED, scale: float = 1.0):
+    """Known 4-state, 3-feature Gaussian HMM, self-transition 0.9, unit covariances."""
+    m = GaussianHMM(4, covariance_type="full", init_params="")
+    m.startprob_ = np.array([1.0, 0.0, 0.0, 0.0])
+    t = np.full((4, 4), 0.1 / 3)
+    np.fill_diagonal(t, 0.9)
+    m.transmat_ = t
+    m.means_ = np.array([[0.0, 0.0, 0.0], [3.0, 0.0, -2.0], [0.0, 3.0, 2.0], [-3.0, -2.0, 0.0]])
+    m.covars_ = np.stack([np.eye(3)] * 4)
+    xs, zs = [], []
+    for i in range(n_runs):
+        x, z = m.sample(length, random_state=7_000 * seed + i)
+        xs.append(x * scale)
+        zs.append(z)
+    return xs, zs
+
+
+def test_default_standardization_recovers_a_sticky_four_state_hmm():
+    # Per-run z-scores (Hu et al.'s choice, formerly the default) give every run its own offset
+    # per state when occupancies differ, and BIC bought 5-6 states for them (ARI 0.92 at 6);
+    # the default now pools the mean/std over the training runs: 4 states.
+    xs, zs = _sticky4()
+    res = fit_hmm(xs, max_states=5, restarts=2, random_state=SEED)
+    ari = adjusted_rand_score(np.concatenate(zs), np.concatenate(res.states))
+    print(f"default standardize: k={res.n_states} ARI={ari:.3f}")
+    assert res.n_states == 4
+    assert ari > 0.95
+
+
+def test_pooled_standardization_uses_training_runs_only():
+    xs, _ = _sticky4(n_runs=10, length=50)
+    data = prepare(xs, held_out=0.2, random_state=SEED)
+    assert len(data.heldout_index) == 2
+    moved = [x * 100.0 + 50.0 if i in set(data.heldout_index.tolist()) else x for i, x in enumerate(xs)]
+    again = prepare(moved, held_out=0.2, random_state=SEED)
+    np.testing.assert_array_equal(again.train_index, data.train_index)
+    for a, b in zip(again.train_sequences, data.train_sequences):  # held-out runs leave the scaling alone
+        np.testing.assert_array_equal(a, b)
+    pooled = np.concatenate(data.train_sequences)
+    np.testing.assert_allclose(pooled.mean(axis=0), 0.0, atol=1e-12)
+    np.testing.assert_allclose(pooled.std(axis=0), 1.0, rtol=1e-12)
+    # held-out runs are mapped with the training runs' statistics (not their own)
+    x_tr = np.concatenate([xs[i] for i in data.train_index])
+    h = data.heldout_index[0]
+    np.testing.assert_allclose(data.sequences[h], (xs[h] - x_tr.mean(0)) / x_tr.std(0), rtol=1e-12)
+
+
+def test_covariance_prior_scales_with_raw_features():
+    # Raw features of scale 1e-3 (variance 1e-6): a fixed prior of 1e-2 swamped them (ARI ~ 0,
+    # variances of 1e55, or EM breaking down); 1e-2 x the pooled variance does not.
+    xs, zs = _sample(stay=0.6, n_runs=8, length=300)
+    small = [x * 1e-3 for x in xs]
+    res = fit_hmm(small, max_states=4, restarts=2, random_state=SEED, standardize="none")
+    ari = adjusted_rand_score(np.concatenate(zs), np.concatenate(res.states))
+    variances = np.concatenate([np.diag(c) for c in res.covars])
+    print(f"raw 1e-3 features: k={res.n_states} ARI={ari:.3f} variances {variances.min():.2e}..{variances.max():.2e}")
+    assert res.n_states == 3 and ari > 0.9
+    np.testing.assert_allclose(variances, 1e-6, rtol=0.35)
+
+
+def test_fit_one_reports_a_broken_restart_instead_of_raising():
+    xs, _ = _sample(stay=0.6, n_runs=3, length=40)
+    f = fit_one([x * 1e-150 for x in xs], 3, 0)  # underflowing variances: EM cannot work
+    assert f.n_states == 3 and (f.loglik == -math.inf or np.isfinite(f.loglik))
+
+
+def test_adjusted_pvalues_equal_holm_and_benjamini_hochberg_by_hand():
+    from raydyn.analysis.hmm import adjust_pvalues
+
+    p = np.array([0.01, 0.04, 0.03, np.nan, 0.005])
+    # Holm: sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1 = 0.02, 0.03, 0.06, 0.04 -> running max
+    np.testing.assert_allclose(adjust_pvalues(p, "holm"), [0.03, 0.06, 0.06, np.nan, 0.02], rtol=1e-12)
+    finite = np.isfinite(p)
+    bh = adjust_pvalues(p, "bh")
+    np.testing.assert_allclose(bh[finite], stats.false_discovery_control(p[finite], method="bh"), rtol=1e-12)
+    np.testing.assert_allclose(bh[finite], [0.02, 0.04, 0.04, 0.02], rtol=1e-12)  # m p_(i) / i, running min
+    assert np.isnan(bh[3])
+    np.testing.assert_array_equal(adjust_pvalues(p, "none")[finite], p[finite])
+    with pytest.raises(ValueError, match="correction='sidak'"):
+        adjust_pvalues(p, "sidak")
+
+
+def test_detours_are_called_on_adjusted_pvalues():
+    # State 1 is visited more by slow runs (raw p = 0.028); states 2-4 are visited by alternate
+    # runs (no association). Four states are tested, so Holm multiplies the smallest p by 4.
+    conv = np.arange(30, dtype=float)
+    slow = {5, 6, 11, 12, 13, 15, 17, 22, 23, 24, 25, 26, 27, 29}
+    states = [np.array([0] + [1] * (i in slow) + [2 + i % 3]) for i in range(30)]
+    raw = detour_analysis(states, conv, correction="none")
+    holm = detour_analysis(states, conv)
+    ref = stats.pearsonr(np.array([i in slow for i in range(30)], dtype=float), conv)
+    assert raw.p[1] == pytest.approx(ref.pvalue, rel=1e-9) and 0.02 < raw.p[1] < 0.05
+    assert raw.detour[1]  # uncorrected: a "detour"
+    assert holm.correction == "holm" and holm.defined[1:].all()
+    assert holm.p_adjusted[1] == pytest.approx(min(1.0, 4 * ref.pvalue), rel=1e-9)
+    assert not holm.detour.any()  # corrected for the 4 tests: none
+    np.testing.assert_allclose(holm.p_adjusted[1:], adjust_pvalues_ref(holm.p[1:]), rtol=1e-12)
+    bh = detour_analysis(states, conv, correction="bh")
+    np.testing.assert_allclose(bh.p_adjusted[1:], stats.false_discovery_control(bh.p[1:]), rtol=1e-12)
+
+
+def adjust_pvalues_ref(p: np.ndarray) -> np.ndarray:
+    """Holm by the textbook loop (no numpy tricks)."""
+    m = len(p)
+    order = sorted(range(m), key=lambda i: p[i])
+    out = [0.0] * m
+    running = 0.0
+    for j, i in enumerate(order):
+        running = max(running, min(1.0, (m - j) * p[i]))
+        out[i] = running
+    return np.array(out)
+
+
+def test_heldout_selection_keeps_the_best_heldout_restart_and_minimises_heldout_bic(known):
+    xs, zs, _ = known
+    data = prepare(xs, held_out=0.25, random_state=SEED)
+    fits = [fit_one(data.train_sequences, k, s, "full") for k, s in fit_plan(5, 3, SEED)]
+    res = select(data, fits, selection="heldout")
+    xh = np.concatenate(data.heldout_sequences)
+    lh = [len(s) for s in data.heldout_sequences]
+    for k in range(1, 6):
+        ours = [f for f in fits if f.n_states == k]
+        scores = [f.to_model().score(xh, lh) for f in ours]
+        kept = ours[int(np.argmax(scores))]
+        assert res.heldout_loglik[k] == pytest.approx(max(scores) / xh.shape[0], rel=1e-9)
+        assert res.heldout_bic[k] == pytest.approx(kept.to_model().bic(xh, lh), rel=1e-9)  # hmmlearn's BIC on held-out
+    assert res.selection == "heldout"
+    assert res.n_states == min(res.heldout_bic, key=res.heldout_bic.get) == 3
+    assert adjusted_rand_score(np.concatenate(zs), np.concatenate(res.states)) > 0.9
+    with pytest.raises(ValueError, match="selection='heldout' needs held-out runs"):
+        select(prepare(xs, held_out=0.0, random_state=SEED), fits, selection="heldout")
+    with pytest.raises(ValueError, match="selection='aic'"):
+        select(data, fits, selection="aic")

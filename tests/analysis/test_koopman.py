@@ -6,6 +6,7 @@ brute-force and LP references for optimal transport, PyDMD for exact DMD.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import warnings
 
@@ -463,7 +464,7 @@ def test_conjugacy_classes(rng):
     d = pairwise_wasserstein(spectra)
     within = np.concatenate([d[np.ix_(truth == k, truth == k)][np.triu_indices(5, 1)] for k in range(3)])
     for labels in (
-        conjugacy_classes(d),  # largest gap
+        conjugacy_classes(d, threshold="gap"),  # largest gap, on request
         conjugacy_classes(d, n_classes=3),
         conjugacy_classes(d, within_distances=within),
         conjugacy_classes(d, threshold=float(within.max()) * 1.5, method="complete"),
@@ -504,3 +505,118 @@ def test_plots_write_png(tmp_path, rng):
     assert len(fig.axes) == 2
     (x0, x1), (y0, y1) = fig.axes[1].get_xlim(), fig.axes[1].get_ylim()
     assert 0.98 < x0 < 0.99 and 1.03 < x1 < 1.05 and -0.04 < y0 < -0.02 and 0.02 < y1 < 0.04
+
+
+# --------------------------------------------------------------------------- issue 15
+
+
+def _rank4_in_30(rng, n_traj: int = 5, t: int = 100) -> tuple[list[np.ndarray], np.ndarray]:
+    """A rank-4 linear system (eigenvalues 0.99, 0.95, 0.9 e^{+-0.3i}) seen through an isometric 30-D embedding."""
+    eigs = np.array([0.99, 0.95, 0.9 * np.exp(0.3j), 0.9 * np.exp(-0.3j)])
+    a = np.zeros((4, 4))
+    a[0, 0], a[1, 1] = 0.99, 0.95
+    a[2:, 2:] = rot(0.9, 0.3)
+    q = np.linalg.qr(rng.normal(size=(30, 4)))[0]
+    return [3.0 * run(a, rng.normal(size=4), t) @ q.T for _ in range(n_traj)], eigs
+
+
+def test_float32_snapshots_get_float32_rank_cutoff(rng):
+    # float32 rounding noise used to count as dynamics: numerical rank 90 of 90 (2 delays x 30
+    # dims) and W = 0.96 to the true spectrum; the cutoff now follows the snapshots' precision.
+    trajs, truth = _rank4_in_30(rng)
+    f64 = fit_dmd(trajs, 2)
+    f32 = fit_dmd([x.astype(np.float32) for x in trajs], 2)
+    forced = fit_dmd([x.astype(np.float32).astype(np.float64) for x in trajs], 2)  # cast first: float64 cutoff
+    print(f"rank float64 {f64.numerical_rank}, float32 {f32.numerical_rank}, cast-then-fit {forced.numerical_rank}; "
+          f"W float32 {wasserstein(f32.eigenvalues, truth):.2e}, cast {wasserstein(forced.eigenvalues, truth):.2f}")
+    assert f64.numerical_rank == 4 and wasserstein(f64.eigenvalues, truth) < 1e-10
+    assert f32.numerical_rank == 4 and f32.eps == np.finfo(np.float32).eps
+    assert wasserstein(f32.eigenvalues, truth) < 1e-5
+    assert forced.numerical_rank > 80  # what casting before the fit does
+    # precision= overrides the dtype: float64 arrays that hold float32 values
+    again = fit_dmd([x.astype(np.float32).astype(np.float64) for x in trajs], 2, precision="float32")
+    assert again.numerical_rank == 4
+    np.testing.assert_allclose(np.sort_complex(spectrum([x.astype(np.float32) for x in trajs], 2)),
+                               np.sort_complex(again.eigenvalues), atol=1e-12)
+    assert fit_dmd(trajs, 2, precision=1e-7).numerical_rank == 4
+    for bad in ("int8", 2.0, True):
+        with pytest.raises(ValueError, match="precision"):
+            fit_dmd(trajs, 2, precision=bad)
+
+
+def test_continuous_distance_wraps_imaginary_parts():
+    # lambda = -0.5 +- 1e-7 i against two reals at -0.5: discretely 1e-7 apart; log lambda puts
+    # them on either side of the branch cut, 2 pi apart in the imaginary part, and the plain
+    # continuous W was pi. Wrapped into (-pi/dt, pi/dt] they are 2e-7 apart (d log = d lambda / lambda).
+    a = np.array([-0.5 + 1e-7j, -0.5 - 1e-7j])
+    b = np.array([-0.5 + 0j, -0.5 + 0j])
+    dt = 10.0
+    ca, cb = np.log(a) / dt, np.log(b.astype(complex)) / dt
+    assert wasserstein(a, b) == pytest.approx(1e-7, rel=1e-6)
+    assert wasserstein(ca, cb) == pytest.approx(np.pi / dt, rel=1e-6)  # unwrapped: the old value
+    period = 2 * np.pi / dt
+    assert wasserstein(ca, cb, imag_period=period) == pytest.approx(2e-7 / dt, rel=1e-5)
+    d = pairwise_wasserstein([ca, cb, ca], imag_period=period)
+    assert d[0, 1] == pytest.approx(2e-7 / dt, rel=1e-5) and d[0, 2] == 0
+    blk = wasserstein_block([ca], [cb, ca], imag_period=period)
+    np.testing.assert_allclose(blk, d[:1, 1:], rtol=1e-12)
+    # per-spectrum periods: a pair is wrapped with the smaller one (the coarser sampling)
+    d2 = pairwise_wasserstein([ca, cb], imag_period=[period, np.inf])
+    assert d2[0, 1] == pytest.approx(2e-7 / dt, rel=1e-5)
+    assert pairwise_wasserstein([ca, cb], imag_period=[np.inf, np.inf])[0, 1] == pytest.approx(np.pi / dt)
+    # far from the cut nothing changes
+    x, y = np.log(np.array([0.9 * np.exp(0.3j)])), np.log(np.array([0.8 * np.exp(-0.2j)]))
+    assert wasserstein(x, y, imag_period=2 * np.pi) == pytest.approx(wasserstein(x, y), rel=1e-12)
+    with pytest.raises(ValueError, match="imag_period"):
+        wasserstein(ca, cb, imag_period=-1.0)
+    with pytest.raises(ValueError, match="2 periods but there are 3 spectra"):
+        pairwise_wasserstein([ca, cb, ca], imag_period=[1.0, 2.0])
+
+
+def test_one_system_is_one_class_by_default(rng):
+    # Six seed-groups of one system, pairwise W 2e-4 to 1e-3: the largest-gap cut used to split
+    # them into classes [0 1 2 0 1 1]; without a scale to compare against they are one class.
+    base = full_spectrum([0.9 * np.exp(0.3j), 0.5, 0.2])
+    spectra = [base + 4e-4 * (rng.normal(size=4) + 1j * rng.normal(size=4)) for _ in range(6)]
+    d = pairwise_wasserstein(spectra)
+    off = d[np.triu_indices(6, 1)]
+    print(f"one system: W {off.min():.1e}..{off.max():.1e}; gap cut {conjugacy_classes(d, threshold='gap')}")
+    assert len(set(conjugacy_classes(d, threshold="gap").tolist())) >= 2  # what the old default did
+    assert conjugacy_classes(d).tolist() == [0] * 6
+    # seed-to-seed distances as the scale: mean + 3 SD keeps one system together ...
+    assert conjugacy_classes(d, within_distances=off).tolist() == [0] * 6
+    assert K.seed_threshold(off) == pytest.approx(off.mean() + 3 * off.std(ddof=1))
+    # ... and separates a different one
+    shifted = full_spectrum([0.9 * np.exp(0.32j), 0.5, 0.2])  # 0.018 from the first
+    other = [shifted + 4e-4 * (rng.normal(size=4) + 1j * rng.normal(size=4)) for _ in range(3)]
+    d2 = pairwise_wasserstein(spectra + other)
+    labels = conjugacy_classes(d2, within_distances=off)
+    assert labels[:6].tolist() == [0] * 6 and 0 not in labels[6:]
+    with pytest.raises(ValueError, match="at least 2 finite seed-to-seed distances"):
+        conjugacy_classes(d, within_distances=off[:1])
+    with pytest.raises(ValueError, match="'gap'"):
+        conjugacy_classes(d, threshold="largest")
+
+
+def test_permutation_test_reports_its_floor(rng):
+    sa = noisy_spectra([0.9 * np.exp(0.3j), 0.5], 2, rng)
+    sb = noisy_spectra([0.5 * np.exp(1.3j), -0.5], 2, rng)  # very different systems, 2 seeds each
+    with pytest.warns(UserWarning, match=r"smallest attainable p-value is 0.333 .*n = 4 each reaches 0.05"):
+        res = conjugacy_test(sa, sb)
+    assert res.p_floor == pytest.approx(2 / math.comb(4, 2)) and res.p_value == pytest.approx(1 / 3)
+    for n, floor in ((3, 0.1), (4, 2 / 70), (5, 2 / 252)):
+        a = noisy_spectra([0.9 * np.exp(0.3j), 0.5], n, rng)
+        b = noisy_spectra([0.5 * np.exp(1.3j), -0.5], n, rng)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error" if floor <= 0.05 else "ignore")
+            r = conjugacy_test(a, b)
+        assert r.p_floor == pytest.approx(floor) and r.p_value == pytest.approx(floor)
+    a3 = noisy_spectra([0.9 * np.exp(0.3j), 0.5], 3, rng)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = conjugacy_test(a3, noisy_spectra([0.5 * np.exp(1.3j), -0.5], 4, rng))
+    assert r.p_floor == pytest.approx(1 / math.comb(7, 3))  # unequal sizes: no mirror labelling
+    a4 = noisy_spectra([0.9 * np.exp(0.3j), 0.5], 4, rng)
+    with pytest.warns(UserWarning, match="0.0909"):
+        r = conjugacy_test(a4, a4, n_permutations=10, random_state=0)  # random relabellings: 1 / (1 + n)
+    assert not r.exact and r.p_floor == pytest.approx(1 / 11)

@@ -64,12 +64,15 @@ def test_modes_hand_built_mlp(inplace):
 def test_modes_conv_channels_count_positions():
     conv = nn.Conv2d(1, 3, 1).double()
     _set(conv, torch.tensor([0.0, 1.0, -1.0]).reshape(3, 1, 1, 1), [5.0, 0.0, -1e-3])
-    model = nn.Sequential(conv, nn.LeakyReLU(0.01))
+    model = nn.Sequential(conv, nn.ReLU())
     X = torch.zeros(4, 1, 3, 3, dtype=torch.float64)
     X[0, 0, 0, 0] = 1.0  # channel 1 is positive at exactly one (sample, position)
     rates = NR.activation_rates(model, X)["1"]
     np.testing.assert_allclose(rates, [1.0, 1 / 36, 0.0])
     assert NR.neuron_modes(model, X)["1"] == pytest.approx((1 / 3, 1 / 3, 1 / 3))
+    # LeakyReLU(0.01) is strictly increasing everywhere: every channel preserves order (OPT)
+    leaky = nn.Sequential(conv, nn.LeakyReLU(0.01))
+    np.testing.assert_allclose(NR.activation_rates(leaky, X)["1"], [1.0, 1.0, 1.0])
 
 
 def test_modes_restore_model_and_reject_bad_input():
@@ -266,3 +269,66 @@ def test_weight_basin_seeded_mlp_and_bad_input():
             NR.weight_basin(model, X, y, **kw)
     with pytest.raises(ValueError, match="y must"):
         NR.weight_basin(model, X, y.reshape(-1, 1))
+
+
+# ------------------------------------------------------------------ issue 15: order-preserving, per channel
+
+
+def test_order_preserving_means_strictly_increasing_not_positive():
+    """Lin et al.'s OPT is an order-preserving transformation of the samples. A LeakyReLU/ELU neuron with
+    mixed-sign pre-activations preserves order (it was called NPT when OPT meant 'positive on every
+    sample'); a GELU neuron is order-preserving above GELU's minimum at -0.75; ReLU6 stops at 6."""
+    lin = _set(nn.Linear(1, 3).double(), [[1.0], [1.0], [1.0]], [0.0, -0.6, -1.5])
+    X = torch.linspace(0.1, 1.0, 10, dtype=torch.float64).reshape(-1, 1)  # z in [.1,1], [-.5,.4], [-1.4,-.5]
+    expect = {
+        nn.ReLU: (1 / 3, 1 / 3, 1 / 3),
+        nn.LeakyReLU: (1.0, 0.0, 0.0),
+        nn.ELU: (1.0, 0.0, 0.0),
+        nn.Softplus: (1.0, 0.0, 0.0),
+        nn.GELU: (2 / 3, 1 / 3, 0.0),  # z > -0.7518: unit 2 crosses it
+    }
+    for act, modes in expect.items():
+        got = NR.neuron_modes(nn.Sequential(lin, act()), X)["1"]
+        assert got == pytest.approx(modes), act.__name__
+        # the literal property, checked by sorting: outputs strictly increase with the pre-activation
+        with torch.no_grad():
+            z = lin(X)
+            y = act()(z)
+        literal = [bool((torch.diff(y[torch.argsort(z[:, c]), c]) > 0).all()) for c in range(3)]
+        assert got[0] == pytest.approx(np.mean(literal)), act.__name__
+    big = _set(nn.Linear(1, 2).double(), [[10.0], [5.0]], [0.5, 0.5])  # z up to 10.5 and 5.5
+    assert NR.neuron_modes(nn.Sequential(big, nn.ReLU6()), X)["1"] == pytest.approx((0.5, 0.5, 0.0))
+
+
+@pytest.mark.parametrize("act,lo", [(nn.GELU(), NR._GELU_MIN), (nn.GELU(approximate="tanh"), NR._GELU_TANH_MIN),
+                                    (nn.SiLU(), NR._SILU_MIN), (nn.Mish(), NR._MISH_MIN),
+                                    (nn.Hardswish(), NR._HARDSWISH_MIN)])
+def test_order_preserving_range_starts_at_the_activation_minimum(act, lo):
+    x = torch.linspace(-4, 3, 700_001, dtype=torch.float64)
+    y = act(x)
+    assert abs(float(x[torch.argmin(y)]) - lo) < 2e-5
+    above = x > lo + 1e-4
+    assert (torch.diff(y[above]) > 0).all() and (torch.diff(y[(x < lo - 1e-4) & (x > -2.9)]) < 0).all()
+    assert NR.order_preserving_range(act) == (lo, float("inf"))
+
+
+def test_sequence_models_count_features_not_positions():
+    """A transformer MLP's activation sees (N, S, C) from an nn.Linear: its neurons are the C features
+    (an event is a (sample, position) pair), not the S positions."""
+
+    class TokenMLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = _set(nn.Linear(2, 4).double(), [[1, 0], [0, 1], [-1, 0], [1, 1]], [0, 0, 0, -3])
+            self.act = nn.ReLU()
+            self.out = nn.Linear(4, 2).double()
+
+        def forward(self, x):  # (N, S=3, 2)
+            return self.out(self.act(self.inp(x)))[:, -1]
+
+    g = torch.Generator().manual_seed(SEED)
+    X = 0.5 + torch.rand(5, 3, 2, generator=g, dtype=torch.float64)  # features in [0.5, 1.5]
+    rates = NR.activation_rates(TokenMLP(), X)["act"]
+    assert rates.shape == (4,)  # it was (3,): the positions
+    z = X[..., 0] + X[..., 1] - 3
+    np.testing.assert_allclose(rates, [1.0, 1.0, 0.0, float((z > 0).double().mean())])

@@ -395,3 +395,86 @@ def test_plot_writes_png(runs, tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError):
         plot_traces([], tmp_path / "empty.png")
+
+
+# ---------------------------------------------------------------------------- issue 15: refusals
+
+
+def test_predict_refuses_optimisers_without_a_law():
+    q0 = np.ones(3)
+    with pytest.raises(ValueError, match="no symmetry law for optimizer 'adam'"):
+        S.predict("scale", q0, 2, 0.1, sq_norms=np.ones((2, 3)), optimizer="adam")
+    with pytest.raises(ValueError, match="no symmetry law for optimizer 'adamw'"):
+        S.predict("translation", q0, 2, 0.1, optimizer="adamw")
+    with pytest.raises(ValueError, match="Nesterov"):
+        S.predict("translation", q0, 2, 0.1, momentum=0.9, nesterov=True)
+    np.testing.assert_allclose(S.predict("translation", q0, 2, 0.1, weight_decay=0.5, optimizer="sgd")[-1],
+                               0.95 ** 2)
+
+
+@pytest.mark.parametrize("cfg,fragment", [
+    ({"optimizer": "sgd", "lr": 0.1}, None),  # an old config: no schedule / warm-up / clipping keys
+    ({"optimizer": "sgd", "schedule": "constant", "warmup_steps": 0, "clip_grad_norm": None, "fixed_norm": None}, None),
+    ({"optimizer": "adam"}, "optimizer 'adam'"),
+    ({"optimizer": "sgd", "nesterov": True, "momentum": 0.9}, "Nesterov"),
+    ({"optimizer": "sgd", "fixed_norm": 0.8}, "fixed_norm=0.8"),
+    ({"optimizer": "sgd", "schedule": "cosine"}, "schedule='cosine'"),
+    ({"optimizer": "sgd", "schedule": "step"}, "schedule='step'"),
+    ({"optimizer": "sgd", "schedule": "constant", "warmup_steps": 100}, "warmup_steps=100"),
+    ({"optimizer": "sgd", "clip_grad_norm": 1.0}, "clip_grad_norm=1.0"),
+])
+def test_law_refusal_from_a_run_config(cfg, fragment):
+    why = S.law_refusal(cfg)
+    if fragment is None:
+        assert why is None
+    else:
+        assert fragment in why
+
+
+def test_law_refusal_lists_every_reason():
+    why = S.law_refusal({"optimizer": "sgd", "fixed_norm": 1.0, "schedule": "linear", "clip_grad_norm": 0.5})
+    assert "fixed_norm" in why and "schedule='linear'" in why and "clip_grad_norm" in why
+
+
+def test_layer_hyperparameters_follow_the_embedding_param_group():
+    net = nn.Sequential()
+    net.add_module("embed", nn.Linear(4, 6))
+    net.add_module("act", nn.ReLU())
+    net.add_module("hidden", nn.Linear(6, 5))
+    net.add_module("act2", nn.ReLU())
+    net.add_module("out", nn.Linear(5, 3))
+    groups = S.find_groups(net, "cross_entropy")
+    same = S.layer_hyperparameters(groups, {"embed_lr": None}, 0.1, 1e-3)
+    assert set(same.values()) == {(0.1, 1e-3)}
+    hp = S.layer_hyperparameters(groups, {"embed_lr": 0.5, "embed_weight_decay": 0.0}, 0.1, 1e-3)
+    assert hp[("translation", "out")] == (0.1, 1e-3)  # decoder only
+    assert hp[("rescale", "hidden")] == (0.1, 1e-3)  # hidden -> out: decoder only
+    assert "mix parameters of two param groups" in hp[("rescale", "embed")]  # embed.weight in, hidden.weight out
+    # with embed_lr equal to lr (and the same decay) one law again covers the mixed group
+    assert S.layer_hyperparameters(groups, {"embed_lr": 0.1}, 0.1, 1e-3)[("rescale", "embed")] == (0.1, 1e-3)
+    # a layer wholly in the embedding group uses its own hyperparameters: exact law through a hand loop
+    net2 = nn.Sequential()
+    net2.add_module("embed", nn.Linear(4, 6))
+    net2.add_module("bn", nn.BatchNorm1d(6, eps=1e-300, affine=False))
+    net2.add_module("act", nn.Tanh())
+    net2.add_module("out", nn.Linear(6, 3))
+    g2 = S.find_groups(net2, "cross_entropy")
+    hp2 = S.layer_hyperparameters(g2, {"embed_lr": 0.05, "embed_weight_decay": 0.01}, 0.2, 1e-3)
+    assert hp2[("scale", "embed")] == (0.05, 0.01) and hp2[("translation", "out")] == (0.2, 1e-3)
+    X, y, _ = _data(n=64, d=4)
+    opt = torch.optim.SGD([{"params": net2.embed.parameters(), "lr": 0.05, "weight_decay": 0.01},
+                           {"params": net2.out.parameters(), "lr": 0.2, "weight_decay": 1e-3}])
+    scale = [g for g in g2 if g.kind == "scale"]
+    qs, norms = [], []
+    for _ in range(30):
+        opt.zero_grad()
+        nn.functional.cross_entropy(net2(X), y).backward()
+        qs.append(S.quantities(scale, S.param_dict(net2))["scale"])
+        norms.append(S.group_sq_norms(scale, S.grad_dict(net2))["scale"])
+        opt.step()
+    qs.append(S.quantities(scale, S.param_dict(net2))["scale"])
+    lr, wd = hp2[("scale", "embed")]
+    pred = S.predict("scale", qs[0], 30, lr, wd, sq_norms=np.array(norms))
+    assert S.relative_error(pred, np.array(qs)).max() < 1e-10
+    wrong = S.predict("scale", qs[0], 30, 0.2, 1e-3, sq_norms=np.array(norms))  # the run's lr: not this layer's
+    assert S.relative_error(wrong, np.array(qs)).max() > 1e-3
