@@ -1,7 +1,7 @@
 """Population advantage as the model grows: the plug-in VGG CNN (examples/byo_models.py) on the digits
 image folder at three widths, trained three ways side by side, per member-step wall time.
 
-    python benchmarks/byo_scaling.py                    # widths 8, 16, 32; 8 runs x 60 steps each; 3 repeats
+    python benchmarks/byo_scaling.py                    # widths 8, 16, 32; 16 runs x 300 steps each; 3 repeats
     python benchmarks/byo_scaling.py --quick            # widths 4, 8; 4 runs x 10 steps; 1 repeat
 
 1. raydyn:  `run_sweep` on an embedded Ray with 2 CPUs: the runs of one width split into 2 populations
@@ -9,6 +9,8 @@ image folder at three widths, trained three ways side by side, per member-step w
             step recorded only).
 2. bare:    a sequential PyTorch loop (nn.Module + torch.optim), one run after another, torch at 2 threads.
 3. bare x2: the same loop in 2 processes (1 thread each), half of the runs each.
+Every way pays its own fixed costs (Ray trials and their store writes; process start-up and imports for
+bare x2); each process loads the data set once.
 
 Conv cost per step grows with width^2 (widths 8 -> 32: ~16x). Each figure is the median of --repeats
 runs, the three ways alternated within a repeat; the CPU cores the workers got are printed (load average
@@ -51,18 +53,20 @@ def _bare_chunk(args: tuple[list[dict], int]) -> None:
     configs, threads = args
     import torch
 
+    from raydyn.tasks.build import load_data
     from raydyn.train.reference import train_single
 
     torch.set_num_threads(threads)
+    data = load_data(configs[0])  # once per process, as a population trial does
     for cfg in configs:
-        train_single(cfg, record=False)
+        train_single(cfg, data=data, record=False)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--widths", type=int, nargs="+", default=[8, 16, 32])
-    ap.add_argument("--runs", type=int, default=8, help="runs per width (lr x seed)")
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--runs", type=int, default=16, help="runs per width (lr x seed)")
+    ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="widths 4 8, 4 runs, 10 steps, 1 repeat")
     args = ap.parse_args()

@@ -27,46 +27,73 @@ def _b(v: Tensor, like: Tensor) -> Tensor:
     return v.reshape((-1,) + (1,) * (like.dim() - 1))
 
 
+class _Flags:
+    """What is uniform across a param group's members (read once from the constant (P,) hyperparameters), so
+    an update can skip work that changes nothing: g + 0 p, a (1 - 0) factor, a momentum buffer nobody uses.
+    Skipping such an operation leaves every result bit-for-bit the same."""
+
+    def __init__(self, hp: dict[str, Tensor]):
+        host = {k: v.detach().cpu() for k, v in hp.items()}
+        self.no_wd = bool((host["weight_decay"] == 0).all())
+        self.all_momentum = bool((host["momentum"] > 0).all())
+        self.no_momentum = bool((host["momentum"] == 0).all())
+        self.no_dampening = bool((host["dampening"] == 0).all())
+
+
 def _sgd(p: Tensor, g: Tensor, st: dict[str, Tensor], hp: dict[str, Tensor], lr: Tensor, t: int,
-         nesterov: bool) -> Tensor:
+         nesterov: bool, f: _Flags, inplace: bool) -> Tensor | None:
     """torch.optim.SGD: d = g + wd p; with momentum buf = d (first step) else m buf + (1 - dampening) d;
-    d = d + m buf (nesterov) or buf; members with momentum 0 use d directly; p - lr d."""
+    d = d + m buf (nesterov) or buf; members with momentum 0 use d directly; p - lr d.
+    ``inplace``: update ``p`` itself (every member active) and return None; else return the new p."""
     b = lambda v: _b(v, p)  # noqa: E731
-    d = g + b(hp["weight_decay"]) * p
-    if "buf" not in st:
-        st["buf"] = d.clone()
+    d = g if f.no_wd else g + b(hp["weight_decay"]) * p
+    if f.no_momentum:  # as torch: no buffer when momentum is 0
+        upd = d
     else:
-        st["buf"] = b(hp["momentum"]) * st["buf"] + (1 - b(hp["dampening"])) * d
-    buf = st["buf"]
-    upd = d + b(hp["momentum"]) * buf if nesterov else buf
-    upd = torch.where(b(hp["momentum"]) > 0, upd, d)
-    return p - b(lr) * upd
+        if "buf" not in st:
+            st["buf"] = d.clone()
+        else:
+            st["buf"].mul_(b(hp["momentum"])).add_(d if f.no_dampening else (1 - b(hp["dampening"])) * d)
+        buf = st["buf"]
+        upd = d + b(hp["momentum"]) * buf if nesterov else buf
+        if not f.all_momentum:
+            upd = torch.where(b(hp["momentum"]) > 0, upd, d)
+    step = b(lr) * upd
+    if inplace:
+        p.sub_(step)
+        return None
+    return p - step
 
 
-def _adam_like(decoupled: bool) -> Callable[..., Tensor]:
+def _adam_like(decoupled: bool) -> Callable[..., Tensor | None]:
     def update(p: Tensor, g: Tensor, st: dict[str, Tensor], hp: dict[str, Tensor], lr: Tensor, t: int,
-               nesterov: bool) -> Tensor:
+               nesterov: bool, f: _Flags, inplace: bool) -> Tensor | None:
         """torch.optim.Adam (L2: g += wd p) / AdamW (decoupled: p *= 1 - lr wd), then the bias-corrected
         moment update with eps added to sqrt(v_hat)."""
         b = lambda v: _b(v, p)  # noqa: E731
-        if decoupled:
-            base = p * (1 - b(lr) * b(hp["weight_decay"]))
-        else:
+        if not decoupled and not f.no_wd:
             g = g + b(hp["weight_decay"]) * p
-            base = p
         if "m" not in st:
             st["m"], st["v"] = torch.zeros_like(p), torch.zeros_like(p)
         b1, b2 = b(hp["beta1"]), b(hp["beta2"])
-        st["m"] = st["m"] * b1 + (1 - b1) * g
-        st["v"] = st["v"] * b2 + (1 - b2) * g * g
+        st["m"].mul_(b1).add_((1 - b1) * g)
+        st["v"].mul_(b2).add_((1 - b2) * g * g)
         bc1, bc2 = 1 - b1**t, 1 - b2**t
         denom = (st["v"].sqrt() / bc2.sqrt()) + b(hp["eps"])
-        return base - (b(lr) / bc1) * st["m"] / denom
+        step = (b(lr) / bc1) * st["m"] / denom
+        if inplace:
+            if decoupled and not f.no_wd:
+                p.mul_(1 - b(lr) * b(hp["weight_decay"]))
+            p.sub_(step)
+            return None
+        base = p * (1 - b(lr) * b(hp["weight_decay"])) if decoupled else p
+        return base - step
     return update
 
 
-#: optimiser kind -> update(p, g, state, hp, lr, t, nesterov) -> new p (the state dict is updated in place)
-UPDATES: dict[str, Callable[..., Tensor]] = {"sgd": _sgd, "adam": _adam_like(False), "adamw": _adam_like(True)}
+#: optimiser kind -> update(p, g, state, hp, lr, t, nesterov, flags, inplace) -> new p or None (in place);
+#: the state dict is updated in place
+UPDATES: dict[str, Callable[..., Tensor | None]] = {"sgd": _sgd, "adam": _adam_like(False), "adamw": _adam_like(True)}
 
 
 class PopulationOptimizer:
@@ -86,17 +113,27 @@ class PopulationOptimizer:
         self.param_hp = param_hp or {}
         self.state: dict[str, dict[str, Tensor]] = {}
         self.t = 0
+        self._flags: dict[int, _Flags] = {}
+
+    def _flags_of(self, hp: dict[str, Tensor]) -> _Flags:
+        if id(hp) not in self._flags:
+            self._flags[id(hp)] = _Flags(hp)
+        return self._flags[id(hp)]
 
     @torch.no_grad()
     def step(self, params: dict[str, Tensor], grads: dict[str, Tensor], active: Tensor,
-             lr_factor: Tensor | None = None) -> None:
+             lr_factor: Tensor | None = None, all_active: bool = False) -> None:
+        """One update of every member; members not ``active`` (P,) keep their parameters (diverged runs are
+        frozen). ``all_active``: the caller knows every member is active, so parameters update in place."""
         self.t += 1
         update = UPDATES[self.kind]
         for name, p in params.items():
             hp = self.param_hp.get(name, self.hp)
             lr = hp["lr"] if lr_factor is None else hp["lr"] * lr_factor
-            new = update(p, grads[name], self.state.setdefault(name, {}), hp, lr, self.t, self.nesterov)
-            p.copy_(torch.where(_b(active, p), new, p))  # diverged members keep their parameters
+            new = update(p, grads[name], self.state.setdefault(name, {}), hp, lr, self.t, self.nesterov,
+                         self._flags_of(hp), all_active)
+            if new is not None:
+                p.copy_(torch.where(_b(active, p), new, p))
 
     def state_dict(self) -> dict[str, Any]:
         return {"t": self.t, "state": self.state}

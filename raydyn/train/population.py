@@ -546,7 +546,7 @@ def train_population(
             on_record(step, int(alive.sum()), int((~alive).sum()))
         if not alive.any() or step == steps:
             break
-        opt.step(params, grads, active, schedule.factor(step))
+        opt.step(params, grads, active, schedule.factor(step), all_active=bool(alive.all()))
         if any_constrained:
             renormalise(params, target_norm, constrained & active)
         recorder.after_update(step, opt)
