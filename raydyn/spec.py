@@ -63,7 +63,7 @@ PER_MEMBER = ("seed", "perturb", "init_perturb", "init_scale", "lr", "momentum",
 
 # Train settings that say how a run is executed, not what is trained: they change no result,
 # so they are kept out of run configs (and run ids) and cannot be swept.
-EXECUTION_ONLY = ("checkpoint_every", "device")
+EXECUTION_ONLY = ("checkpoint_every", "checkpoint_minutes", "device")
 
 
 class _Model(BaseModel):
@@ -227,12 +227,15 @@ class TrainSpec(_Model):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="where a trial trains: auto = cuda when Ray gave the trial a GPU (resources.gpu), "
         "else cpu. An execution setting: not part of a run's config or id, not sweepable")
-    checkpoint_every: int = Field(
-        1000, ge=0,
-        description="save a population's full training state every this many steps (0: never), so a trial that "
-        "Ray Tune retries (node lost, worker crash) resumes there instead of at step 0. An execution setting: "
-        "not part of a run's config or id, not sweepable",
+    checkpoint_every: int | None = Field(
+        None, ge=0,
+        description="save a population's full training state every this many steps (0: never; null: every "
+        "checkpoint_minutes of training), so a trial that Ray Tune retries (node lost, worker crash) resumes there "
+        "instead of at step 0. An execution setting: not part of a run's config or id, not sweepable",
     )
+    checkpoint_minutes: float = Field(
+        5.0, gt=0, description="with checkpoint_every: null, a checkpoint after every this many minutes of "
+        "training (a short trial writes none: retrying it costs less than checkpointing it)")
 
     @model_validator(mode="after")
     def _check(self) -> "TrainSpec":

@@ -35,7 +35,7 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 # instead wind the experiment down and return as if it had finished. Resume is the store's job.
 os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
 # Tune snapshots its (small: population ids only) experiment state whenever a trial checkpoints,
-# and warns about it; raydyn's checkpoints are spaced by train.checkpoint_every already.
+# and warns about it; raydyn's checkpoints are spaced by train.checkpoint_every/checkpoint_minutes already.
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
 import ray  # noqa: E402
@@ -162,9 +162,9 @@ def _objective(values: list[float], goal: str) -> float:
 
 
 def population_trial(config: dict[str, Any], store_uri: str, sweep: str, spec_text: str | None = None,
-                     populations_by_id: dict[str, dict[str, Any]] | None = None, checkpoint_every: int = 0,
+                     populations_by_id: dict[str, dict[str, Any]] | None = None, checkpoint_every: int | None = 0,
                      device: str = "auto", base_dir: str | None = None,
-                     plugin_paths: list[str] | None = None) -> None:
+                     plugin_paths: list[str] | None = None, checkpoint_minutes: float = 5.0) -> None:
     """Tune function trainable: train one population and write it to the store.
 
     ``config`` holds either a population id (grid/random; the population is looked
@@ -238,7 +238,9 @@ def population_trial(config: dict[str, Any], store_uri: str, sweep: str, spec_te
         result = train_dynamics(pop, on_record=None if metric else on_record)
     else:
         result = train_population(pop, on_record=None if metric else on_record,
-                                  checkpoint_every=0 if metric else checkpoint_every,
+                                  checkpoint_every=0 if metric else (checkpoint_every or 0),
+                                  checkpoint_seconds=None if (metric or checkpoint_every is not None)
+                                  else 60.0 * checkpoint_minutes,
                                   on_checkpoint=on_checkpoint, resume=resume, device=device, base_dir=base_dir)
     t_tables = time.perf_counter()
     runs = runs_table(result, pop.pop_id, node=node)
@@ -502,6 +504,7 @@ def _fit(spec, store, param_space, cb, max_failures, tune_config, spec_text=None
     trainable = tune.with_resources(
         tune.with_parameters(population_trial, store_uri=store.uri, sweep=spec.name, spec_text=spec_text,
                              populations_by_id=populations_by_id, checkpoint_every=spec.train.checkpoint_every,
+                             checkpoint_minutes=spec.train.checkpoint_minutes,
                              device=spec.train.device, base_dir=base_dir_of(spec, store),
                              plugin_paths=plugin_paths(spec)),
         {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu},

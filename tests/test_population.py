@@ -267,3 +267,18 @@ def test_checkpoint_is_not_pickle_and_refuses_another_population(tmp_path):
     np.savez(tmp_path / "c" / "state.npz", evil=np.array([{"x": 1}], dtype=object))
     with pytest.raises(ValueError, match="allow_pickle"):
         PopulationCheckpoint.load(tmp_path / "c")
+
+
+def test_time_based_checkpoints_are_taken_and_resume_bit_for_bit(tmp_path):
+    """checkpoint_every: null -> a checkpoint after every checkpoint_minutes of training (here ~0: every step)."""
+    from raydyn.train.population import PopulationCheckpoint
+
+    text = BASE.format(**{**CASES["sgd-nesterov-dampening"], "steps": 12})
+    (pop,) = populations(parse_sweep(text).expand(), 64)
+    straight = train_population(pop)
+    got = []
+    train_population(pop, checkpoint_seconds=1e-9, on_checkpoint=got.append)
+    assert [c.step for c in got] == list(range(1, 12))
+    got[5].save(tmp_path / "c")
+    resumed = train_population(pop, resume=PopulationCheckpoint.load(tmp_path / "c"))
+    assert_identical(resumed.recorder.metrics_table(), straight.recorder.metrics_table(), "time-based resume")

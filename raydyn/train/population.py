@@ -386,13 +386,15 @@ def train_population(
     resume: PopulationCheckpoint | None = None,
     device: str | None = "cpu",
     base_dir: str | None = None,
+    checkpoint_seconds: float | None = None,
 ) -> PopulationResult:
     """Train every member of ``pop``; returns per-member status and the recorder's data.
 
     ``on_record(step, n_active, n_diverged)`` is called after each record (progress).
     With ``checkpoint_every > 0``, ``on_checkpoint(ckpt)`` gets the full training state
     at the start of every step that is a multiple of it (never at the first step
-    trained, nor the last). ``resume`` continues from such a checkpoint; the result is
+    trained, nor the last); with ``checkpoint_seconds`` also at the first step boundary after every that
+    many seconds of training. ``resume`` continues from such a checkpoint; the result is
     bit-for-bit the one of an uninterrupted run (metrics, weights, statuses).
     ``device``: ``cpu``, ``cuda`` or ``auto`` (:func:`resolve_device`). ``base_dir``: what relative
     data paths are relative to (the directory the sweep was launched from).
@@ -488,11 +490,15 @@ def train_population(
     nan = torch.full((P,), float("nan"), dtype=dtype, device=dev)
     start, before = state.step, state.elapsed_s  # a resumed run continues its step count and clock
     checked = False
+    last_ckpt = time.perf_counter()
 
     for step in range(start, steps + 1):
-        if on_checkpoint is not None and checkpoint_every > 0 and start < step < steps and step % checkpoint_every == 0:
+        if on_checkpoint is not None and start < step < steps and (
+                (checkpoint_every > 0 and step % checkpoint_every == 0)
+                or (checkpoint_seconds and time.perf_counter() - last_ckpt >= checkpoint_seconds)):
             state.step, state.elapsed_s = step, before + time.perf_counter() - t0
             on_checkpoint(state.checkpoint(pop.pop_id))
+            last_ckpt = time.perf_counter()
         idx = torch.stack([s.next() for s in streams])  # (P, B): each member its own order
         xb, yb = data.take("train", idx)
         if not checked:  # can vmap trace this model? (decided once, on the first batch)
