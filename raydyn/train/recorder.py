@@ -33,6 +33,58 @@ _NP = {torch.float64: np.float64, torch.float32: np.float32, torch.int64: np.int
        torch.bool: np.bool_, torch.uint8: np.uint8, torch.float16: np.float16}
 
 
+class _Rows:
+    """A population's snapshot rows, stored run-major as they are recorded: member i's k-th record goes to
+    ``buf[i, k]``, so at the end the rows are already grouped by run in step order and the table's list
+    column is a view of ``buf`` (no gather over hundreds of MB). Behaves as the list of record chunks
+    ``(step, idx, rows)`` it replaces (iteration, ``append``), which checkpoints save.
+
+    ``capacity``: records expected per member (grows if exceeded, e.g. a divergence record).
+    """
+
+    def __init__(self, P: int, capacity: int):
+        self.P, self.capacity = P, max(1, capacity)
+        self.buf: np.ndarray | None = None
+        self.steps = np.zeros((P, self.capacity), dtype=np.int64)
+        self.count = np.zeros(P, dtype=np.int64)
+        self.history: list[tuple[int, np.ndarray]] = []  # (step, idx) per record, in order
+
+    def append(self, chunk: tuple[int, np.ndarray, np.ndarray]) -> None:
+        step, idx, rows = chunk
+        if self.buf is None:
+            self.buf = np.empty((self.P, self.capacity, rows.shape[1]), dtype=rows.dtype)
+        if len(idx) and int(self.count[idx].max()) >= self.buf.shape[1]:  # more records than planned
+            grow = self.buf.shape[1]
+            self.buf = np.concatenate([self.buf, np.empty((self.P, grow, self.buf.shape[2]), self.buf.dtype)], 1)
+            self.steps = np.concatenate([self.steps, np.zeros((self.P, grow), np.int64)], 1)
+        slots = self.count[idx]
+        self.buf[idx, slots] = rows
+        self.steps[idx, slots] = step
+        self.count[idx] += 1
+        self.history.append((int(step), np.asarray(idx).copy()))
+
+    def __len__(self) -> int:
+        return len(self.history)
+
+    def __iter__(self):
+        """The record chunks ``(step, idx, rows)`` in record order (rows copied out of the buffer)."""
+        seen = np.zeros(self.P, dtype=np.int64)
+        for step, idx in self.history:
+            yield step, idx, self.buf[idx, seen[idx]]
+            seen[idx] += 1
+
+    def run_major(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(member index, step, rows) of every row, grouped by member in step order; a view when every
+        member has the same number of records."""
+        n = self.count
+        members = np.repeat(np.arange(self.P), n)
+        if (n == n[0]).all():
+            k = int(n[0])
+            return members, self.steps[:, :k].reshape(-1), self.buf[:, :k].reshape(self.P * k, -1)
+        return (members, np.concatenate([self.steps[i, :n[i]] for i in range(self.P)]),
+                np.concatenate([self.buf[i, :n[i]] for i in range(self.P)]))
+
+
 def to_host(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     """Copy tensors to numpy arrays in one device-to-host transfer (their bytes packed into one buffer).
 
@@ -147,8 +199,10 @@ class Recorder:
         self.want_weights = "weights" in cfg["record"]
         self.probes = [p for p in cfg["record"] if p != "weights" and p not in TRACKERS]
         self._metric_chunks: list[tuple[int, np.ndarray, dict[str, np.ndarray]]] = []
-        self._weight_chunks: list[tuple[int, np.ndarray, np.ndarray]] = []
-        self._buffer_chunks: list[tuple[int, np.ndarray, np.ndarray]] = []
+        steps, every, ev = int(cfg["steps"]), int(cfg["record_every"]), int(cfg.get("eval_every") or cfg["record_every"])
+        planned = sum(1 for t in range(steps + 1) if t % every == 0 or t % ev == 0 or t == steps) + 1
+        self._weight_chunks = _Rows(self.P, planned)
+        self._buffer_chunks = _Rows(self.P, planned)
         # floating buffers (batch norm running statistics) are snapshotted with the weights, so that a
         # stored model evaluates as it did in training (Store.model)
         bufs = self.context.get("buffers") or {}
@@ -288,15 +342,13 @@ class Recorder:
     def weights_table(self) -> pa.Table | None:
         if not self.want_weights:
             return None
-        member = np.concatenate([idx for _, idx, _ in self._weight_chunks])
-        steps = np.concatenate([np.full(len(idx), s, dtype=np.int64) for s, idx, _ in self._weight_chunks])
-        # rows grouped by run, in step order: each chunk is copied once, straight to its rows (a
-        # concatenate-then-gather would copy the snapshots twice; Arrow's sort_by cost as much as writing)
-        order = np.lexsort((steps, member))
-        rid = np.array(self.run_ids, dtype=object)[member[order]]
-        cols = {"run_id": rid, "step": steps[order], "weights": _list_column(_fill_rows(self._weight_chunks, order))}
+        # rows grouped by run, in step order: the run-major buffer as it is (no gather; Arrow's sort_by on a
+        # table of hundreds of MB of snapshots cost as much as writing it)
+        member, steps, mat = self._weight_chunks.run_major()
+        rid = np.array(self.run_ids, dtype=object)[member]
+        cols = {"run_id": rid, "step": steps, "weights": _list_column(mat)}
         if self._buffer_chunks:  # recorded at the same records as the weights
-            cols["buffers"] = _list_column(_fill_rows(self._buffer_chunks, order))
+            cols["buffers"] = _list_column(self._buffer_chunks.run_major()[2])
         return pa.table(cols)
 
     # ---------------------------------------------------------------- checkpoint state
@@ -311,6 +363,7 @@ class Recorder:
         arrays: dict[str, np.ndarray] = {}
         for kind, chunks, cols in (("metric", self._metric_chunks, names), ("weight", self._weight_chunks, None),
                                    ("buffer", self._buffer_chunks, None)):
+            chunks = list(chunks)  # (a _Rows yields copies of its rows: take them once)
             arrays[f"{kind}_steps"] = np.array([c[0] for c in chunks], dtype=np.int64)
             arrays[f"{kind}_counts"] = np.array([len(c[1]) for c in chunks], dtype=np.int64)
             arrays[f"{kind}_idx"] = (np.concatenate([c[1] for c in chunks]) if chunks else np.zeros(0, np.int64)).astype(np.int64)
@@ -338,9 +391,11 @@ class Recorder:
         names = list(meta["metric_columns"])
         self._metric_chunks = [(step, idx, {n: arrays[f"metric:{n}"][sl].copy() for n in names})
                                for step, idx, sl in split("metric")]
-        self._weight_chunks = [(step, idx, arrays["weight_mat"][sl].copy()) for step, idx, sl in split("weight")]
-        self._buffer_chunks = ([(step, idx, arrays["buffer_mat"][sl].copy()) for step, idx, sl in split("buffer")]
-                               if "buffer_steps" in arrays else [])
+        for kind, rows in (("weight", self._weight_chunks), ("buffer", self._buffer_chunks)):
+            rows.__init__(self.P, rows.capacity)
+            if f"{kind}_steps" in arrays:
+                for step, idx, sl in split(kind):
+                    rows.append((step, idx, arrays[f"{kind}_mat"][sl]))
         for tname, tracker in self.trackers.items():
             if hasattr(tracker, "load_state"):
                 prefix = f"tracker:{tname}:"
@@ -371,20 +426,6 @@ class Recorder:
                     d["max_train_loss"] = float("inf")
                 d["last_record_step"] = step
         return out
-
-
-def _fill_rows(chunks: list[tuple[int, np.ndarray, np.ndarray]], order: np.ndarray) -> np.ndarray:
-    """Stack the chunks' rows (concatenated in record order) into row order ``order``, one copy."""
-    n = len(order)
-    first = chunks[0][2]
-    out = np.empty((n, first.shape[1]), dtype=first.dtype)
-    dest = np.empty(n, dtype=np.int64)
-    dest[order] = np.arange(n)  # where each row of the concatenation goes
-    pos = 0
-    for _, idx, rows in chunks:
-        out[dest[pos:pos + len(idx)]] = rows
-        pos += len(idx)
-    return out
 
 
 def _list_column(mat: np.ndarray) -> pa.Array:
