@@ -200,7 +200,9 @@ class Recorder:
         self.probes = [p for p in cfg["record"] if p != "weights" and p not in TRACKERS]
         self._metric_chunks: list[tuple[int, np.ndarray, dict[str, np.ndarray]]] = []
         steps, every, ev = int(cfg["steps"]), int(cfg["record_every"]), int(cfg.get("eval_every") or cfg["record_every"])
-        planned = sum(1 for t in range(steps + 1) if t % every == 0 or t % ev == 0 or t == steps) + 1
+        # records per member: every record step; a member that diverges adds one at its divergence step but
+        # records nothing after it, so never more than this (exact, so the final rows are a contiguous view)
+        planned = sum(1 for t in range(steps + 1) if t % every == 0 or t % ev == 0 or t == steps)
         self._weight_chunks = _Rows(self.P, planned)
         self._buffer_chunks = _Rows(self.P, planned)
         # floating buffers (batch norm running statistics) are snapshotted with the weights, so that a
