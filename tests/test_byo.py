@@ -60,6 +60,14 @@ def item_mlp(input_shape, out_dim, width=8):
     return ItemMLP(int(np.prod(input_shape)), out_dim, width)
 
 
+def frozen_mlp(input_shape, out_dim, width=8):
+    """A fixed random first layer (requires_grad=False) and a trained read-out."""
+    first = nn.Linear(int(np.prod(input_shape)), width)
+    first.weight.requires_grad_(False)
+    first.bias.requires_grad_(False)
+    return nn.Sequential(nn.Flatten(), first, nn.Tanh(), nn.Linear(width, out_dim))
+
+
 def not_a_module(input_shape, out_dim):
     return 42
 
@@ -396,3 +404,30 @@ def test_examples_vgg_on_an_image_folder_keeps_the_exact_scale_law(tmp_path, mon
         pred = predict("scale", q[0], len(q) - 1, g["lr"], g["weight_decay"], g["momentum"], sq_norms=d[:-1],
                        method="exact", dampening=g["dampening"])
         assert float(np.max(relative_error(pred, q))) < 1e-6
+
+
+def test_frozen_parameters_stay_fixed_and_load_back(plugin):
+    """requires_grad=False parameters are constants: not trained, not in the weight snapshots, kept with the
+    buffers, and a stored snapshot loads back into the rebuilt model with the recorded test loss."""
+    from raydyn.tasks.build import init_model
+    from raydyn.train.replay import check_param_order, load_snapshot
+
+    text = sweep_text("fz", "byo_plug:frozen_mlp", steps=6, extra_task=", width: 5")
+    (pop,) = populations(parse_sweep(text).expand(), 64)
+    res = train_population(pop)
+    layout = res.recorder.layout
+    assert layout["names"] == ["3.weight", "3.bias"] and layout["buffer_names"] == ["1.weight", "1.bias"]
+    w = res.recorder.weights_table().to_pandas()
+    t = res.recorder.metrics_table().to_pandas()
+    m = pop.members[0]
+    model = init_model(m.config, res.recorder.context["data"])
+    first0 = model[1].weight.detach().clone()
+    check_param_order(model, layout)
+    last = w[w.run_id == m.run_id].sort_values("step").iloc[-1]
+    load_snapshot(model, layout, last.weights, last.buffers).eval()
+    # never trained (snapshots are float32: equal to float32 rounding)
+    torch.testing.assert_close(model[1].weight, first0, rtol=1e-6, atol=1e-7)
+    x, y = res.recorder.context["data"].head("test")
+    with torch.no_grad():
+        loss = float(torch.nn.functional.cross_entropy(model(x), y))
+    assert loss == pytest.approx(t[(t.run_id == m.run_id) & (t.step == 6)].test_loss.iloc[0], rel=1e-5)

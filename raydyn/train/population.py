@@ -410,7 +410,7 @@ def train_population(
     # --- stacked initial parameters: member i initialised exactly as if trained alone (on the CPU,
     # under torch.manual_seed(its seed)), then moved to the device
     models = [init_model(m.config, data) for m in members]
-    frozen = {n for n, p in models[0].named_parameters() if not p.requires_grad}  # constants, not trained
+    frozen = [n for n, p in models[0].named_parameters() if not p.requires_grad]  # constants, not trained
     params, buffers = stack_module_state(models)  # name -> (P, ...)
     buffers = {k: v.to(dev) for k, v in buffers.items()}
     buffers.update({k: params.pop(k).detach().to(dev) for k in frozen})

@@ -37,16 +37,17 @@ def load_snapshot(model: torch.nn.Module, layout: dict[str, Any], weights: np.nd
     """Load one stored snapshot into ``model`` in place: the flat parameter vector (D,) (``full`` layout)
     and, when given, the flat vector of its floating buffers (batch norm running statistics) in the order
     of ``layout['buffer_names']``. Returns the model."""
-    params = list(model.parameters())
+    names = set(layout.get("names") or [n for n, _ in model.named_parameters()])
+    params = [p for n, p in model.named_parameters() if n in names]
     dtype = params[0].dtype
-    v = torch.as_tensor(np.asarray(weights) if not isinstance(weights, torch.Tensor) else weights).to(dtype)
+    v = torch.as_tensor(np.array(weights) if not isinstance(weights, torch.Tensor) else weights).to(dtype)
     vector_to_parameters(v, params)
-    names = layout.get("buffer_names") or []
-    if buffers is not None and names:
-        own = dict(model.named_buffers())
-        flat = torch.as_tensor(np.asarray(buffers) if not isinstance(buffers, torch.Tensor) else buffers)
+    if buffers is not None and layout.get("buffer_names"):
+        # buffers, and parameters the model does not train (requires_grad=False: stored with the buffers)
+        own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        flat = torch.as_tensor(np.array(buffers) if not isinstance(buffers, torch.Tensor) else buffers)
         pos = 0
-        for n in names:
+        for n in layout.get("buffer_names") or []:
             b = own[n]
             b.copy_(flat[pos:pos + b.numel()].reshape(b.shape).to(b.dtype))
             pos += b.numel()
@@ -62,8 +63,9 @@ def check_param_order(model: torch.nn.Module, layout: dict[str, Any], what: str 
     if layout.get("kind") != "full":
         raise ValueError(f"{what}: snapshots are {layout.get('kind')!r}, not every parameter of the model "
                          "('full'); they cannot be loaded back into it")
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [list(p.shape) for _, p in model.named_parameters()]
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # frozen ones: with the buffers
+    names = [n for n, _ in trained]
+    shapes = [list(p.shape) for _, p in trained]
     if list(layout["names"]) != names or [list(s) for s in layout["shapes"]] != shapes:
         raise ValueError(f"{what}: snapshot layout {list(zip(layout['names'], layout['shapes']))} does not match "
                          f"the model's parameters {list(zip(names, shapes))} (order or shape)")
