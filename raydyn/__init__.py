@@ -7,7 +7,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "open_store", "RaydynError", "Sweep", "SweepSummary", "run_sweep"]
+__all__ = ["__version__", "open_store", "RaydynError", "Sweep", "SweepSummary", "run_sweep", "track"]
 
 from raydyn.errors import RaydynError
 
@@ -20,7 +20,12 @@ def open_store(uri: str | None = None):
 
 
 def __getattr__(name: str):
-    """``raydyn.Sweep``, ``raydyn.run_sweep`` and ``raydyn.SweepSummary`` load on first use (they need Ray)."""
+    """``raydyn.Sweep``, ``raydyn.run_sweep`` and ``raydyn.SweepSummary`` load on first use (they need Ray);
+    so does ``raydyn.track`` (:mod:`raydyn.track`: call it to log a run trained anywhere)."""
+    if name == "track":
+        import importlib
+
+        return importlib.import_module("raydyn.track")
     if name in ("Sweep", "SweepSummary", "run_sweep"):
         from raydyn import api
 

@@ -137,8 +137,14 @@ def sweep_status_cmd(
         out.print_json(to_json(status))
         return
     parts = ", ".join(f"{n} {s}" for s, n in sorted(status["by_status"].items())) or "none yet"
-    out.print(f"sweep {status['sweep']}: {status['in_store']}/{status['total']} runs in the store ({parts}); "
-              f"{status['missing']} missing.")
+    if status.get("kind") == "tracked":
+        out.print(f"sweep {status['sweep']} (tracked: runs logged with raydyn.track or imported): "
+                  f"{status['in_store']} finished runs ({parts}); {status['in_progress']} in progress or interrupted"
+                  + (f" ({', '.join(status['in_progress_runs'])}; resume=True finishes one)" if status["in_progress"] else "")
+                  + ".")
+    else:
+        out.print(f"sweep {status['sweep']}: {status['in_store']}/{status['total']} runs in the store ({parts}); "
+                  f"{status['missing']} missing.")
     out.print(f"store: {st.uri}")
 
 

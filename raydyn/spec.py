@@ -705,11 +705,16 @@ def parse_sweep(text: str, source: str = "<sweep>") -> SweepSpec:
 
 
 def parse_stored(store: Any, sweep: str) -> SweepSpec | None:
-    """The sweep file stored with ``sweep`` in ``store``, parsed (None when the store has none). Plug-in
+    """The sweep file stored with ``sweep`` in ``store``, parsed (None when the store has none; a
+    :class:`raydyn.track.TrackedSweep` for runs logged with ``raydyn.track``). Plug-in
     modules are importable from the directory the sweep was launched in (recorded as ``base_dir``)."""
     text = store.sweep_text(sweep)
     if text is None:
         return None
+    if (store.sweep_meta(sweep) or {}).get("kind") == "tracked":  # logged with raydyn.track: no sweep file
+        from raydyn.track import TrackedSweep
+
+        return TrackedSweep(store, sweep)
     from raydyn.tasks.plugins import add_search_path
 
     add_search_path((store.sweep_meta(sweep) or {}).get("base_dir"))

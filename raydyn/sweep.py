@@ -328,6 +328,11 @@ def check_sweep_unchanged(spec: SweepSpec, text: str, store: Store) -> None:
     """Refuse a changed sweep file under an existing name (reads only)."""
     h = sweep_hash(text)
     meta = store.sweep_meta(spec.name)
+    if meta is not None and meta.get("kind") == "tracked":
+        raise RaydynError(
+            f"sweep {spec.name!r} in store {store.uri} holds runs logged with raydyn.track (trained elsewhere); "
+            f"`sweep run` does not write into it: give the sweep file another `name:` (e.g. {spec.name}-grid)"
+        )
     if meta is not None and meta.get("hash") != h:
         raise RaydynError(
             f"sweep {spec.name!r} already exists in store {store.uri} with a different sweep file "
@@ -581,6 +586,10 @@ def _run_optuna(spec, text, store, *, address, num_cpus, progress, max_failures,
 
 def sweep_status(spec: SweepSpec, store: Store) -> dict[str, Any]:
     """Counts of runs in the store by status, and how many the sweep file still lacks."""
+    if getattr(spec, "method", None) == "tracked":
+        from raydyn.track import tracked_status
+
+        return tracked_status(store, spec.name)
     table = store.table("runs", sweep=spec.name, columns=["run_id", "status"]) if spec.name in store.sweeps() else None
     by_status: dict[str, int] = {}
     if table is not None:

@@ -107,6 +107,9 @@ class CheckReport:
     orphan_trajectories: list[OrphanTrajectory] = field(default_factory=list)
     duplicate_runs: list[DuplicateRun] = field(default_factory=list)
     stray_tmp: list[StrayTmp] = field(default_factory=list)
+    #: (sweep, run_id) of tracked runs with committed records but no runs row yet: still logging, or
+    #: interrupted (``raydyn.track(..., resume=True)`` finishes them). Not a problem, never repaired.
+    in_progress: list[tuple[str, str]] = field(default_factory=list)
     files_checked: int = 0
     repaired: bool = False
     quarantine: str | None = None
@@ -134,6 +137,9 @@ class CheckReport:
             lines.append(f"  duplicate run {d.run_id!r} (sweep {d.sweep!r}) in {', '.join(d.relpaths)} (not repaired)")
         for t in self.stray_tmp:
             lines.append(f"  stray tmp file {t.relpath} ({t.age_s / 60:.1f} min old)")
+        for sweep, rid in self.in_progress:
+            lines.append(f"  tracked run {rid!r} (sweep {sweep!r}) in progress or interrupted: no runs row yet "
+                         "(raydyn.track(..., resume=True) finishes it; not a problem)")
         if self.repaired:
             if self.actions:
                 lines.append(f"repair: quarantine {self.quarantine}")
@@ -246,9 +252,19 @@ def check_store(store: Store, *, repair: bool = False, stale_tmp_minutes: float 
                     report.orphan_runs.append(OrphanRun(sweep, rid, rel))
                     drop[rel].add(rid)
         surviving = set(run_files) - removed_runs
+        # a tracked run writes its own parts (part-track-<run_id>-<n>) and its runs row only at the end
+        tracked = (store.sweep_meta(sweep) or {}).get("kind") == "tracked"
+        live = set()
+        if tracked:
+            for rel, fid in tables.get("metrics", {}).items():
+                part = layout.parse_relpath(rel).part
+                live |= {rid for rid in fid.counts if rid not in run_files and part.startswith(f"track-{rid}-")}
+            report.in_progress += [(sweep, rid) for rid in sorted(live)]
         for table in _TRAJECTORY_TABLES:
             for rel, fid in sorted(tables.get(table, {}).items()):
                 for rid, n in sorted(fid.counts.items()):
+                    if rid in live and layout.parse_relpath(rel).part.startswith(f"track-{rid}-"):
+                        continue
                     if rid not in run_files:
                         report.orphan_trajectories.append(OrphanTrajectory(table, sweep, rid, rel, n))
                     if rid not in surviving:

@@ -512,6 +512,27 @@ class Store:
     def _list_parts(self, table: str, sweeps: list[str] | None) -> list[PartPath]:
         return list(self._listing(table, sweeps))
 
+    def parts(self, table: str, sweep: str, prefix: str = "") -> list[str]:
+        """Names of ``table``'s part files in ``sweep`` (``part-<name>.parquet``) that start with ``prefix``, sorted."""
+        validate_name("table", table)
+        validate_name("sweep", sweep)
+        return sorted(p.part for p in self._listing(table, [sweep]) if p.part.startswith(prefix))
+
+    def delete_part(self, table: str, sweep: str, part: str) -> bool:
+        """Remove one part file (a writer's own uncommitted part, e.g. the snapshots of a flush that crashed
+        before its commit marker). Returns whether it existed."""
+        for kind, value in (("table", table), ("sweep", sweep), ("part", part)):
+            validate_name(kind, value)
+        relpath = layout.part_relpath(table, sweep, part)
+        if self._stamp(relpath) is None:
+            return False
+        self._before_write()
+        try:
+            self._fs.delete_file(self.path(relpath))
+        except _ERRORS as e:
+            raise StoreError(f"cannot delete store file {self.location(relpath)}: {e}") from None
+        return True
+
     def _stamp(self, relpath: str) -> tuple[int, int] | None:
         """(size, mtime_ns) of a file now, None if it is gone."""
         try:

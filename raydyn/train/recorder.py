@@ -180,6 +180,34 @@ TRACKERS: dict[str, Callable[["Recorder"], Any]] = {
 }
 
 
+def weights_layout(param_names: list[str], shapes: list[tuple[int, ...]], wcfg: dict[str, Any]
+                   ) -> tuple[dict[str, Any], tuple[torch.Tensor, torch.Tensor] | None]:
+    """The ``weights_layout`` of snapshots of parameters ``param_names`` (per-run ``shapes``) under the
+    ``train.weights`` options ``wcfg`` (``layers``, ``max_size``, ``projection_dim``), and the CountSketch
+    (bucket (D,), sign (D,) float64) when the stored vector is longer than ``max_size`` (else None).
+    The sketch is seeded (:data:`SKETCH_SEED`), so every run of every store sketches the same way."""
+    names, shapes, kind = list(param_names), [tuple(s) for s in shapes], "full"
+    if wcfg.get("layers"):
+        prefixes = wcfg["layers"]
+        keep = [i for i, n in enumerate(names) if any(n.startswith(p) for p in prefixes)]
+        if not keep:
+            raise ValueError(f"train.weights.layers: {prefixes} match no parameter; parameters: {names}")
+        names, shapes, kind = [names[i] for i in keep], [shapes[i] for i in keep], "layers"
+    sizes = [int(np.prod(s)) for s in shapes]
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int).tolist()
+    dim = offsets[-1]
+    layout: dict[str, Any] = {"kind": kind, "names": names, "shapes": shapes, "offsets": offsets, "dim": dim,
+                              "param_names": list(param_names)}
+    if dim <= wcfg.get("max_size", 200_000):
+        return layout, None
+    k = int(wcfg.get("projection_dim", 4096))
+    g = torch.Generator().manual_seed(SKETCH_SEED)
+    bucket = torch.randint(0, k, (dim,), generator=g)
+    sign = torch.randint(0, 2, (dim,), generator=g).double() * 2 - 1
+    layout.update(kind=kind + "+countsketch", dim=k, source_dim=dim, sketch_seed=SKETCH_SEED)
+    return layout, (bucket, sign)
+
+
 class Recorder:
     """Collects metric rows and weight snapshots of a population (P members)."""
 
@@ -218,25 +246,9 @@ class Recorder:
 
     # ---------------------------------------------------------------- weights layout
     def _layout(self, wcfg: dict[str, Any]) -> dict[str, Any]:
-        names, shapes = self.names, self.shapes
-        kind = "full"
-        if wcfg.get("layers"):
-            prefixes = wcfg["layers"]
-            keep = [i for i, n in enumerate(names) if any(n.startswith(p) for p in prefixes)]
-            if not keep:
-                raise ValueError(f"train.weights.layers: {prefixes} match no parameter; parameters: {names}")
-            names, shapes, kind = [names[i] for i in keep], [shapes[i] for i in keep], "layers"
-        sizes = [int(np.prod(s)) for s in shapes]
-        offsets = np.concatenate([[0], np.cumsum(sizes)]).tolist()
-        dim = offsets[-1]
-        layout: dict[str, Any] = {"kind": kind, "names": names, "shapes": shapes, "offsets": offsets, "dim": dim,
-                                  "param_names": list(self.names)}
-        if dim > wcfg["max_size"]:
-            k = int(wcfg["projection_dim"])
-            g = torch.Generator().manual_seed(SKETCH_SEED)
-            self._bucket = torch.randint(0, k, (dim,), generator=g)
-            self._sign = torch.randint(0, 2, (dim,), generator=g).double() * 2 - 1
-            layout.update(kind=kind + "+countsketch", dim=k, source_dim=dim, sketch_seed=SKETCH_SEED)
+        layout, sketch = weights_layout(self.names, self.shapes, wcfg)
+        if sketch is not None:
+            self._bucket, self._sign = sketch
         return layout
 
     def flat_weights(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
