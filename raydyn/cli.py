@@ -29,6 +29,9 @@ app.add_typer(store_app, name="store")
 analyze_app = typer.Typer(help="Run an analysis over a sweep's trajectories on Ray; results go to the store.",
                           no_args_is_help=True)
 app.add_typer(analyze_app, name="analyze")
+import_app = typer.Typer(help="Import runs trained elsewhere (checkpoint folders, TensorBoard logs) into a tracked "
+                         "sweep; analyse them like any sweep.", no_args_is_help=True)
+app.add_typer(import_app, name="import")
 
 console = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
@@ -446,6 +449,65 @@ def _register_analyses() -> None:
 
 
 _register_analyses()
+
+
+# ------------------------------------------------------------------------------ import
+@import_app.command("checkpoints")
+def import_checkpoints_cmd(
+    directory: Path = typer.Argument(..., help="Folder of torch.save checkpoints, one per step (step_000100.pt, or "
+                                     "files holding {'step': ..., 'model': state_dict}).", show_default=False),
+    sweep: str = typer.Option(..., "--sweep", help="Tracked sweep to file the run under (created if new).",
+                              show_default=False),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML/JSON mapping of the run's settings (lr, "
+                                          "width, seed, ...): typed runs columns. With model: 'module:callable' the "
+                                          "state dicts are loaded into that model (parameters and buffers told "
+                                          "apart).", show_default=False),
+    metrics: Optional[Path] = typer.Option(None, "--metrics", help="Metrics log: CSV with a header (a 'step' "
+                                           "column) or JSON lines ({'step': ..., 'train_loss': ...}).",
+                                           show_default=False),
+    run_id: Optional[str] = typer.Option(None, "--run-id", help="Run id (default: derived from sweep and config).",
+                                         show_default=False),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Snapshot precision float32|float64 (default: the "
+                                        "checkpoints' own).", show_default=False),
+    store: Optional[str] = StoreOpt,
+) -> None:
+    """Import one run from a checkpoint folder into the weights table (and its metrics log into metrics).
+
+    Checkpoints are loaded with torch.load(weights_only=True): a file that needs to unpickle arbitrary Python objects is refused, never loaded.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from raydyn.importers import import_checkpoints, read_config
+
+    cfg = read_config(config)
+    st = _store(store)
+    with Progress(TextColumn(f"[bold]import[/] {directory}"), BarColumn(), MofNCompleteColumn(), console=console,
+                  transient=True) as bar:
+        task = bar.add_task("import", total=None)
+        rid, n = import_checkpoints(st, directory, sweep=sweep, config=cfg, metrics=metrics, run_id=run_id,
+                                    weights={"dtype": dtype} if dtype else None,
+                                    progress=lambda i, total: bar.update(task, completed=i, total=total))
+    out.print(f"imported run {rid} into sweep {sweep}: {n} snapshots"
+              + (f", metrics from {metrics}" if metrics else "") + f" (store {st.uri})", highlight=False)
+
+
+@import_app.command("tensorboard")
+def import_tensorboard_cmd(
+    logdir: Path = typer.Argument(..., help="TensorBoard log folder; every folder in it with event files is one run.",
+                                  show_default=False),
+    sweep: str = typer.Option(..., "--sweep", help="Tracked sweep to file the runs under (created if new).",
+                              show_default=False),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML/JSON mapping of settings shared by the "
+                                          "runs; each run also gets 'run' (its folder).", show_default=False),
+    store: Optional[str] = StoreOpt,
+) -> None:
+    """Import the scalars of TensorBoard event files into the metrics table (tags become columns: Loss/train -> loss_train). Needs the tensorboard package."""
+    from raydyn.importers import import_tensorboard, read_config
+
+    st = _store(store)
+    ids = import_tensorboard(st, logdir, sweep=sweep, config=read_config(config))
+    out.print(f"imported {len(ids)} run(s) into sweep {sweep} (store {st.uri}): {', '.join(ids[:5])}"
+              + (" ..." if len(ids) > 5 else ""), highlight=False)
 
 
 # ------------------------------------------------------------------------------ store

@@ -238,3 +238,160 @@ def test_two_processes_logging_concurrently_lose_nothing(tmp_path):
         assert sorted(m[m.run_id == rid].step) == list(range(400))
         assert sorted(w[w.run_id == rid].step) == list(range(400))
     assert st.check().ok
+
+
+# ------------------------------------------------------------------------------ import
+def _checkpoint_folder(tmp_path, dtype=torch.float32, n=5):
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4), torch.nn.ReLU(), torch.nn.Linear(4, 3)).to(dtype)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    saved = {}
+    for k in range(n):
+        step = 100 * k
+        if k % 2:  # both conventions: a bare state dict named by step, a dict carrying its step
+            torch.save(m.state_dict(), folder / f"step_{step:06d}.pt")
+        else:
+            torch.save({"step": step, "model": m.state_dict(), "optimizer": opt.state_dict()}, folder / f"ckpt-{k}.pth")
+        saved[step] = {n_: t.clone() for n_, t in m.state_dict().items()}
+        loss = m(torch.randn(16, 5, dtype=dtype)).pow(2).mean()
+        opt.zero_grad(); loss.backward(); opt.step()  # noqa: E702
+    (tmp_path / "log.csv").write_text("step,train_loss,note\n" + "".join(f"{50 * i},{1.0 / (i + 1)},x\n" for i in range(9)))
+    (tmp_path / "cfg.yaml").write_text("lr: 0.1\nwidth: 4\nseed: 0\n")
+    return folder, saved
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_checkpoint_folder_round_trips_into_weights_exactly(tmp_path, dtype):
+    folder, saved = _checkpoint_folder(tmp_path, dtype)
+    r = CliRunner().invoke(app, ["import", "checkpoints", str(folder), "--sweep", "imp", "--config",
+                                 str(tmp_path / "cfg.yaml"), "--metrics", str(tmp_path / "log.csv"),
+                                 "--store", str(tmp_path / "s")])
+    assert r.exit_code == 0, r.output
+    assert "5 snapshots" in r.output
+    st = open_store(tmp_path / "s")
+    run = st.runs("imp").to_pylist()[0]
+    layout = json.loads(run["weights_layout"])
+    w = st.weights("imp").sort_by("step")
+    assert w.column("step").to_pylist() == sorted(saved)
+    assert w.schema.field("weights").type.value_type == ("float" if dtype == torch.float32 else "double")
+    floating = [n for n, t in saved[0].items() if t.is_floating_point()]
+    assert layout["names"] == floating  # every floating tensor of the state dict, in its order
+    for step, vec in zip(w.column("step").to_pylist(), w.column("weights").to_pylist()):
+        expect = torch.cat([saved[step][n].reshape(-1) for n in floating]).numpy()
+        assert np.array_equal(np.asarray(vec, dtype=expect.dtype), expect)  # bit for bit
+    m = st.metrics("imp").sort_by("step").to_pandas()
+    assert m.step.tolist() == list(range(0, 401, 50))
+    assert np.allclose(m.train_loss, [1.0 / (i + 1) for i in range(9)]) and "note" not in m.columns
+    assert run["lr"] == 0.1 and run["status"] == "completed" and run["record_every"] == 100
+
+
+def test_malicious_pickle_checkpoint_is_refused(tmp_path):
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    torch.save({"step": 0, "model": {"w": torch.zeros(2)}, "hook": Evil()}, folder / "step_000000.pt")
+    with pytest.raises(pickle.UnpicklingError):  # the file is what it claims: torch.load(weights_only=True) balks
+        torch.load(folder / "step_000000.pt", weights_only=True)
+    r = CliRunner().invoke(app, ["import", "checkpoints", str(folder), "--sweep", "imp", "--store", str(tmp_path / "s")])
+    assert isinstance(r.exception, RaydynError), r.output
+    assert "step_000000.pt: refused" in str(r.exception) and "weights_only=True" in str(r.exception)
+    assert not marker.exists()
+    st = open_store(tmp_path / "s")
+    assert st.metrics("imp").num_rows == 0 and st.runs("imp").num_rows == 0
+
+
+def test_broken_checkpoint_and_bad_logs_are_named(tmp_path):
+    from raydyn.importers import import_checkpoints
+
+    folder, _ = _checkpoint_folder(tmp_path)
+    (folder / "step_000900.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(RaydynError, match="step_000900.pt: cannot be read"):
+        import_checkpoints(tmp_path / "s", folder, sweep="imp")
+    (folder / "step_000900.pt").unlink()
+    (tmp_path / "bad.csv").write_text("epoch,loss\n1,2\n")
+    with pytest.raises(RaydynError, match="bad.csv: the header has no 'step' column"):
+        import_checkpoints(tmp_path / "s", folder, sweep="imp", metrics=tmp_path / "bad.csv")
+    with pytest.raises(RaydynError, match="no such checkpoint folder"):
+        import_checkpoints(tmp_path / "s", tmp_path / "nope", sweep="imp")
+
+
+def test_tensorboard_scalars_import_into_metrics(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    for lr in (0.1, 0.01):
+        with SummaryWriter(tmp_path / "tb" / f"lr{lr}") as wr:
+            for step in range(0, 30, 3):
+                wr.add_scalar("Loss/train", lr * step, step)
+                if step % 9 == 0:
+                    wr.add_scalar("acc/test", 0.5 + step / 100, step)
+    r = CliRunner().invoke(app, ["import", "tensorboard", str(tmp_path / "tb"), "--sweep", "tb",
+                                 "--store", str(tmp_path / "s")])
+    assert r.exit_code == 0, r.output
+    st = open_store(tmp_path / "s")
+    assert sorted(st.runs("tb").column("run").to_pylist()) == ["lr0.01", "lr0.1"]
+    m = st.metrics("tb").to_pandas()
+    one = m[m.run_id == "tb-lr0.1"].sort_values("step")
+    assert one.step.tolist() == list(range(0, 30, 3))
+    assert np.allclose(one.loss_train, [0.1 * s for s in range(0, 30, 3)], rtol=1e-6)
+    assert one.acc_test.notna().sum() == 4 and one.acc_test.iloc[3] == pytest.approx(0.59, rel=1e-6)
+
+
+def test_lightning_callback_logs_a_run(tmp_path):
+    import lightning as L
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Linear(3, 1)
+
+        def training_step(self, batch, _):
+            x, y = batch
+            loss = torch.nn.functional.mse_loss(self.net(x), y)
+            self.log("train_loss", loss)
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 3)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8)
+    cb = raydyn.track.LightningCallback(tmp_path / "s", sweep="pl", config={"lr": 0.1}, every=4)
+    model = Tiny()
+    L.Trainer(max_steps=24, callbacks=[cb], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, accelerator="cpu").fit(model, data)
+    st = open_store(tmp_path / "s")
+    run = st.runs("pl").to_pylist()[0]
+    assert run["status"] == "completed" and run["lr"] == 0.1
+    w = st.weights("pl").sort_by("step")
+    assert w.column("step").to_pylist() == list(range(4, 25, 4))
+    final = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy()
+    assert np.allclose(w.column("weights").to_pylist()[-1], final, atol=0)
+    assert st.metrics("pl").column("train_loss").null_count == 0
+
+
+@pytest.mark.ray
+def test_tune_callback_logs_every_trial(ray_session, tmp_path):
+    from ray import tune
+
+    def trainable(config):
+        for i in range(5):
+            tune.report({"train_loss": config["lr"] * (5 - i)})
+
+    cb = raydyn.track.TuneCallback(str(tmp_path / "s"), sweep="tuned")
+    tune.Tuner(trainable, param_space={"lr": tune.grid_search([0.1, 1.0])},
+               run_config=tune.RunConfig(callbacks=[cb], storage_path=str(tmp_path / "tune"), verbose=0)).fit()
+    st = open_store(tmp_path / "s")
+    runs = st.runs("tuned").to_pandas().sort_values("lr")
+    assert runs.lr.tolist() == [0.1, 1.0] and (runs.status == "completed").all()
+    assert runs.final_train_loss.tolist() == pytest.approx([0.1, 1.0])
+    assert st.metrics("tuned").num_rows == 10
