@@ -82,7 +82,6 @@ def is_tracked(store: Any, sweep: str) -> bool:
 def register_tracked(store: Any, sweep: str) -> None:
     """Record ``sweep`` as a tracked sweep (idempotent; safe when several processes do it at once:
     they write the same text). Refuses a name that a sweep file's runs already use."""
-    from raydyn.spec import sweep_hash
     from raydyn.store import validate_name
 
     try:
@@ -96,7 +95,7 @@ def register_tracked(store: Any, sweep: str) -> None:
                               "run`); log tracked runs under another sweep name")
         return
     text = tracked_sweep_text(sweep)
-    store.put_sweep(sweep, text, {"kind": TRACKED, "method": TRACKED, "hash": sweep_hash(text),
+    store.put_sweep(sweep, text, {"kind": TRACKED, "method": TRACKED,
                                   "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
 
 
@@ -194,27 +193,38 @@ class _Snapshotter:
             return params, {}
         raise RaydynError(f"run.log(model=...): expected a torch.nn.Module or a state dict, got {type(model).__name__}")
 
-    def __call__(self, model: Any) -> tuple[np.ndarray, np.ndarray | None]:
+    def sizes(self) -> tuple[int, int]:
+        """(stored weight vector length, buffer vector length)."""
+        nb = sum(int(np.prod(s)) for s in self.layout.get("buffer_shapes", []))
+        return int(self.layout["dim"]), nb
+
+    def into(self, model: Any, wrow: np.ndarray, brow: np.ndarray | None) -> None:
+        """Write the model's snapshot into the host rows ``wrow`` (D,) and ``brow`` (buffers), one copy."""
         torch = self.torch
         params, buffers = self._split(model)
-        names = self.layout["names"]
         if list(params) != self.layout["param_names"]:
             raise RaydynError("run.log(model=...): the model's parameters changed between snapshots "
                               f"({len(params)} tensors now, {len(self.layout['param_names'])} at the first); one run "
                               "logs one architecture")
         with torch.no_grad():
-            flat = torch.cat([params[n].detach().reshape(-1).to(self.dtype) for n in names])
-            if self.sketch is not None:
-                bucket, sign = self.sketch
-                if bucket.device != flat.device:
-                    self.sketch = bucket, sign = bucket.to(flat.device), sign.to(flat.device)
-                flat = torch.zeros(self.layout["dim"], dtype=self.dtype, device=flat.device).index_add_(
-                    0, bucket, flat * sign.to(self.dtype))
-            w = flat.cpu().numpy()
-            b = None
-            if self.buffer_names:
-                b = torch.cat([buffers[n].detach().reshape(-1).to(self.dtype) for n in self.buffer_names]).cpu().numpy()
-        return w, b
+            self._flat([params[n] for n in self.layout["names"]], torch.from_numpy(wrow), self.sketch)
+            if brow is not None:
+                self._flat([buffers[n] for n in self.buffer_names], torch.from_numpy(brow), None)
+
+    def _flat(self, tensors: list[Any], out: Any, sketch: Any) -> None:
+        torch = self.torch
+        parts = [t.detach().reshape(-1) for t in tensors]
+        if sketch is None and all(t.device.type == "cpu" and t.dtype == out.dtype for t in parts):
+            torch.cat(parts, out=out)  # straight into the host buffer
+            return
+        flat = torch.cat([t.to(out.dtype) for t in parts])
+        if sketch is not None:
+            bucket, sign = sketch
+            if bucket.device != flat.device:
+                self.sketch = bucket, sign = bucket.to(flat.device), sign.to(flat.device)
+            flat = torch.zeros(self.layout["dim"], dtype=out.dtype, device=flat.device).index_add_(
+                0, bucket, flat * sign.to(out.dtype))
+        out.copy_(flat)
 
     def resumed(self, stored: Mapping[str, Any] | None, run_id: str) -> None:
         if stored and stored.get("kind") not in (None, "none"):
@@ -225,10 +235,10 @@ class _Snapshotter:
                                   f"stored one {theirs}")
 
 
-def _matrix(rows: list[np.ndarray]) -> pa.Array:
+def _matrix(mat: np.ndarray) -> pa.Array:
     from raydyn.train.recorder import _list_column
 
-    return _list_column(np.stack(rows))
+    return _list_column(mat)
 
 
 # ------------------------------------------------------------------------------ the run
@@ -272,9 +282,14 @@ class Run:
         self.flush_every = flush_every
         register_tracked(self.store, sweep)
         self._rows: list[tuple[int, dict[str, Any]]] = []
-        self._snaps: list[tuple[int, np.ndarray, np.ndarray | None]] = []
-        self._snap_bytes = 0
+        # snapshots of the records since the last flush, rows of preallocated host buffers
+        self._snap_steps_buf: list[int] = []
+        self._wbuf: np.ndarray | None = None
+        self._bbuf: np.ndarray | None = None
         self._snapshot: _Snapshotter | None = None
+        self._writer: Any = None  # one background thread writing flushed parts, in order
+        self._pending: list[Any] = []
+        self._pool: list[tuple[np.ndarray, np.ndarray | None]] = []  # snapshot buffers written and free again
         self._kinds: dict[str, str] = {}  # metric -> "scalar" | "list"
         self._last: dict[str, float] = {}
         self._first_loss: float | None = None
@@ -388,12 +403,26 @@ class Run:
             if self._snapshot is None:
                 self._snapshot = _Snapshotter(model, self.wcfg)
                 self._snapshot.resumed(self._stored_layout, self.run_id)
-            w, b = self._snapshot(model)
-            self._snaps.append((step, w, b))
+            if self._wbuf is None:
+                self._new_buffers()
+            k = len(self._snap_steps_buf)
+            self._snapshot.into(model, self._wbuf[k], None if self._bbuf is None else self._bbuf[k])
+            self._snap_steps_buf.append(step)
             self._snap_steps.append(step)
-            self._snap_bytes += w.nbytes + (b.nbytes if b is not None else 0)
-        if len(self._rows) >= self.flush_every or self._snap_bytes >= FLUSH_BYTES:
+        if len(self._rows) >= self.flush_every or (self._wbuf is not None and len(self._snap_steps_buf) == len(self._wbuf)):
             self.flush()
+
+    def _new_buffers(self) -> None:
+        """Snapshot buffers for the next records: recycled from a finished write when one is free (fresh
+        memory costs a page fault per 4 KiB on first touch, as much as the copy itself)."""
+        if self._pool:
+            self._wbuf, self._bbuf = self._pool.pop()
+            return
+        dim, nb = self._snapshot.sizes()
+        dtype = np.float64 if self._snapshot.dtype == self._snapshot.torch.float64 else np.float32
+        rows = max(1, min(self.flush_every, FLUSH_BYTES // ((dim + nb) * np.dtype(dtype).itemsize)))
+        self._wbuf = np.empty((rows, dim), dtype)
+        self._bbuf = np.empty((rows, nb), dtype) if nb else None
 
     def _value(self, name: str, v: Any) -> Any:
         if hasattr(v, "detach"):
@@ -414,32 +443,58 @@ class Run:
         return v
 
     # ------------------------------------------------------------------ writing
-    def flush(self) -> None:
-        """Write the buffered records now: the snapshots' part, then the metric rows' part (the commit)."""
-        if not self.active or not (self._rows or self._snaps):
+    def flush(self, wait: bool = False) -> None:
+        """Hand the buffered records to the writer thread: the snapshots' part, then the metric rows' part
+        (the commit). ``wait``: return only when everything handed over so far is written. A write error
+        is raised here or at the next log/flush/finish, naming the file."""
+        if not self.active:
             return
-        part = f"{PART_PREFIX}{self.run_id}-{self._seq:06d}"
-        metrics = self._metrics_table()
-        if self._snaps:
-            cols = {"run_id": pa.array([self.run_id] * len(self._snaps), pa.string()),
-                    "step": pa.array([s for s, _, _ in self._snaps], pa.int64()),
-                    "weights": _matrix([w for _, w, _ in self._snaps])}
-            if self._snaps[0][2] is not None:
-                cols["buffers"] = _matrix([b for _, _, b in self._snaps])
-            self.store.write_part("weights", self.sweep, part, pa.table(cols))
-        self.store.write_part("metrics", self.sweep, part, metrics)
-        self._seq += 1
-        self._rows, self._snaps, self._snap_bytes = [], [], 0
+        self._reap()
+        if self._rows or self._snap_steps_buf:
+            part = f"{PART_PREFIX}{self.run_id}-{self._seq:06d}"
+            rows, steps, n = self._rows, self._snap_steps_buf, len(self._snap_steps_buf)
+            bufs = (self._wbuf, self._bbuf) if n else None
+            self._rows, self._snap_steps_buf = [], []
+            if n:
+                self._new_buffers()  # the filled ones belong to the writer until it is done
+            self._seq += 1
+            if self._writer is None:
+                from concurrent.futures import ThreadPoolExecutor
 
-    def _metrics_table(self) -> pa.Table:
-        names = list(dict.fromkeys(n for _, r in self._rows for n in r))
-        cols: dict[str, Any] = {"run_id": pa.array([self.run_id] * len(self._rows), pa.string()),
-                                "step": pa.array([s for s, _ in self._rows], pa.int64())}
+                self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"raydyn-track-{self.run_id}")
+            while len(self._pending) >= 2:  # at most two flushes in memory besides the one being filled
+                self._pending.pop(0).result()
+            self._pending.append(self._writer.submit(self._write, part, rows, steps, bufs))
+        if wait:
+            while self._pending:
+                self._pending.pop(0).result()
+
+    def _reap(self) -> None:
+        while self._pending and self._pending[0].done():
+            self._pending.pop(0).result()  # raises the write's error, if any
+
+    def _write(self, part: str, rows: list, steps: list[int], bufs: tuple[np.ndarray, np.ndarray | None] | None) -> None:
+        if bufs is not None:
+            n = len(steps)
+            cols = {"run_id": pa.array([self.run_id] * n, pa.string()),
+                    "step": pa.array(steps, pa.int64()), "weights": _matrix(bufs[0][:n])}
+            if bufs[1] is not None:
+                cols["buffers"] = _matrix(bufs[1][:n])
+            self.store.write_part("weights", self.sweep, part, pa.table(cols))
+            del cols
+            self._pool.append(bufs)  # written: free for the next records
+        if rows:
+            self.store.write_part("metrics", self.sweep, part, self._metrics_table(rows))
+
+    def _metrics_table(self, rows: list[tuple[int, dict[str, Any]]]) -> pa.Table:
+        names = list(dict.fromkeys(n for _, r in rows for n in r))
+        cols: dict[str, Any] = {"run_id": pa.array([self.run_id] * len(rows), pa.string()),
+                                "step": pa.array([s for s, _ in rows], pa.int64())}
         for n in names:
             if self._kinds[n] == "list":
-                cols[n] = pa.array([r.get(n) for _, r in self._rows], pa.list_(pa.float64()))
+                cols[n] = pa.array([r.get(n) for _, r in rows], pa.list_(pa.float64()))
             else:
-                cols[n] = pa.array([r.get(n, math.nan) for _, r in self._rows], pa.float64())
+                cols[n] = pa.array([r.get(n, math.nan) for _, r in rows], pa.float64())
         return pa.table(cols)
 
     def _runs_row(self, status: str) -> pa.Table:
@@ -484,7 +539,12 @@ class Run:
         ``failed`` when given). Returns the status. Idempotent."""
         if not self.active or self.finished:
             return getattr(self, "status", "")
-        self.flush()
+        try:
+            self.flush(wait=True)
+        finally:
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
+                self._writer = None
         if status is None:
             status = "diverged" if self._diverged_step is not None else "completed"
         self.store.write_part("runs", self.sweep, f"{PART_PREFIX}{self.run_id}", self._runs_row(status))
@@ -503,7 +563,7 @@ class Run:
         if exc_type is None:
             self.finish()
         elif issubclass(exc_type, KeyboardInterrupt):
-            self.flush()  # interrupted, not failed: what was logged is kept and resume=True continues it
+            self.flush(wait=True)  # interrupted, not failed: what was logged is kept and resume=True continues it
         else:
             self.finish("failed")
         return False

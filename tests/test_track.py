@@ -395,3 +395,23 @@ def test_tune_callback_logs_every_trial(ray_session, tmp_path):
     assert runs.lr.tolist() == [0.1, 1.0] and (runs.status == "completed").all()
     assert runs.final_train_loss.tolist() == pytest.approx([0.1, 1.0])
     assert st.metrics("tuned").num_rows == 10
+
+
+def test_readme_example_runs(tmp_path, monkeypatch):
+    """The README's "Runs trained elsewhere" example, as printed (fewer steps), then its commands."""
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Runs trained elsewhere"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert len(code.splitlines()) <= 20 and "range(500)" in code
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code.replace("range(500)", "range(40)"), "README example", "exec"), {})
+    st = open_store(tmp_path / "raydyn-results")
+    runs = st.runs("my_mlps").to_pandas()
+    assert len(runs) == 6 and (runs.status == "completed").all() and set(runs.lr) == {0.01, 0.1, 1.0}
+    assert st.weights("my_mlps").num_rows == 6 * 4
+    r = CliRunner().invoke(app, ["sweep", "status", "my_mlps"])
+    assert "6 finished runs (6 completed); 0 in progress" in r.output, r.output
+    r = CliRunner().invoke(app, ["phase-map", "my_mlps", "--metric", "final_train_loss", "--x", "lr", "--y", "seed"])
+    assert r.exit_code == 0, r.output
