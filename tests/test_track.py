@@ -415,3 +415,30 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     assert "6 finished runs (6 completed); 0 in progress" in r.output, r.output
     r = CliRunner().invoke(app, ["phase-map", "my_mlps", "--metric", "final_train_loss", "--x", "lr", "--y", "seed"])
     assert r.exit_code == 0, r.output
+
+
+@pytest.mark.ray
+def test_hmm_on_tracked_snapshots_finds_the_planted_switch(ray_session, tmp_path):
+    """Runs that never recorded weight statistics: the HMM job computes Hu et al.'s features from the
+    snapshots. Every run sits in one weight regime for 20 steps, then jumps to another: 2 states, the
+    switch at step 20 in every run."""
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(6, 5)), 3 * rng.normal(size=(6, 5))
+    for seed in range(6):
+        with raydyn.track(tmp_path, sweep="planted", config={"seed": seed}) as run:
+            for step in range(40):
+                base = a if step < 20 else b
+                w = base + 0.05 * rng.normal(size=base.shape)
+                bias = (0.0 if step < 20 else 2.0) + 0.05 * rng.normal(size=6)
+                run.log(step, test_acc=float(step >= 20),
+                        model={"w": torch.tensor(w, dtype=torch.float32), "b": torch.tensor(bias, dtype=torch.float32)})
+    r = CliRunner().invoke(app, ["analyze", "hmm", "planted", "--max-states", "4", "--restarts", "2",
+                                 "--covariance", "diag", "--store", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    st = open_store(tmp_path)
+    summary = st.table("hmm_summary", sweep="planted").to_pandas()
+    assert (summary.hmm_n_states == 2).all(), summary
+    states = st.table("hmm_states", sweep="planted").to_pandas()
+    for rid, d in states.groupby("run_id"):
+        s = d.sort_values("step").state.to_numpy()
+        assert len(set(s[:20])) == 1 and len(set(s[20:])) == 1 and s[0] != s[-1], (rid, s)

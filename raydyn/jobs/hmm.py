@@ -55,6 +55,8 @@ class HMMJob(Job):
 
         o = self.options
         m = store.table("metrics", sweep=sweep, filter=run_filter(unit.run_ids))
+        if not o["features"] and not any(f in m.column_names for f in DEFAULT_FEATURES):
+            m = _with_snapshot_stats(store, sweep, unit.run_ids, m)
         cols = m.column_names
         feats = o["features"] or [f for f in DEFAULT_FEATURES if f in cols]
         missing = [f for f in feats if f not in cols]
@@ -283,3 +285,36 @@ def report_section(store, sweep: str) -> list[tuple[str, bytes]]:
 from raydyn.report.html import SECTIONS  # noqa: E402
 
 SECTIONS["hmm_"] = report_section
+
+
+def _with_snapshot_stats(store, sweep: str, run_ids, metrics: pa.Table) -> pa.Table:
+    """``metrics`` with Hu et al.'s weight statistics computed from the runs' stored snapshots, at the
+    snapshot steps (for runs that did not record ``weight_stats`` while training: runs logged with
+    raydyn.track or imported). Unchanged when the runs have no snapshots or only sketched ones."""
+    import torch
+
+    from raydyn.analysis.weight_stats import FEATURES, weight_stats
+    from raydyn.jobs.base import load_trajectories
+
+    try:
+        trajs = load_trajectories(store, sweep, list(run_ids))
+    except RaydynError:
+        return metrics  # no snapshots: the caller's message says what to record
+    rows = []
+    for rid, (steps, x, layout) in trajs.items():
+        if "countsketch" in layout.get("kind", "") or not layout.get("names"):
+            return metrics
+        offs = layout["offsets"]
+        params = {n: torch.from_numpy(np.ascontiguousarray(x[:, offs[i]:offs[i + 1]])).reshape(len(x), *shape)
+                  for i, (n, shape) in enumerate(zip(layout["names"], layout["shapes"]))}
+        try:
+            stats = weight_stats(params)
+        except ValueError:  # no weight matrix among the stored parameters
+            return metrics
+        rows.append(pa.table({"run_id": [rid] * len(steps), "step": pa.array(steps, pa.int64()),
+                              **{f: stats[f].double().numpy() for f in FEATURES}}))
+    if not rows:
+        return metrics
+    stats_table = pa.concat_tables(rows)
+    keep = [c for c in metrics.column_names if c not in FEATURES and c != "sweep"]
+    return stats_table.join(metrics.select(keep), ["run_id", "step"], join_type="full outer")
