@@ -191,3 +191,26 @@ def load_trajectories(store, sweep: str, run_ids, layers: list[str] | None = Non
             x = np.concatenate([x[:, offs[i]:offs[i + 1]] for i in keep], axis=1)
         out[r] = (steps[order], x, layout)
     return out
+
+
+# ------------------------------------------------------------------------------ runs trained outside raydyn
+# (the rule lives with the model builders: Store.model uses it too)
+from raydyn.tasks.build import REBUILD_NEEDS, rebuild_config  # noqa: E402,F401
+
+
+def plugin_paths(cfg: dict[str, Any]) -> list[str]:
+    """Folders the driver imported a run's plug-in model/data-set modules from (given to Ray workers, which
+    may not find a module of the directory the command was run in; a tracked sweep records no base_dir)."""
+    from raydyn.tasks import registry
+    from raydyn.tasks.plugins import is_import_path, search_paths
+
+    names = []
+    for key, lookup in (("model", registry.model), ("dataset", registry.dataset)):
+        v = cfg.get(key)
+        if isinstance(v, str) and is_import_path(v):
+            names.append(v)
+            try:
+                lookup(v)  # imports the module here (from the working directory too)
+            except Exception:  # the worker says what is wrong with it
+                pass
+    return search_paths(*names)

@@ -6,7 +6,10 @@ with the parameter tensors of ``runs.weights_layout`` as layers (layer-balanced 
 per-layer errors). When the snapshots hold every parameter, the reconstructed weights at
 each recorded step are loaded back into the run's model (built from ``runs.config_json``,
 parameter order checked against the layout) and evaluated on its test set, next to the
-real snapshots evaluated the same way.
+real snapshots evaluated the same way. Runs logged with :func:`raydyn.track` (or imported) are
+evaluated only when their config names a model factory and a data set (the plug-in contract,
+:func:`raydyn.jobs.base.rebuild_config`); otherwise, as for snapshots of a layer subset, the
+evaluation is skipped, ``cmd_eval_skipped`` says why and ``raydyn analyze cmd`` prints it once.
 
 Tables (written under the sweep, part ``main``; rerunning replaces them):
 
@@ -15,7 +18,8 @@ Tables (written under the sweep, part ``main``; rerunning replaces them):
   ``cmd_recon_error`` (``||W - W_hat||_F / ||W||_F`` over all parameters and records),
   ``cmd_max_layer_error``, and at the last recorded step ``cmd_test_acc_real``,
   ``cmd_test_acc_recon``, ``cmd_test_loss_real``, ``cmd_test_loss_recon``, ``cmd_test_acc_drop``
-  (real minus reconstructed accuracy, a fraction);
+  (real minus reconstructed accuracy, a fraction), ``cmd_eval_skipped`` (why those are NaN, or null:
+  evaluated or ``--no-eval``);
 * ``cmd_modes`` (run x mode): reference parameter, its trajectory, member counts per layer;
 * ``cmd_layers`` (run x parameter tensor): size, relative error, modes used;
 * ``cmd_curves`` (run x recorded step): test loss/accuracy of real and reconstructed weights.
@@ -32,7 +36,8 @@ import numpy as np
 import pyarrow as pa
 
 from raydyn.errors import RaydynError
-from raydyn.jobs.base import Job, Unit, group_units, load_trajectories, rebuilt_model, run_config
+from raydyn.jobs.base import (REBUILD_NEEDS, Job, Unit, group_units, load_trajectories, plugin_paths, rebuild_config,
+                              rebuilt_model, run_config)
 
 SUMMARY_SCHEMA = pa.schema([
     ("run_id", pa.string()), ("cmd_modes_needed", pa.int64()), ("cmd_recon_error", pa.float64()),
@@ -41,6 +46,8 @@ SUMMARY_SCHEMA = pa.schema([
     # models with batch norm running statistics: the real weights with statistics recomputed on the training
     # set, as the reconstruction's are (NaN for models without running statistics)
     ("cmd_test_acc_real_recal", pa.float64()), ("cmd_test_loss_real_recal", pa.float64()),
+    # why the run was not evaluated (null: it was, or --no-eval); `raydyn analyze cmd` prints it
+    ("cmd_eval_skipped", pa.string()),
 ])
 
 
@@ -67,6 +74,13 @@ class CMDJob(Job):
         if units and len(sketched) == len(units):
             more = f" (and {len(sketched) - 1} more of sweep {sweep!r})" if len(sketched) > 1 else ""
             raise RaydynError(sketch_message(sketched[0], json.loads(layouts[sketched[0]]), more))
+        from raydyn.track import is_tracked
+
+        if self.options["evaluate"] and is_tracked(store, sweep):  # plug-in modules the workers may not find
+            t = store.table("runs", sweep=sweep, columns=["run_id", "config_json"])
+            cfgs = dict(zip(t.column("run_id").to_pylist(), t.column("config_json").to_pylist()))
+            units = [Unit(u.key, u.run_ids, {**u.info, "plugin_paths": plugin_paths(json.loads(cfgs[u.key]))})
+                     for u in units]
         return units
 
     # worker -------------------------------------------------------------------
@@ -91,10 +105,57 @@ class CMDJob(Job):
                         random_state=o["seed"], layers=layers)
 
         t = len(steps)
-        loss_real = acc_real = loss_rec = acc_rec = loss_recal = acc_recal = np.full(t, np.nan)
+        nan = np.full(t, np.nan)
+        loss_real = acc_real = loss_rec = acc_rec = loss_recal = acc_recal = nan
+        skipped = None
+        from raydyn.tasks.plugins import add_search_path
+        from raydyn.track import is_tracked
+
+        add_search_path(*unit.info.get("plugin_paths", ()))  # a tracked run's plug-in modules, as the driver found them
+        if o["evaluate"] and layout.get("kind") != "full":
+            skipped = (f"its snapshots are {layout.get('kind')!r} (a subset of the parameters); reconstructions "
+                       "are evaluated only from snapshots of every parameter")
+        elif o["evaluate"]:
+            cfg, skipped = rebuild_config(store, sweep, cfg, layout)
+            if skipped:  # a tracked run whose config cannot rebuild its model
+                skipped += f". To evaluate, log the run with {REBUILD_NEEDS}"
+        if o["evaluate"] and not skipped:
+            try:
+                loss_real, acc_real, loss_rec, acc_rec, loss_recal, acc_recal = self._evaluate(
+                    store, sweep, rid, cfg, layout, x, res, t)
+            except Exception as e:
+                if not is_tracked(store, sweep):  # raydyn's own config: a bug to report, as before
+                    raise
+                # a tracked run whose config names a factory: the decomposition stands; say why it was not evaluated
+                loss_real = acc_real = loss_rec = acc_rec = loss_recal = acc_recal = nan
+                skipped = (f"rebuilding and evaluating its model from its config failed: {type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}")
+        summary = pa.Table.from_pylist([{
+            "run_id": rid, "cmd_modes_needed": res.n_modes, "cmd_recon_error": res.error,
+            "cmd_max_layer_error": max(res.layer_errors.values()),
+            "cmd_test_acc_real": acc_real[-1], "cmd_test_acc_recon": acc_rec[-1],
+            "cmd_test_loss_real": loss_real[-1], "cmd_test_loss_recon": loss_rec[-1],
+            "cmd_test_acc_drop": (acc_recal[-1] if np.isfinite(acc_recal[-1]) else acc_real[-1]) - acc_rec[-1],
+            "cmd_test_acc_real_recal": acc_recal[-1], "cmd_test_loss_real_recal": loss_recal[-1],
+            "cmd_eval_skipped": skipped,
+        }], schema=SUMMARY_SCHEMA)
+        curves = pa.table({
+            "run_id": pa.array([rid] * t, pa.string()), "step": pa.array(np.asarray(steps, dtype=np.int64)),
+            "test_loss_real": loss_real, "test_acc_real": acc_real,
+            "test_loss_recon": loss_rec, "test_acc_recon": acc_rec,
+        })
+        return {"cmd_summary": summary, "cmd_modes": modes_table(rid, res, steps),
+                "cmd_layers": layers_table(rid, res), "cmd_curves": curves}
+
+    @staticmethod
+    def _evaluate(store, sweep: str, rid: str, cfg: dict[str, Any], layout: dict[str, Any], x: np.ndarray, res,
+                  t: int) -> tuple[np.ndarray, ...]:
+        """Test loss and accuracy per recorded step of the real weights, of the reconstruction and of the
+        real weights with recomputed batch norm statistics (all NaN for a model without a network)."""
         from raydyn.tasks import registry
 
-        if o["evaluate"] and layout.get("kind") == "full" and registry.model(cfg["model"]).trainer == "population":
+        loss_real = acc_real = loss_rec = acc_rec = loss_recal = acc_recal = np.full(t, np.nan)
+        if registry.model(cfg["model"]).trainer == "population":
             from raydyn.jobs.base import load_buffers
             from raydyn.train.replay import evaluate_vectors
 
@@ -109,21 +170,7 @@ class CMDJob(Job):
                                                  recalibrate=bufs is not None)
             if bufs is not None:  # like for like: the real weights with recomputed statistics too
                 loss_recal, acc_recal = evaluate_vectors(model, data, cfg.get("loss"), x, recalibrate=True)
-        summary = pa.Table.from_pylist([{
-            "run_id": rid, "cmd_modes_needed": res.n_modes, "cmd_recon_error": res.error,
-            "cmd_max_layer_error": max(res.layer_errors.values()),
-            "cmd_test_acc_real": acc_real[-1], "cmd_test_acc_recon": acc_rec[-1],
-            "cmd_test_loss_real": loss_real[-1], "cmd_test_loss_recon": loss_rec[-1],
-            "cmd_test_acc_drop": (acc_recal[-1] if np.isfinite(acc_recal[-1]) else acc_real[-1]) - acc_rec[-1],
-            "cmd_test_acc_real_recal": acc_recal[-1], "cmd_test_loss_real_recal": loss_recal[-1],
-        }], schema=SUMMARY_SCHEMA)
-        curves = pa.table({
-            "run_id": pa.array([rid] * t, pa.string()), "step": pa.array(np.asarray(steps, dtype=np.int64)),
-            "test_loss_real": loss_real, "test_acc_real": acc_real,
-            "test_loss_recon": loss_rec, "test_acc_recon": acc_rec,
-        })
-        return {"cmd_summary": summary, "cmd_modes": modes_table(rid, res, steps),
-                "cmd_layers": layers_table(rid, res), "cmd_curves": curves}
+        return loss_real, acc_real, loss_rec, acc_rec, loss_recal, acc_recal
 
 
 def register_cli(analyze_app) -> None:
@@ -154,7 +201,38 @@ def register_cli(analyze_app) -> None:
             raise RaydynError(f"--samples must be at least 2, got {samples}")
         job = CMDJob(modes=modes, tolerance=0.01 if tolerance is None else tolerance, samples=samples, seed=seed,
                      evaluate=evaluate)
-        run_analysis(job, sweep, store, address)
+        try:
+            run_analysis(job, sweep, store, address)
+        except typer.Exit:  # some runs failed; the others' tables were written
+            print_skipped(store, sweep)
+            raise
+        print_skipped(store, sweep)
+
+
+def skipped_lines(store, sweep: str) -> list[str]:
+    """One line per distinct reason why runs of ``sweep`` were not evaluated (``cmd_summary.cmd_eval_skipped``)."""
+    from raydyn.errors import StoreError
+
+    try:
+        rows = store.table("cmd_summary", sweep=sweep, columns=["run_id", "cmd_eval_skipped"]).to_pylist()
+    except StoreError:  # no cmd_summary (every unit failed), or one written before the column existed
+        return []
+    by_reason: dict[str, list[str]] = {}
+    for r in rows:
+        if r["cmd_eval_skipped"]:
+            by_reason.setdefault(r["cmd_eval_skipped"], []).append(r["run_id"])
+    return [f"CMD evaluation skipped for {len(ids)} of {len(rows)} run(s) (run {sorted(ids)[0]}"
+            + (f" and {len(ids) - 1} more" if len(ids) > 1 else "") + f"): {why}. The decomposition tables are "
+            "written; the cmd_test_* columns are NaN." for why, ids in sorted(by_reason.items())]
+
+
+def print_skipped(store_uri: str | None, sweep: str) -> None:
+    from raydyn.cli import _resolve_sweep, _store, out
+
+    st = _store(store_uri)
+    spec, _ = _resolve_sweep(sweep, st)
+    for line in skipped_lines(st, spec.name):
+        out.print(line, highlight=False, markup=False)
 
 
 # ------------------------------------------------------------------------------ report

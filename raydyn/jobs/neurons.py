@@ -13,7 +13,9 @@ For each completed run, the model is rebuilt from ``runs.config_json`` and its s
 weight snapshots are loaded at the chosen steps (``--steps``: ``last`` by default, ``all``, or a
 comma-separated list; the nearest recorded steps are used). Linearity and basins need class
 labels (classification or binary tasks) and, for the sample basin, real-valued inputs; other
-runs get NaN there.
+runs get NaN there. A run logged with :func:`raydyn.track` (or imported) is analysed only when its
+config names a model factory and a data set (the plug-in contract,
+:func:`raydyn.jobs.base.rebuild_config`); others are refused, naming the run and what is missing.
 
 Tables (under the sweep, part ``main``; rerunning replaces them):
 
@@ -38,7 +40,8 @@ import numpy as np
 import pyarrow as pa
 
 from raydyn.errors import RaydynError
-from raydyn.jobs.base import Job, Unit, group_units, load_buffers, load_trajectories, rebuilt_model, run_config
+from raydyn.jobs.base import (REBUILD_NEEDS, Job, Unit, group_units, load_buffers, load_trajectories, plugin_paths,
+                              rebuild_config, rebuilt_model, run_config)
 from raydyn.train.replay import load_snapshot
 
 MODES_SCHEMA = pa.schema([
@@ -53,6 +56,12 @@ def not_full_message(run_id: str, layout: dict[str, Any]) -> str:
             f"{layout.get('kind', 'no')!r} snapshots, not every parameter. Record full snapshots "
             "(train.record: [weights], train.weights.max_size above the parameter count, no train.weights.layers), "
             "or record the modes during training with train.record: [neurons].")
+
+
+def no_model_message(run_id: str, sweep: str, why: str, more: str = "") -> str:
+    return (f"run {run_id}{more}: the neurons analysis loads the snapshots back into the run's model, rebuilt from "
+            f"its config, but this run of tracked sweep {sweep!r} (logged with raydyn.track or imported) cannot be "
+            f"rebuilt: {why}. Log it with {REBUILD_NEEDS}.")
 
 
 def pick_steps(available: np.ndarray, steps: str) -> list[int]:
@@ -85,6 +94,19 @@ class NeuronsJob(Job):
         if units and not full:
             raise RaydynError(not_full_message(units[0].key, json.loads(layouts[units[0].key] or "{}"))
                               + (f" ({len(units) - 1} more runs of sweep {sweep!r} alike)" if len(units) > 1 else ""))
+        from raydyn.track import is_tracked
+
+        if units and is_tracked(store, sweep):  # runs trained outside raydyn: rebuildable only by the plug-in contract
+            t = store.table("runs", sweep=sweep, columns=["run_id", "config_json"])
+            cfgs = {r: json.loads(c) for r, c in zip(t.column("run_id").to_pylist(),
+                                                      t.column("config_json").to_pylist())}
+            units = [Unit(u.key, u.run_ids, {**u.info, "plugin_paths": plugin_paths(cfgs[u.key])}) for u in units]
+            why = {u.key: rebuild_config(store, sweep, cfgs[u.key], json.loads(layouts[u.key] or "{}"))[1]
+                   for u in full}
+            if full and all(why.values()):  # not one run to analyse: say so once, before fanning out
+                first = sorted(why)[0]
+                more = f" (and {len(why) - 1} more that cannot be rebuilt either)" if len(why) > 1 else ""
+                raise RaydynError(no_model_message(first, sweep, why[first], more))
         return units
 
     # worker -------------------------------------------------------------------
@@ -103,6 +125,12 @@ class NeuronsJob(Job):
         if layout.get("kind") != "full":
             raise RaydynError(not_full_message(rid, layout))
         from raydyn.tasks import registry
+        from raydyn.tasks.plugins import add_search_path
+
+        add_search_path(*unit.info.get("plugin_paths", ()))  # a tracked run's plug-in modules, as the driver found them
+        cfg, why = rebuild_config(store, sweep, cfg, layout)
+        if why:
+            raise RaydynError(no_model_message(rid, sweep, why))
 
         if registry.model(cfg["model"]).trainer != "population":
             raise RaydynError(f"run {rid}: model {cfg['model']!r} (an optimiser on a test function) has no neurons")

@@ -49,6 +49,11 @@ LAWS_SCHEMA = pa.schema([
 ])
 NOT_RECORDED = ("sweep {sweep!r} has no symmetry recordings: add `symmetry` to `train.record` in the sweep file "
                 "(it records every symmetry group's quantity and gradient norm at every step) and run it")
+NOT_RECORDED_TRACKED = (
+    "sweep {sweep!r} is a tracked sweep (runs logged with raydyn.track or imported), and its runs {runs} have no "
+    "symmetry recordings: the laws need every step's symmetry quantities and gradient norms, which only raydyn's "
+    "trainer records (`train.record: [symmetry]` in a sweep file run with `raydyn sweep run`); weight snapshots "
+    "logged every few steps cannot stand in for them")
 
 
 def _layer_key(layer: str) -> tuple:
@@ -120,14 +125,20 @@ def _nan_if_refused(series: dict[str, Any], method: str) -> np.ndarray:
         return np.full_like(series["q"], np.nan)
 
 
-def layer_params(cfg: dict[str, Any], series: list[dict[str, Any]]) -> dict[tuple[str, str], Any]:
+def layer_params(cfg: dict[str, Any], series: list[dict[str, Any]], no_model: str | None = None
+                 ) -> dict[tuple[str, str], Any]:
     """(kind, layer) -> (lr, weight decay) or a refusal, for runs whose embedding param group has its own
-    hyperparameters (the model is rebuilt from the config to see which parameters each group holds)."""
+    hyperparameters (the model is rebuilt from the config to see which parameters each group holds).
+    ``no_model``: why the config cannot rebuild the model (a tracked run's): every layer is refused with it."""
     from raydyn.analysis.symmetry import find_groups, layer_hyperparameters
     from raydyn.train.replay import run_model
 
     if cfg.get("embed_lr") is None and cfg.get("embed_weight_decay") is None or not series:
         return {}
+    if no_model:
+        why = (f"embed_lr/embed_weight_decay are set, but the run's model cannot be rebuilt to find their param "
+               f"group: {no_model}")
+        return {(s["kind"], s["layer"]): why for s in series}
     model, _ = run_model(cfg)
     return layer_hyperparameters(find_groups(model, "cross_entropy"), cfg, series[0]["lr"], series[0]["weight_decay"])
 
@@ -156,10 +167,15 @@ class SymmetryJob(Job):
 
     # driver -------------------------------------------------------------------
     def plan(self, store, sweep: str) -> list[Unit]:
-        if "symmetry_groups" not in store.tables():
-            raise RaydynError(NOT_RECORDED.format(sweep=sweep))
-        have = set(store.table("symmetry_groups", sweep=sweep, columns=["run_id"]).column("run_id").to_pylist())
+        have = (set(store.table("symmetry_groups", sweep=sweep, columns=["run_id"]).column("run_id").to_pylist())
+                if "symmetry_groups" in store.tables() else set())
         if not have:
+            from raydyn.track import is_tracked
+
+            if is_tracked(store, sweep):
+                ids = sorted(store.table("runs", sweep=sweep, columns=["run_id"]).column("run_id").to_pylist())
+                shown = ", ".join(ids[:3]) + (f" and {len(ids) - 3} more" if len(ids) > 3 else "")
+                raise RaydynError(NOT_RECORDED_TRACKED.format(sweep=sweep, runs=shown or "(none yet)"))
             raise RaydynError(NOT_RECORDED.format(sweep=sweep))
         runs = store.table("runs", sweep=sweep, columns=["run_id", "status"])
         return [u for u in group_units(runs, None, status=("completed", "diverged")) if u.key in have]
@@ -173,10 +189,13 @@ class SymmetryJob(Job):
         rows = []
         worst = {m: np.nan for m in METHODS}
         breaks: dict[str, list[float]] = {k: [] for k in KINDS}
-        cfg, _ = run_config(store, sweep, rid)
+        from raydyn.jobs.base import rebuild_config
+
+        cfg, layout = run_config(store, sweep, rid)
         series = run_series(store, sweep, rid)
         run_refused = supported(series[0], cfg) if series else None
-        per_layer = {} if run_refused else layer_params(cfg, series)
+        model_cfg, no_model = rebuild_config(store, sweep, cfg, layout)  # a tracked run's config may not rebuild it
+        per_layer = {} if run_refused else layer_params(model_cfg or cfg, series, no_model)
         refusals = {run_refused} if run_refused else set()
         for s in series:
             q = s["q"]

@@ -46,6 +46,59 @@ def init_model(cfg: dict[str, Any], data: Dataset) -> torch.nn.Module:
 
 
 # ----------------------------------------------------------------------------- runs back from a store
+#: what a tracked run's config needs for the analyses that rebuild its model (CMD evaluation, neurons)
+REBUILD_NEEDS = ("config['model'] = 'module:callable' (your factory, called as factory(input_shape=..., "
+                 "out_dim=..., **config['model_options'], plus config's depth/width/activation when it takes "
+                 "them) to return the nn.Module) and config['dataset'] naming a data set raydyn can load (a "
+                 "built-in name or your loader 'module:callable', its options in config['data'])")
+_LOSSES = ("cross_entropy", "mse", "hinge")
+
+
+def rebuild_config(store, sweep: str, cfg: dict[str, Any], layout: dict[str, Any]
+                   ) -> tuple[dict[str, Any] | None, str | None]:
+    """``(config, None)``: the config to rebuild a run's model and data from; ``(None, why)`` when it cannot.
+
+    A run of a sweep file holds raydyn's full config: returned as it is. A run logged with
+    :func:`raydyn.track` (or imported) holds its user's config, which names a model only under the
+    plug-in contract: ``config["model"] = "module:callable"`` and ``config["dataset"]`` (+ ``config["data"]``)
+    a data set raydyn can load. Then raydyn's own keys get their defaults: ``dtype`` from the snapshots,
+    ``data`` options resolved, ``depth``/``width``/``activation`` passed to the factory only when it takes
+    them (in a user's config they may be labels), ``loss`` kept only when it is one of raydyn's. ``why``
+    is one sentence without the run id (runs alike share it)."""
+    from raydyn.errors import RaydynError
+    from raydyn.tasks.plugins import is_import_path
+
+    if (store.sweep_meta(sweep) or {}).get("kind") != "tracked":
+        return cfg, None
+
+    name, dname = cfg.get("model"), cfg.get("dataset")
+    if not (isinstance(name, str) and is_import_path(name)):
+        return None, ("its config names no model factory" if name is None else
+                      f"its config['model'] = {name!r} is not a model factory 'module:callable'")
+    if not isinstance(dname, str) or not dname:
+        return None, f"its config names the model factory {name!r} but no data set (config['dataset'])"
+    data = cfg.get("data") or {}
+    if not isinstance(data, dict):
+        return None, f"its config['data'] = {data!r:.60} is not a mapping of the data set's options"
+    try:
+        entry, dentry = registry.model(name), registry.dataset(dname)
+        dentry.validate(data)
+    except (RaydynError, ValueError) as e:
+        return None, f"its model or data set cannot be loaded: {e}"
+    out = dict(cfg)
+    out["data"] = dentry.resolved(data)
+    if out.get("dtype") not in DTYPES:
+        out["dtype"] = layout.get("dtype") if layout.get("dtype") in DTYPES else "float32"
+    if out.get("loss") not in _LOSSES:
+        out.pop("loss", None)
+    if not isinstance(out.get("model_options"), dict):
+        out["model_options"] = {}
+    for k in ("depth", "width", "activation"):
+        if k in out and not (entry.open_kwargs or k in entry.accepts):
+            out.pop(k)
+    return out, None
+
+
 def _run_row(store, run_id: str, sweep: str | None) -> dict[str, Any]:
     import pyarrow.compute as pc
 
@@ -58,6 +111,20 @@ def _run_row(store, run_id: str, sweep: str | None) -> dict[str, Any]:
     return t.to_pylist()[0]
 
 
+def _stored_config(store, row: dict[str, Any]) -> dict[str, Any]:
+    """The config a stored run's model and data are rebuilt from (a tracked run's completed by
+    :func:`rebuild_config`); StoreError saying what is missing when there is none."""
+    import json
+
+    from raydyn.errors import StoreError
+
+    cfg, why = rebuild_config(store, row["sweep"], json.loads(row["config_json"]), json.loads(row["weights_layout"] or "{}"))
+    if cfg is None:
+        raise StoreError(f"run {row['run_id']} (logged with raydyn.track, sweep {row['sweep']!r}) cannot be rebuilt: "
+                         f"{why}. A run names its model with {REBUILD_NEEDS}")
+    return cfg
+
+
 def stored_data(store, run_id: str, sweep: str | None = None) -> Dataset:
     """A stored run's data set, rebuilt from its config (relative paths resolved against the directory its
     sweep was launched from; plug-in loaders imported from there too)."""
@@ -68,7 +135,7 @@ def stored_data(store, run_id: str, sweep: str | None = None) -> Dataset:
     row = _run_row(store, run_id, sweep)
     base_dir = (store.sweep_meta(row["sweep"]) or {}).get("base_dir")
     add_search_path(base_dir)
-    return load_data(json.loads(row["config_json"]), base_dir)
+    return load_data(_stored_config(store, row), base_dir)
 
 
 def stored_model(store, run_id: str, step: int | None = None, sweep: str | None = None) -> torch.nn.Module:
@@ -105,7 +172,7 @@ def stored_model(store, run_id: str, step: int | None = None, sweep: str | None 
             raise StoreError(f"run {run_id} has no snapshot at step {step}; recorded steps: {shown}"
                              + (" ..." if len(steps) > 12 else ""))
         k = int(hits[0])
-    model = init_model(json.loads(row["config_json"]), stored_data(store, run_id, row["sweep"]))
+    model = init_model(_stored_config(store, row), stored_data(store, run_id, row["sweep"]))
     try:
         check_param_order(model, layout, f"run {run_id}")
     except ValueError as e:
