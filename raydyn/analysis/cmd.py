@@ -416,7 +416,12 @@ def _cluster_candidates(z_sample: np.ndarray, max_modes: int
     dist = 0.5 * (dist + dist.T)
     np.fill_diagonal(dist, 0.0)
     tree = linkage(squareform(dist, checks=False), method="average")
-    cuts = cut_tree(tree, n_clusters=list(range(1, max_modes + 1)))  # (K, max_modes)
+    # (K, max_modes). The cut into K clusters (every member alone) is written by hand: scipy 1.17's
+    # cut_tree, asked for a list of cuts that includes K, returns all zeros for that one
+    upto = min(max_modes, k - 1)
+    cuts = cut_tree(tree, n_clusters=list(range(1, upto + 1))) if upto >= 1 else np.zeros((k, 0), dtype=np.int64)
+    if max_modes >= k:
+        cuts = np.concatenate([cuts, np.arange(k)[:, None]], axis=1)
     cand_of_members: dict[bytes, int] = {}
     cand_ref: list[int] = []
     modes_for_m: list[list[int]] = []

@@ -390,3 +390,19 @@ def test_plots_write_png(tmp_path):
     import matplotlib.pyplot as plt
     plt.close("all")
     assert isinstance(res, CMDResult)
+
+
+def test_tiny_models_every_parameter_its_own_candidate():
+    """Fewer parameters than the automatic choice's 50 modes (a 4x2 linear layer): the dendrogram cut into as
+    many clusters as parameters must be every parameter alone (scipy 1.17's cut_tree gets that one cut wrong
+    when asked for a list of cuts). 3 planted modes over 10 parameters come out exactly."""
+    rng = np.random.default_rng(SEED)
+    t = np.linspace(0, 1, 40)
+    refs = np.stack([t, np.sin(3 * np.pi * t), np.exp(-5 * t)])
+    labels = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
+    w = rng.uniform(0.5, 2.0, 10)[:, None] * refs[labels] + rng.normal(size=10)[:, None]
+    res = decompose(w, n_modes=None, tolerance=1e-6, n_samples=10, random_state=0)
+    assert res.n_modes == 3 and res.error < 1e-10
+    assert adjusted_rand_score(labels, res.assignment) == 1.0
+    full = decompose(w, n_modes=10, n_samples=10, random_state=0)
+    assert full.n_modes == 10 and full.error < 1e-12
