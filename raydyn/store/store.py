@@ -376,9 +376,12 @@ class Store:
         compression = {f.name: ("snappy" if f.name in floats else "zstd") for f in data.schema} if floats else "zstd"
         dictionary = [f.name for f in data.schema if f.name not in floats] if floats else True
 
+        # nor min/max statistics for them: no reader filters on a weight value, and they cost ~10% of the write
+        statistics = [f.name for f in data.schema if f.name not in floats] if floats else True
+
         def write(tmp: str) -> None:
             pq.write_table(data, tmp, filesystem=self._fs, compression=compression, use_dictionary=dictionary,
-                           row_group_size=rows_per_group, write_page_checksum=True)
+                           write_statistics=statistics, row_group_size=rows_per_group, write_page_checksum=True)
 
         self._atomic_write(relpath, f"{layout.TMP_PREFIX}{stem}-{uuid.uuid4().hex}{layout.PARQUET_SUFFIX}", write)
 
