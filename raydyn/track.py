@@ -279,6 +279,13 @@ class Run:
         unknown = set(self.wcfg) - {"max_size", "projection_dim", "layers", "dtype"}
         if unknown:
             raise RaydynError(f"weights: unknown option(s) {sorted(unknown)}; known: layers, max_size, projection_dim, dtype")
+        for key, low in (("max_size", 0), ("projection_dim", 8)):
+            v = self.wcfg[key]
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise RaydynError(f"weights.{key} = {v!r}: give an integer >= {low}")
+        layers = self.wcfg["layers"]
+        if layers is not None and (isinstance(layers, str) or not all(isinstance(p, str) for p in layers)):
+            raise RaydynError(f"weights.layers = {layers!r}: give a list of parameter-name prefixes")
         self.flush_every = flush_every
         register_tracked(self.store, sweep)
         self._rows: list[tuple[int, dict[str, Any]]] = []

@@ -151,6 +151,22 @@ def test_config_columns_status_and_refusals(tmp_path):
         raydyn.track(tmp_path, sweep="t", config={"status": 1})
     with pytest.raises(RaydynError, match=r"config\.when: a object"):
         raydyn.track(tmp_path, sweep="t", config={"when": object()})
+    with pytest.raises(RaydynError, match=r"weights.max_size = '10': give an integer"):
+        raydyn.track(tmp_path, sweep="t", run_id="w", weights={"max_size": "10"})
+    with pytest.raises(RaydynError, match="weights: unknown option"):
+        raydyn.track(tmp_path, sweep="t", run_id="w", weights={"every": 10})
+    # a CountSketch above max_size, seeded as a sweep's (inner products kept in expectation)
+    big = torch.nn.Linear(40, 30)
+    with raydyn.track(tmp_path, sweep="t", run_id="sk", weights={"max_size": 100, "projection_dim": 64}) as run:
+        run.log(0, model=big)
+    lay = json.loads(open_store(tmp_path).runs("t", filter=_rid("sk")).column("weights_layout")[0].as_py())
+    assert lay["kind"] == "full+countsketch" and lay["dim"] == 64 and lay["source_dim"] == 40 * 30 + 30
+    from raydyn.train.recorder import weights_layout
+    _, (bucket, sign) = weights_layout(["weight", "bias"], [(30, 40), (30,)], {"max_size": 100, "projection_dim": 64})
+    flat = torch.cat([big.weight.detach().reshape(-1), big.bias.detach()]).double()
+    expect = torch.zeros(64, dtype=torch.float64).index_add_(0, bucket, flat * sign).numpy()
+    got = np.array(open_store(tmp_path).weights("t", filter=_rid("sk")).column("weights")[0].as_py())
+    assert np.allclose(got, expect, rtol=1e-5, atol=1e-6)
     with pytest.raises(RaydynError, match="steps must increase"):
         with raydyn.track(tmp_path, sweep="t", run_id="dec") as run:
             run.log(5, a=1.0)
