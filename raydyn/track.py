@@ -314,16 +314,20 @@ class Run:
         self._t0 = time.perf_counter()
 
     # ------------------------------------------------------------------ start / resume
-    def _start(self, resume: bool) -> None:
-        from raydyn.jobs.base import run_filter
+    def _own_parts(self, table: str) -> dict[int, str]:
+        """This run's parts of ``table``: flush number -> part name (``track-<run>-<n>``; a run id that
+        extends this one, ``<run>-2``, has parts that start alike but are not followed by digits only)."""
+        prefix = f"{PART_PREFIX}{self.run_id}-"
+        return {int(p[len(prefix):]): p for p in self.store.parts(table, self.sweep, prefix) if p[len(prefix):].isdigit()}
 
+    def _start(self, resume: bool) -> None:
         st, sweep, rid = self.store, self.sweep, self.run_id
-        prefix = f"{PART_PREFIX}{rid}-"
-        metric_parts = st.parts("metrics", sweep, prefix)
-        row = st.table("runs", sweep=sweep, filter=run_filter([rid])).to_pylist()
+        run_filter = pc.field("run_id") == rid
+        metric_parts = self._own_parts("metrics")
+        row = st.table("runs", sweep=sweep, filter=run_filter).to_pylist()
         if (row or metric_parts) and not resume:
             what = (f"with status {row[0]['status']!r}" if row else
-                    f"interrupted after step {self._committed_max(metric_parts)} (no runs row)")
+                    f"interrupted after step {self._committed_max()} (no runs row)")
             raise RaydynError(f"run {rid!r} is already in sweep {sweep!r} of store {st.uri} ({what}); pass "
                               "resume=True to continue it, or give another run_id / config")
         if not (row or metric_parts):
@@ -335,14 +339,12 @@ class Run:
             if json.loads(r["config_json"]) != self.config:
                 raise RaydynError(f"resume of run {rid!r}: its config differs from the stored one "
                                   f"({r['config_json']}); resume with the same config")
-        seqs = [int(p[len(prefix):]) for p in metric_parts if p[len(prefix):].isdigit()]
-        self._seq = max(seqs) + 1 if seqs else 0
+        self._seq = max(metric_parts) + 1 if metric_parts else 0
         # snapshots of a flush that died before its metric rows (the commit marker) are not committed
-        for p in st.parts("weights", sweep, prefix):
-            tail = p[len(prefix):]
-            if tail.isdigit() and int(tail) >= self._seq:
+        for n, p in self._own_parts("weights").items():
+            if n >= self._seq:
                 st.delete_part("weights", sweep, p)
-        m = st.table("metrics", sweep=sweep, filter=run_filter([rid]))
+        m = st.table("metrics", sweep=sweep, filter=run_filter)
         if m.num_rows:
             m = m.sort_by("step")
             steps = m.column("step").to_numpy()
@@ -356,13 +358,11 @@ class Run:
                     vals = col.to_numpy(zero_copy_only=False).astype(float)
                     for s, v in zip(steps, vals):
                         self._observe(int(s), name, float(v))
-        w = st.table("weights", sweep=sweep, columns=["step"], filter=run_filter([rid]))
+        w = st.table("weights", sweep=sweep, columns=["step"], filter=run_filter)
         self._snap_steps = sorted(w.column("step").to_pylist())
 
-    def _committed_max(self, metric_parts: list[str]) -> int:
-        from raydyn.jobs.base import run_filter
-
-        m = self.store.table("metrics", sweep=self.sweep, columns=["step"], filter=run_filter([self.run_id]))
+    def _committed_max(self) -> int:
+        m = self.store.table("metrics", sweep=self.sweep, columns=["step"], filter=pc.field("run_id") == self.run_id)
         return int(pc.max(m.column("step")).as_py()) if m.num_rows else -1
 
     # ------------------------------------------------------------------ logging

@@ -178,6 +178,12 @@ def test_config_columns_status_and_refusals(tmp_path):
             run.log(0, train_loss=1.0)
             1 / 0
     assert open_store(tmp_path).metrics("t", filter=_rid("boom")).num_rows == 1
+    # a run id that extends another's ("x-1" / "x": parts track-x-1-000000 and track-x-000000) is another run
+    with raydyn.track(tmp_path, sweep="t", run_id="x-1", flush_every=1) as run:
+        run.log(0, train_loss=1.0)
+        with raydyn.track(tmp_path, sweep="t", run_id="x", flush_every=1) as other:
+            other.log(0, train_loss=2.0)
+    assert open_store(tmp_path).metrics("t", filter=_rid("x")).column("train_loss").to_pylist() == [2.0]
     # ranks other than 0 write nothing
     with raydyn.track(tmp_path, sweep="t", run_id="rank1", rank=1) as run:
         run.log(0, train_loss=1.0, model=m)
