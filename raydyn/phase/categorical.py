@@ -205,9 +205,14 @@ def _spaced(pos: np.ndarray, gap: float) -> list[int]:
     return keep
 
 
-def render_category_map(info: CategoryMapInfo, title: str | None = None):
+def render_category_map(info: CategoryMapInfo, title: str | None = None, *, xlabel: str | None = None,
+                        ylabel: str | None = None):
     """One panel per facet value: the majority label's colour per cell, its share written in the
-    cell (when the grid is small), boundaries as thick black lines, missing cells hatched grey."""
+    cell (when the grid is small), boundaries as thick black lines, missing cells hatched grey.
+    Axis labels default to readable names (:func:`raydyn.plots.labels.readable`)."""
+    from raydyn.phase.maps import _facet_title
+    from raydyn.plots.labels import readable
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -265,10 +270,12 @@ def render_category_map(info: CategoryMapInfo, title: str | None = None):
                                    for v in np.asarray(info.x_values, dtype=object)[xticks]])
         ax.set_yticks(yc, [f"{v:g}" if isinstance(v, (int, float)) else str(v) for v in info.y_values])
         ax.minorticks_off()
-        ax.set_xlabel(info.x)
-        ax.set_ylabel(info.y)
+        if k + ncols >= n:  # the lowest panel of its column
+            ax.set_xlabel(xlabel if xlabel is not None else readable(info.x))
+        if k % ncols == 0:
+            ax.set_ylabel(ylabel if ylabel is not None else readable(info.y))
         if info.facets:
-            ax.set_title(", ".join(f"{f}={v}" for f, v in zip(info.facets, info.facet_values[k])), fontsize=10)
+            ax.set_title(_facet_title(info.facets, info.facet_values[k]), fontsize=9)
     handles = [Patch(facecolor=c, edgecolor="#555555", label=name) for name, c in zip(info.categories, colors)]
     handles.append(Patch(facecolor="#eeeeee", hatch="..", edgecolor="#b0b0b0", label="no runs"))
     fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False, title=info.metric)
@@ -278,13 +285,11 @@ def render_category_map(info: CategoryMapInfo, title: str | None = None):
     return fig
 
 
-def draw_category_map(info: CategoryMapInfo, path: str | Path, title: str | None = None) -> Path:
-    """Draw :func:`render_category_map` to a PNG; returns the path."""
-    import matplotlib.pyplot as plt
+def draw_category_map(info: CategoryMapInfo, path: str | Path, title: str | None = None, *, dpi: int = 110,
+                      xlabel: str | None = None, ylabel: str | None = None) -> Path:
+    """Draw :func:`render_category_map` to ``path``: PNG, PDF or SVG after its suffix (another suffix is a
+    RaydynError); returns the path."""
+    from raydyn.plots.labels import figure_format, save_figure
 
-    fig = render_category_map(info, title)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    figure_format(path)  # refuse a bad suffix before drawing
+    return save_figure(render_category_map(info, title, xlabel=xlabel, ylabel=ylabel), path, dpi=dpi)
