@@ -311,6 +311,7 @@ class SweepOutcome:
     failed_populations: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
     phase_s: dict[str, float] = field(default_factory=dict)  # trial seconds summed: train, tables, write
+    grown: list[str] = field(default_factory=list)  # the sweep file grew the stored grid: keys that differ
 
 
 def _tune_storage(store: Store) -> tuple[str | None, Any]:
@@ -324,8 +325,128 @@ def _tune_storage(store: Store) -> tuple[str | None, Any]:
     return store.path("_tune"), store.filesystem
 
 
-def check_sweep_unchanged(spec: SweepSpec, text: str, store: Store) -> None:
-    """Refuse a changed sweep file under an existing name (reads only)."""
+@dataclass
+class SweepGrowth:
+    """How a changed sweep file compares with the one stored under its name (:func:`sweep_growth`)."""
+
+    differences: list[str]  # every key that differs, as `key.path: stored -> this file`
+    refused: list[str]  # why the file does not only grow the stored grid; empty: it does
+    old_runs: int = 0  # runs of the stored file
+    new_runs: int = 0  # runs of this file (the stored ones among them)
+
+
+def _show(v: Any) -> str:
+    return json.dumps(v, default=str) if isinstance(v, (dict, list, str)) else str(v)
+
+
+def key_differences(old: Any, new: Any, path: str = "") -> list[str]:
+    """``key.path: old -> new`` for every key whose value differs between two parsed YAML documents
+    (a key one of them lacks shows as ``(not set)``; 1 and 1.0 differ, as they do in the sweep hash)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in [*old, *(k for k in new if k not in old)]:
+            sub = f"{path}.{k}" if path else str(k)
+            if k not in new:
+                out.append(f"{sub}: {_show(old[k])} -> (not set)")
+            elif k not in old:
+                out.append(f"{sub}: (not set) -> {_show(new[k])}")
+            else:
+                out += key_differences(old[k], new[k], sub)
+        return out
+    same = old == new and type(old) is type(new) and json.dumps(old, sort_keys=True, default=str) == \
+        json.dumps(new, sort_keys=True, default=str)
+    return [] if same else [f"{path or '(whole file)'}: {_show(old)} -> {_show(new)}"]
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    return a == b and isinstance(a, bool) == isinstance(b, bool)
+
+
+def _setting(cfg: dict[str, Any], param: str) -> Any:
+    """A run config's value of a sweepable parameter (``data.<option>``, ``model_options.<key>`` or a field)."""
+    for prefix in ("data.", "model_options."):
+        if param.startswith(prefix):
+            return (cfg.get(prefix[:-1]) or {}).get(param[len(prefix):])
+    return cfg.get(param)
+
+
+def sweep_growth(old: SweepSpec, old_text: str, new: SweepSpec, new_text: str) -> SweepGrowth:
+    """Whether ``new`` only grows the grid of ``old`` (same name), so that it can be run in place.
+
+    It does when: both are ``method: grid``; every key but ``parameters`` is as stored (task, train,
+    resources, phases, ... compared as parsed YAML, so comments and spacing don't matter); every stored
+    parameter is still swept with all its stored values (a stored ``value: x`` may become ``values: [x, ...]``);
+    a parameter the stored file does not sweep lists the stored file's setting of it among its values.
+    That last rule is what keeps every stored run a run of the new file: run ids are hashes of run
+    configs, and the check that settles it is exactly that, every stored run id among the new file's.
+    """
+    import yaml
+
+    old_raw, new_raw = yaml.safe_load(old_text), yaml.safe_load(new_text)
+    diffs = key_differences(old_raw, new_raw)
+    if not (isinstance(old_raw, dict) and isinstance(new_raw, dict)):
+        return SweepGrowth(diffs, ["(whole file): not a mapping"])
+    refused: list[str] = []
+    if old.method != "grid" or new.method != "grid":
+        refused.append(f"method: only a grid sweep grows in place (stored: {old.method}, this file: {new.method}); "
+                       "a random or optuna sweep's points are drawn, not listed")
+    refused += key_differences({k: v for k, v in old_raw.items() if k != "parameters"},
+                               {k: v for k, v in new_raw.items() if k != "parameters"})
+    for pname, p in old.parameters.items():
+        if pname not in new.parameters:
+            refused.append(f"parameters.{pname}: no longer swept (a grown sweep keeps every stored parameter)")
+            continue
+        kept = new.parameters[pname].listed() if new.parameters[pname].is_list() else []
+        lost = [v for v in (p.listed() if p.is_list() else []) if not any(_same_value(v, w) for w in kept)]
+        if lost or not (p.is_list() and new.parameters[pname].is_list()):
+            refused.append(f"parameters.{pname}: stored value(s) {_show(lost)} left out (a grown sweep keeps every "
+                           "stored value)" if lost else f"parameters.{pname}: a distribution, not a list of values")
+    if refused:
+        return SweepGrowth(diffs, refused)
+    old_runs, new_runs = old.expand(), new.expand()
+    new_ids = {r.run_id for r in new_runs}
+    lost_runs = [r for r in old_runs if r.run_id not in new_ids]
+    if lost_runs:
+        base = lost_runs[0].config
+        for pname, p in new.parameters.items():
+            stored = _setting(base, pname)
+            if pname not in old.parameters and not any(_same_value(stored, v) for v in p.listed()):
+                refused.append(f"parameters.{pname}: a new parameter whose values {_show(p.listed())} leave out the "
+                               f"stored file's setting {_show(stored)}, so the stored runs would not be runs of this "
+                               f"file (run ids are hashes of run configs); add {_show(stored)} to its values")
+        if not refused:
+            refused.append(f"parameters: {len(lost_runs)} of the {len(old_runs)} stored runs would not be runs of this "
+                           "file (run ids are hashes of run configs)")
+    return SweepGrowth(diffs, refused, len(old_runs), len(new_runs))
+
+
+def _stored_growth(spec: SweepSpec, text: str, store: Store) -> SweepGrowth:
+    import yaml
+
+    from raydyn.spec import parse_stored
+
+    stored_text = store.sweep_text(spec.name)
+    if stored_text is None:
+        return SweepGrowth([], [f"the store has no sweep.yaml for {spec.name!r}"])
+    try:
+        stored = parse_stored(store, spec.name)
+    except RaydynError as e:  # e.g. written by another raydyn version
+        return SweepGrowth(key_differences(yaml.safe_load(stored_text), yaml.safe_load(text)),
+                           [f"the stored sweep file does not parse: {e}"])
+    return sweep_growth(stored, stored_text, spec, text)
+
+
+GROWTH_RULE = ("a changed file runs in place, training only the new runs, when it grows the stored grid: method "
+               "grid, every stored parameter value kept, values, seeds or parameters added (a new parameter's values "
+               "including the stored setting), nothing else changed")
+
+
+def check_sweep_unchanged(spec: SweepSpec, text: str, store: Store, *, allow_growth: bool = False) -> SweepGrowth | None:
+    """Refuse a changed sweep file under an existing name (reads only), the message listing the keys that differ.
+
+    With ``allow_growth`` a file that only grows the stored grid (:func:`sweep_growth`) passes: returns how
+    it differs. Returns None for a new sweep or an unchanged file (comments and spacing are no change).
+    """
     h = sweep_hash(text)
     meta = store.sweep_meta(spec.name)
     if meta is not None and meta.get("kind") == "tracked":
@@ -333,13 +454,25 @@ def check_sweep_unchanged(spec: SweepSpec, text: str, store: Store) -> None:
             f"sweep {spec.name!r} in store {store.uri} holds runs logged with raydyn.track (trained elsewhere); "
             f"`sweep run` does not write into it: give the sweep file another `name:` (e.g. {spec.name}-grid)"
         )
-    if meta is not None and meta.get("hash") != h:
-        raise RaydynError(
-            f"sweep {spec.name!r} already exists in store {store.uri} with a different sweep file "
-            f"(stored hash {meta.get('hash')}, this file {h}). Results must say exactly what produced them: "
-            f"to run the changed file, give it a new `name:` (e.g. {spec.name}-v2), or delete the old sweep's "
-            "results from the store first."
-        )
+    if meta is None or meta.get("hash") == h:
+        return None
+    growth = _stored_growth(spec, text, store)
+    if allow_growth and not growth.refused:
+        return growth
+    msg = (f"sweep {spec.name!r} already exists in store {store.uri} with a different sweep file "
+           f"(stored hash {meta.get('hash')}, this file {h}): to run the changed file, give it a new `name:` "
+           f"(e.g. {spec.name}-v2), or delete the stored sweep first (`raydyn sweep delete {spec.name}`). "
+           "Results must say exactly what produced them.")
+    if growth.differences:
+        msg += "\n  keys that differ (stored -> this file):\n    " + "\n    ".join(growth.differences)
+    reasons = [r for r in growth.refused if r not in growth.differences]
+    if growth.refused:
+        msg += f"\n  {GROWTH_RULE[0].upper()}{GROWTH_RULE[1:]}; this file does not" + (
+            ":\n    " + "\n    ".join(reasons) if reasons else " (see the keys above)")
+    else:  # it grows the grid, but this command does not train a grown grid (refine)
+        msg += (f"\n  This file grows the stored grid ({growth.new_runs - growth.old_runs} new runs): run it with "
+                "`raydyn sweep run` first, which trains the new runs and stores it.")
+    raise RaydynError(msg)
 
 
 def base_dir_of(spec: SweepSpec, store: Store) -> str:
@@ -349,15 +482,28 @@ def base_dir_of(spec: SweepSpec, store: Store) -> str:
     return meta.get("base_dir") or os.getcwd()
 
 
-def register_sweep(spec: SweepSpec, text: str, store: Store) -> None:
-    """Store the sweep file with its hash; refuse a changed file under an existing name."""
-    check_sweep_unchanged(spec, text, store)
-    if store.sweep_meta(spec.name) is None:
-        from raydyn.train.recorder import versions
+def register_sweep(spec: SweepSpec, text: str, store: Store, *, allow_growth: bool = False) -> SweepGrowth | None:
+    """Store the sweep file with its hash; refuse a changed file under an existing name.
 
-        store.put_sweep(spec.name, text, {"hash": sweep_hash(text),
-                                          "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    With ``allow_growth`` a file that grows the stored grid replaces the stored one; the record keeps the
+    creation time and lists each earlier file under ``history`` (its text, hash, sha256, run count, library
+    versions and when it was replaced). Returns the growth, or None.
+    """
+    from raydyn.train.recorder import versions
+
+    growth = check_sweep_unchanged(spec, text, store, allow_growth=allow_growth)
+    meta = store.sweep_meta(spec.name)
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    if meta is None:
+        store.put_sweep(spec.name, text, {"hash": sweep_hash(text), "created": now,
                                           "method": spec.method, "versions": versions(), "base_dir": os.getcwd()})
+    elif growth is not None:
+        earlier = {"hash": meta.get("hash"), "sha256": meta.get("sha256"), "text": store.sweep_text(spec.name),
+                   "runs": growth.old_runs, "versions": meta.get("versions"), "replaced": now}
+        kept = {k: v for k, v in meta.items() if k not in ("sweep", "sha256", "history")}
+        store.put_sweep(spec.name, text, {**kept, "hash": sweep_hash(text), "versions": versions(), "extended": now,
+                                          "history": [*meta.get("history", []), earlier]}, overwrite=True)
+    return growth
 
 
 def preflight(spec: SweepSpec, runs: list[RunConfig], store: Store) -> None:
@@ -441,7 +587,7 @@ def run_sweep(
     if spec.method != "optuna":
         spec.expand()  # every point valid, before anything is written
     store.ensure_writable()
-    check_sweep_unchanged(spec, text, store)
+    growth = check_sweep_unchanged(spec, text, store, allow_growth=True)  # a grown grid trains its new runs
     if (msg := gpu_warning(spec)) is not None:
         import warnings
 
@@ -458,6 +604,7 @@ def run_sweep(
     out = train_runs(spec, store, todo, origin=spec.method, text=text, address=address, num_cpus=num_cpus,
                      progress=progress, max_failures=max_failures)
     out.total, out.skipped, out.elapsed_s = len(runs), len(runs) - len(todo), time.time() - t0
+    out.grown = growth.differences if growth is not None else []
     return out
 
 
@@ -486,14 +633,14 @@ def train_runs(
     todo = list({r.run_id: r for r in runs if r.run_id not in done}.values())
     if not todo:
         if text is not None:
-            register_sweep(spec, text, store)
+            register_sweep(spec, text, store, allow_growth=True)
         progress({"done": 0, "total": 0, "diverged": 0, "failed": 0, "retried": 0, "elapsed": 0.0})
         return SweepOutcome(spec.name, len(runs), len(runs), 0, 0, elapsed_s=time.time() - t0)
     preflight(spec, todo, store)
     ensure_ray(address, num_cpus)
     check_resources(spec)
     if text is not None:
-        register_sweep(spec, text, store)
+        register_sweep(spec, text, store, allow_growth=True)
     pops = populations(todo, spec.resources.population_size)
     # Tune sees population ids only; the populations reach the trials once via the object store
     param_space = {"population": tune.grid_search([p.pop_id for p in pops]), "origin": origin}
@@ -605,6 +752,31 @@ def sweep_status(spec: SweepSpec, store: Store) -> dict[str, Any]:
         missing = len({r.run_id for r in spec.expand()} - set(table.column("run_id").to_pylist()))
     return {"sweep": spec.name, "total": total, "in_store": in_store, "missing": missing,
             "by_status": by_status, "meta": store.sweep_meta(spec.name)}
+
+
+def list_sweeps(store: Store) -> list[dict[str, Any]]:
+    """Every sweep in the store, by name: its kind (``sweep file``, ``tracked``, or ``no record`` for parts
+    without a sweeps/<name>/ record), method, runs by status (one read of the runs table), when it was
+    created, and how many sweep files it has had (more than one once grown in place)."""
+    from raydyn.errors import StoreError
+
+    runs = store.table("runs", columns=["sweep", "status"])
+    counts: dict[str, dict[str, int]] = {}
+    for s, st in zip(runs.column("sweep").to_pylist(), runs.column("status").to_pylist()):
+        by = counts.setdefault(s, {})
+        by[str(st)] = by.get(str(st), 0) + 1
+    out = []
+    for name in store.sweeps():
+        try:
+            meta = store.sweep_meta(name)
+        except StoreError:  # an unreadable record: still listed, so that it can be deleted
+            meta = None
+        kind = "no record" if meta is None else ("tracked" if meta.get("kind") == "tracked" else "sweep file")
+        by_status = dict(sorted(counts.get(name, {}).items()))
+        out.append({"sweep": name, "kind": kind, "method": (meta or {}).get("method"), "runs": sum(by_status.values()),
+                    "by_status": by_status, "created": (meta or {}).get("created") or (meta or {}).get("created_utc"),
+                    "sweep_files": 1 + len((meta or {}).get("history", [])) if kind == "sweep file" else None})
+    return out
 
 
 def to_json(o: Any) -> str:

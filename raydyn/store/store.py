@@ -536,6 +536,41 @@ class Store:
             raise StoreError(f"cannot delete store file {self.location(relpath)}: {e}") from None
         return True
 
+    def delete_sweep(self, sweep: str) -> dict[str, int]:
+        """Delete a sweep: its parts in every table (runs first, the commit markers, so an interrupted delete
+        leaves orphan trajectories that :meth:`check` reports, never runs without them), each table's
+        ``sweep=<sweep>`` directory with anything left in it (in-flight tmp files), and last its
+        ``sweeps/<sweep>/`` record, so a delete cut short can be run again. Tracked sweeps too. Returns the
+        parts deleted per table. Raises StoreError, listing the sweeps, for a name the store does not have."""
+        validate_name("sweep", sweep)
+        known = self.sweeps()
+        if sweep not in known:
+            raise StoreError(f"no sweep named {sweep!r} in store {self.location()}"
+                             + (f"; sweeps there: {', '.join(known)}" if known else " (the store has no sweeps)"))
+        self._before_write()
+        tables = self._table_dirs()
+        deleted: dict[str, int] = {}
+        for table in sorted(tables, key=lambda t: t != "runs"):
+            parts = self.parts(table, sweep)
+            for part in parts:
+                self.delete_part(table, sweep, part)
+            if parts:
+                deleted[table] = len(parts)
+            self._delete_dir(layout.sweep_dir_relpath(table, sweep))
+        self._delete_dir(f"{layout.SWEEPS_DIR}/{sweep}")
+        return deleted
+
+    def _delete_dir(self, reldir: str) -> None:
+        """Remove a directory (prefix) and everything under it; nothing when it is not there."""
+        try:
+            if self._fs.get_file_info(self.path(reldir)).type != pafs.FileType.Directory:
+                return
+            self._fs.delete_dir(self.path(reldir))
+        except FileNotFoundError:
+            return
+        except _ERRORS as e:
+            raise StoreError(f"cannot delete store directory {self.location(reldir)}: {e}") from None
+
     def _stamp(self, relpath: str) -> tuple[int, int] | None:
         """(size, mtime_ns) of a file now, None if it is gone."""
         try:
