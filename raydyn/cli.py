@@ -110,6 +110,9 @@ def sweep_run(
                             max_failures=max_failures)
     finally:
         bar.stop()
+    if outcome.grown:  # markup off: the differences are the user's text ([...] lists)
+        console.print(f"sweep {spec.name}: the sweep file grows the stored grid ({'; '.join(outcome.grown)}); the new "
+                      "file is stored, the old one kept in the sweep's history.", highlight=False, markup=False)
     if outcome.trained == 0 and outcome.skipped == outcome.total and not outcome.failed_populations:
         console.print(f"sweep [bold]{spec.name}[/]: all {outcome.total} runs already in the store; nothing to train.")
     else:
@@ -151,6 +154,68 @@ def sweep_status_cmd(
     out.print(f"store: {st.uri}")
 
 
+@sweep_app.command("list")
+def sweep_list_cmd(
+    store: Optional[str] = StoreOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Every sweep in the store, one line each: name, kind (sweep file or tracked), runs by status, created."""
+    from raydyn.sweep import list_sweeps, to_json
+
+    st = _store(store)
+    rows = list_sweeps(st)
+    if as_json:
+        out.print_json(to_json(rows))
+        return
+    if not rows:
+        out.print(f"no sweeps in store {st.uri}", highlight=False)
+        return
+    cells = []
+    for r in rows:
+        kind = r["kind"] + (f" ({r['method']})" if r["kind"] == "sweep file" and r["method"] else "")
+        if (r["sweep_files"] or 1) > 1:
+            kind += f", grown: {r['sweep_files']} files"
+        parts = ", ".join(f"{n} {s}" for s, n in r["by_status"].items())
+        cells.append((r["sweep"], kind, f"{r['runs']} runs" + (f" ({parts})" if parts else ""),
+                      f"created {r['created']}" if r["created"] else ""))
+    widths = [max(len(c[i]) for c in cells) for i in range(3)]
+    for c in cells:
+        out.print("  ".join(v.ljust(w) for v, w in zip(c, widths)) + "  " + c[3], highlight=False, markup=False)
+    out.print(f"store: {st.uri}", highlight=False)
+
+
+@sweep_app.command("delete")
+def sweep_delete_cmd(
+    sweep: str = typer.Argument(..., help="Sweep name in the store.", show_default=False),
+    store: Optional[str] = StoreOpt,
+    yes: bool = typer.Option(False, "--yes", "-y", help="Delete without asking (for scripts)."),
+) -> None:
+    """Delete a sweep from the store: its parts in every table (runs, metrics, weights, analyses) and its sweep record. Tracked sweeps too. It cannot be undone."""
+    from raydyn.store import validate_name
+
+    st = _store(store)
+    validate_name("sweep", sweep)
+    known = st.sweeps()
+    if sweep not in known:
+        raise RaydynError(f"no sweep named {sweep!r} in store {st.uri}"
+                          + (f"; sweeps there: {', '.join(known)}" if known else " (the store has no sweeps)"))
+    tables = [t for t in st.tables() if st.parts(t, sweep)]
+    n_runs = st.table("runs", sweep=sweep, columns=["run_id"]).num_rows
+    kind = "tracked sweep" if (st.sweep_meta(sweep) or {}).get("kind") == "tracked" else "sweep"
+    what = f"{kind} {sweep!r}: {n_runs} runs" + (f", data in {', '.join(tables)}" if tables else "")
+    if not yes:
+        try:
+            ok = typer.confirm(f"delete {what} from store {st.uri}? This cannot be undone", default=False)
+        except typer.Abort:  # no answer (end of input)
+            ok = False
+        if not ok:
+            console.print("nothing deleted (pass --yes to delete without asking).", highlight=False)
+            raise typer.Exit(1)
+    deleted = st.delete_sweep(sweep)
+    out.print(f"deleted {what} ({sum(deleted.values())} files) and its sweep record", highlight=False)
+    out.print(f"store: {st.uri}", highlight=False)
+
+
 # ------------------------------------------------------------------------------ query
 def _csv_ready(table):
     """CSV has no nested values: list/struct/map columns become one JSON text per cell."""
@@ -179,7 +244,16 @@ def query(
     """
     if fmt not in ("table", "csv", "json"):
         raise RaydynError(f"--format {fmt!r}: allowed values are table, csv, json")
-    table = _store(store).sql(sql)
+    if max_rows < 0:
+        raise RaydynError(f"--max-rows {max_rows}: must be 0 or more (rows shown in table format; "
+                          "--format csv or json prints every row)")
+    from raydyn.store._sql import check_select
+
+    check_select(sql)  # a syntax error or a non-SELECT statement is reported first
+    st = _store(store)
+    if not st.exists():
+        raise RaydynError(f"no store at {st.location()}: give the store with --store (or $RAYDYN_STORE)")
+    table = st.sql(sql)
     if fmt == "csv":
         import pyarrow.csv as pacsv
 
@@ -219,16 +293,38 @@ def phase_map(
     y: str = typer.Option("width", "--y", help="Swept parameter on the y axis."),
     facet: list[str] = typer.Option(None, "--facet", help="Axis for panels (repeatable). Default: every other "
                                     "swept axis except seed."),
-    out_path: Optional[Path] = typer.Option(None, "--out", help="PNG path (default: <store>/plots/<sweep>/...)."),
+    out_path: Optional[Path] = typer.Option(None, "--out", help="Figure path: .png, .pdf or .svg, the format "
+                                            "follows the suffix (default: <store>/plots/<sweep>/....png)."),
+    title: Optional[str] = typer.Option(None, "--title", help="Figure title (default: '<sweep>: <metric>')."),
+    xlabel: Optional[str] = typer.Option(None, "--xlabel", help="x-axis label (default: a readable name, e.g. "
+                                         "lr -> 'learning rate η')."),
+    ylabel: Optional[str] = typer.Option(None, "--ylabel", help="y-axis label (default: a readable name, e.g. "
+                                         "width -> 'width (units per layer)')."),
+    cmap: str = typer.Option("viridis", "--cmap", help="matplotlib colour map (numeric metrics)."),
+    vmin: Optional[float] = typer.Option(None, "--vmin", help="Lower end of the colour scale (default: the "
+                                         "smallest value)."),
+    vmax: Optional[float] = typer.Option(None, "--vmax", help="Upper end of the colour scale (default: the "
+                                         "largest value)."),
+    log_color: Optional[bool] = typer.Option(None, "--log-color/--linear-color", help="Log or linear colour "
+                                             "scale (default: log when the values are positive and span more "
+                                             "than 100x).", show_default=False),
+    spread: Optional[str] = typer.Option(None, "--spread", help="iqr | minmax: add a row of panels with the "
+                                         "spread of each cell's runs (seeds), and write median and low–high "
+                                         "in the cells."),
+    dpi: int = typer.Option(110, "--dpi", min=1, help="Resolution of PNG figures (dots per inch)."),
     store: Optional[str] = StoreOpt,
 ) -> None:
     """Draw a phase map: the metric's median over seeds on an x-by-y grid, diverged cells marked.
 
-    A label column (--metric phase, after `raydyn analyze phase`) is drawn as a categorical map: the most
-    frequent label per cell, its share, and boundaries between cells of different labels.
+    A label column (--metric phase, after `raydyn analyze phase`) is drawn as a categorical map: the most frequent label per cell, its share, and boundaries between cells of different labels.
     """
-    from raydyn.phase.maps import default_facets, draw_phase_map, phase_map_info, runs_with_metrics
+    from raydyn.phase.maps import SPREADS, default_facets, draw_phase_map, phase_map_info, runs_with_metrics
+    from raydyn.plots.labels import figure_format
 
+    if out_path is not None:
+        figure_format(out_path)  # a bad suffix is refused before anything is read
+    if spread is not None and spread not in SPREADS:
+        raise RaydynError(f"--spread {spread!r}: allowed values are {', '.join(SPREADS)}")
     st = _store(store)
     spec, _ = _resolve_sweep(sweep, st)
     runs = runs_with_metrics(st, spec.name)
@@ -236,6 +332,9 @@ def phase_map(
         raise RaydynError(f"sweep {spec.name!r} has no runs in store {st.uri}; run `raydyn sweep run` first")
     facets = list(facet) if facet else default_facets(spec.axes(), x, y)
     _need_phase(runs, metric, spec.name)
+    _check_map_metric(runs, metric, spec.axes())
+    _check_map_axis(runs, "--x", x, spec.axes())
+    _check_map_axis(runs, "--y", y, spec.axes())
     from raydyn.phase.categorical import category_map_info, draw_category_map, is_categorical
 
     if is_categorical(runs, metric):  # labels (e.g. phase): most frequent per cell, boundaries drawn
@@ -244,7 +343,14 @@ def phase_map(
             local = st.local_path()
             base = Path(local) / "plots" / spec.name if local else Path("raydyn-plots") / spec.name
             out_path = base / f"phase_{metric}_{x}_{y}.png"
-        path = draw_category_map(cinfo, out_path, title=f"{spec.name}: {metric}")
+        numeric_only = [o for o, v in [("--cmap", cmap != "viridis"), ("--vmin", vmin is not None),
+                                       ("--vmax", vmax is not None), ("--log-color/--linear-color", log_color is not None),
+                                       ("--spread", spread is not None)] if v]
+        if numeric_only:
+            raise RaydynError(f"{', '.join(numeric_only)}: only for a numeric metric; {metric!r} is a label column, "
+                              "drawn with one fixed colour per label")
+        path = draw_category_map(cinfo, out_path, title=title or f"{spec.name}: {metric}", dpi=dpi, xlabel=xlabel,
+                                 ylabel=ylabel)
         n_edges = int(cinfo.x_edges.sum() + cinfo.y_edges.sum())
         console.print(f"phase map: {len(cinfo.facet_values)} panel(s) of {len(cinfo.y_values)}×{len(cinfo.x_values)} "
                       f"cells, labels {', '.join(cinfo.categories)}; {n_edges} boundary segment(s), "
@@ -257,11 +363,58 @@ def phase_map(
         local = st.local_path()
         base = Path(local) / "plots" / spec.name if local else Path("raydyn-plots") / spec.name
         out_path = base / f"phase_{metric}_{x}_{y}.png"
-    path = draw_phase_map(info, out_path, title=f"{spec.name}: {metric}")
+    path = draw_phase_map(info, out_path, title=title or f"{spec.name}: {metric}", dpi=dpi, xlabel=xlabel,
+                          ylabel=ylabel, cmap=cmap, vmin=vmin, vmax=vmax, log_color=log_color, spread=spread)
     n_missing = int((info.n_runs == 0).sum())
     n_div = int((info.diverged_frac >= 0.5).sum())
     console.print(f"phase map: {len(info.facet_values)} panel(s) of {len(info.y_values)}×{len(info.x_values)} cells, "
                   f"{n_div} diverged, {n_missing} missing")
+    out.print(f"wrote {path.resolve()}")
+    out.print(f"store: {st.uri}")
+
+
+@app.command("curves")
+def curves(
+    sweep: str = typer.Argument(..., help="Sweep name in the store, or its sweep file."),
+    metric: str = typer.Option("test_loss", "--metric", help="Column of the metrics table (logged per step)."),
+    group_by: str = typer.Option("lr", "--group-by", help="Runs column whose values get one curve each."),
+    facet: Optional[str] = typer.Option(None, "--facet", help="Runs column whose values get one panel each."),
+    band: str = typer.Option("iqr", "--band", help="iqr | std | minmax | none: the band drawn around each curve."),
+    log_y: bool = typer.Option(False, "--log-y", help="Log-scaled y axis."),
+    title: Optional[str] = typer.Option(None, "--title", help="Figure title (default: '<sweep>: <metric> by "
+                                        "<group>')."),
+    dpi: int = typer.Option(110, "--dpi", min=1, help="Resolution of PNG figures (dots per inch)."),
+    out_path: Optional[Path] = typer.Option(None, "--out", help="Figure path: .png, .pdf or .svg, the format "
+                                            "follows the suffix (default: <store>/plots/<sweep>/....png)."),
+    store: Optional[str] = StoreOpt,
+) -> None:
+    """Draw a metric's curves over training steps: one line per value of --group-by, the median over the runs sharing it (seeds, and any column not grouped by), with a band over those runs; one panel per value of --facet.
+
+    Bands: iqr (25-75 % quantiles), std (the line is then the mean, the band mean ± one standard deviation), minmax, none. Steps where a run's value is NaN or infinite (diverged) leave that run out of that step. The aggregation runs in DuckDB over the store's Parquet, so sweeps of 10^4 runs take seconds.
+
+    Example: raydyn curves my-sweep --metric test_loss --group-by lr --facet width --log-y --out curves.pdf
+    """
+    from raydyn.phase.curves import band_columns, curve_table
+    from raydyn.plots.curves import draw_curves
+    from raydyn.plots.labels import figure_format, readable
+
+    if out_path is not None:
+        figure_format(out_path)
+    band_columns(band)
+    st = _store(store)
+    spec, _ = _resolve_sweep(sweep, st)
+    table = curve_table(st, spec.name, metric, group_by, facet, band)
+    if out_path is None:
+        local = st.local_path()
+        base = Path(local) / "plots" / spec.name if local else Path("raydyn-plots") / spec.name
+        out_path = base / (f"curves_{metric}_{group_by}" + (f"_{facet}" if facet else "") + ".png")
+    meta = table.schema.metadata
+    path = draw_curves(table, out_path, dpi=dpi, log_y=log_y,
+                       title=title or f"{spec.name}: {readable(metric)} by {readable(meta[b'raydyn.group_by'].decode())}")
+    n_groups = len(set(table.column("group").to_pylist()))
+    n_facets = len(set(table.column("facet").to_pylist()))
+    console.print(f"curves: {n_groups} group(s) of {group_by} in {n_facets} panel(s), {table.num_rows} (group, step) "
+                  "points", highlight=False)
     out.print(f"wrote {path.resolve()}")
     out.print(f"store: {st.uri}")
 
@@ -271,11 +424,86 @@ def _need_phase(runs, metric: str, sweep: str) -> None:
         raise RaydynError(f"sweep {sweep!r} has no phase labels yet: run `raydyn analyze phase {sweep}` first")
 
 
+# runs columns that identify or describe a run rather than measure it: never a map metric
+_NOT_METRICS = frozenset({"run_id", "population", "sweep", "config_json", "weights_layout", "versions", "record"})
+_MAX_LABELS = 10  # a label column (e.g. phase) has at most this many distinct labels
+
+
+def _axis_columns(runs, axes) -> list[str]:
+    """The swept axes (but seed) that are runs columns with more than one value."""
+    from raydyn.spec import column_name
+
+    cols = [column_name(a) for a in axes if a != "seed"]
+    return [c for c in dict.fromkeys(cols) if c in runs.column_names and len(set(runs.column(c).to_pylist())) > 1]
+
+
+def _map_metrics(runs, axes) -> list[str]:
+    """Columns a phase map can show: numeric columns and label columns (few distinct strings), not the axes."""
+    import pyarrow as pa
+
+    skip = set(_NOT_METRICS) | set(_axis_columns(runs, axes)) | {"seed"}
+    ok = []
+    for f in runs.schema:
+        if f.name in skip:
+            continue
+        if pa.types.is_integer(f.type) or pa.types.is_floating(f.type):
+            ok.append(f.name)
+        elif (pa.types.is_string(f.type) or pa.types.is_large_string(f.type) or pa.types.is_dictionary(f.type)) \
+                and len(set(runs.column(f.name).drop_null().to_pylist())) <= _MAX_LABELS:
+            ok.append(f.name)
+    return sorted(ok)
+
+
+def _check_map_metric(runs, metric: str, axes) -> None:
+    """RaydynError unless ``metric`` is a numeric or label column of the runs (naming the usable ones)."""
+    import pyarrow as pa
+
+    usable = _map_metrics(runs, axes)
+    hint = f"; usable metrics: {', '.join(usable)}" if usable else ""
+    if metric not in runs.column_names:
+        raise RaydynError(f"--metric {metric!r} is not a column of the runs table or of an analysis summary{hint}")
+    if metric in usable:
+        return
+    t = runs.schema.field(metric).type
+    n = len(set(runs.column(metric).drop_null().to_pylist()))
+    if metric in _NOT_METRICS:
+        why = "identifies or describes runs; it is not a metric"
+    elif pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_dictionary(t):
+        why = (f"is a text column with {n} distinct values: neither numeric nor a label column such as phase "
+               f"(at most {_MAX_LABELS} labels)")
+    elif metric in _axis_columns(runs, axes) or metric == "seed":
+        why = "is a swept axis, not a metric"
+    else:
+        why = f"is a {t} column, neither numeric nor a label column"
+    raise RaydynError(f"--metric {metric!r} {why}{hint}")
+
+
+def _check_map_axis(runs, role: str, name: str, axes) -> None:
+    """RaydynError unless ``name`` is a runs column that takes more than one value (naming the swept axes).
+
+    A sweep with fewer than two swept axes may put a one-value column (e.g. seed) on an axis: a strip."""
+    from raydyn.spec import column_name
+
+    col = name if name in runs.column_names else column_name(name)
+    swept = _axis_columns(runs, axes)
+    hint = f"; swept axes: {', '.join(swept)}" if swept else " (the sweep has no axis with more than one value)"
+    if col not in runs.column_names:
+        raise RaydynError(f"{role} {name!r} is not a column of the runs table{hint}")
+    values = set(runs.column(col).to_pylist())
+    if len(values) <= 1 and len(swept) >= 2:
+        only = f"every run has {col} = {next(iter(values))!r}" if values else f"{col} has no values"
+        raise RaydynError(f"{role} {name!r} was not swept: {only}{hint}")
+
+
 @app.command("phase-boundary")
 def phase_boundary(
     sweep: str = typer.Argument(..., help="Sweep name in the store, or its sweep file."),
     axis: str = typer.Option("lr", "--axis", help="Numeric swept parameter to locate boundaries along."),
-    metric: str = typer.Option("phase", "--metric", help="Label column (default phase, from `raydyn analyze phase`)."),
+    metric: str = typer.Option("phase", "--metric", help="Label column (default phase, from `raydyn analyze "
+                               "phase`), or with --level a numeric column."),
+    level: Optional[float] = typer.Option(None, "--level", help="Locate where the numeric --metric crosses this "
+                                          "value instead: the median over seeds per axis value, linearly "
+                                          "interpolated between neighbouring values (in log space on a log axis)."),
     by: list[str] = typer.Option(None, "--by", help="Report separately per value of this column (repeatable). "
                                  "Default: every other swept axis except seed."),
     fmt: str = typer.Option("table", "--format", "-f", help="table | csv | json"),
@@ -283,11 +511,15 @@ def phase_boundary(
 ) -> None:
     """Where each phase boundary lies along an axis, with an uncertainty interval.
 
-    Seeds at one axis value are replicates: the majority label counts, and a value where
-    seeds disagree widens the interval to the next value outward.
+    Seeds at one axis value are replicates: the majority label counts, and a value where seeds disagree widens the interval to the next value outward.
+
+    With --level X the metric is numeric: each place where its median over seeds crosses X between neighbouring axis values is reported, linearly interpolated.
     """
+    import pyarrow as pa
+
     from raydyn.phase.categorical import boundaries_along
     from raydyn.phase.maps import runs_with_metrics
+    from raydyn.spec import column_name
 
     if fmt not in ("table", "csv", "json"):
         raise RaydynError(f"--format {fmt!r}: allowed values are table, csv, json")
@@ -297,7 +529,16 @@ def phase_boundary(
     if runs.num_rows == 0:
         raise RaydynError(f"sweep {spec.name!r} has no runs in store {st.uri}; run `raydyn sweep run` first")
     _need_phase(runs, metric, spec.name)
-    groups = list(by) if by else [a for a in spec.axes() if a not in (axis, "seed")]
+    cols = set(runs.column_names)
+    axis = axis if axis in cols else column_name(axis)
+    groups = list(by) if by else [column_name(a) for a in spec.axes() if column_name(a) not in (axis, "seed")]
+    if level is not None:
+        _print_crossings(spec.name, runs, metric, axis, level, groups, fmt)
+        return
+    if metric in cols and pa.types.is_floating(runs.schema.field(metric).type):
+        raise RaydynError(f"--metric {metric!r} is a numeric column, not labels: phase boundaries need a label column "
+                          f"such as phase (`raydyn analyze phase {spec.name}` writes it); to find where {metric} "
+                          f"crosses a value X along {axis}, give --level X")
     res = boundaries_along(runs, metric, axis, by=groups)
     rows = [r for g in res for r in g.rows()]
     if fmt == "json":
@@ -327,6 +568,40 @@ def phase_boundary(
     out.print(t)
 
 
+def _print_crossings(sweep: str, runs, metric: str, axis: str, level: float, groups: list[str], fmt: str) -> None:
+    """`phase-boundary --level`: where the numeric metric crosses ``level`` along ``axis``, per group."""
+    from raydyn.phase.levels import level_crossings
+
+    res = level_crossings(runs, metric, axis, level, by=groups)
+    rows = [r for g in res for r in g.rows()]
+    if fmt == "json":
+        sys.stdout.write(json.dumps([{"group": g.group, "points": g.n_points, "runs": g.n_runs,
+                                      "crossings": g.rows()} for g in res], indent=1, default=str) + "\n")
+        return
+    if fmt == "csv":
+        import csv
+
+        cols = list(rows[0]) if rows else groups + ["level", "direction", "location", "lower", "upper",
+                                                    "lower_median", "upper_median"]
+        w = csv.DictWriter(sys.stdout, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+        return
+    from rich.table import Table
+
+    t = Table(title=f"{sweep}: where the median {metric} crosses {level:g} along {axis}")
+    for c in [*groups, "crossing", "location", "between", "medians", "points"]:
+        t.add_column(c)
+    for g in res:
+        if not g.crossings:
+            t.add_row(*[str(g.group[c]) for c in groups], "(none)", "–", "–", "–", str(g.n_points))
+        for c in g.crossings:
+            t.add_row(*[str(g.group[k]) for k in groups], f"{c.direction} through {level:g}", f"{c.location:.4g}",
+                      f"[{c.lower:.4g}, {c.upper:.4g}]", f"{c.lower_median:.4g} → {c.upper_median:.4g}",
+                      str(g.n_points))
+    out.print(t)
+
+
 @sweep_app.command("refine")
 def sweep_refine(
     sweep: str = typer.Argument(..., help="Sweep file or sweep name in the store (a grid sweep already run)."),
@@ -344,11 +619,9 @@ def sweep_refine(
     num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help="CPUs for the embedded local Ray."),
     as_json: bool = typer.Option(False, "--json", help="Print the outcome as JSON."),
 ) -> None:
-    """Add runs where the phase label changes between neighbouring values of an axis, until each boundary is
-    within --tol or the budget is spent; prints the boundaries.
+    """Add runs where the phase label changes between neighbouring values of an axis, until each boundary is within --tol or the budget is spent; prints the boundaries.
 
-    Runs are labelled by `raydyn analyze phase` (run automatically when labels are missing) and the new runs
-    are trained like `sweep run`, as runs of the same sweep (runs column origin = refine).
+    Runs are labelled by `raydyn analyze phase` (run automatically when labels are missing) and the new runs are trained like `sweep run`, as runs of the same sweep (runs column origin = refine).
     """
     from raydyn.refine import refine_sweep
 
@@ -403,8 +676,16 @@ def report(
     st = _store(store)
     spec, _ = _resolve_sweep(sweep, st)
     metrics = list(metric) if metric else None
+    runs = runs_with_metrics(st, spec.name)
+    if runs.num_rows:  # metrics and axes asked for by name must exist (no runs: build_report says so)
+        for m in metrics or ():
+            _need_phase(runs, m, spec.name)
+            _check_map_metric(runs, m, spec.axes())
+        for role, a in (("--x", x), ("--y", y)):
+            if a:
+                _check_map_axis(runs, role, a, spec.axes())
     if metrics is None:
-        cols = runs_with_metrics(st, spec.name).column_names
+        cols = runs.column_names
         metrics = ["phase"] * ("phase" in cols) + ["final_test_loss", "final_test_acc"] + [c for c in cols if c.startswith(
             ("koopman_", "hmm_", "cmd_", "sym_", "opt_", "basin_", "convergence")) and c != "koopman_group"]
     if out_path is None:

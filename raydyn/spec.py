@@ -285,7 +285,8 @@ class ParamSpec(_Model):
             if not self.min < self.max:
                 raise ValueError(f"min ({self.min}) must be < max ({self.max})")
             if self.distribution == "log_uniform" and self.min <= 0:
-                raise ValueError(f"log_uniform needs min > 0, got {self.min}")
+                raise ValueError(f"log_uniform needs min > 0, got {self.min} (raydyn's log_uniform takes the bounds of "
+                                 "the values, like W&B's log_uniform_values; W&B's log_uniform takes their natural logs)")
             if self.distribution == "int_uniform" and math.ceil(self.min) > math.floor(self.max):
                 raise ValueError(f"int_uniform: no integer lies in [{self.min}, {self.max}]; the search space is empty")
         elif self.min is not None or self.max is not None:
@@ -321,8 +322,145 @@ def _cross_check(task: TaskSpec, train: TrainSpec) -> None:
             raise ValueError(f"seed {train.seed} is not an initial condition of the tan_sum grid (seeds 0..{n - 1})")
 
 
+# ---------------------------------------------------------------------- W&B sweep-config keys
+# W&B's keys (docs.wandb.ai, "Sweep configuration options") that mean what a raydyn key means are
+# translated before validation; the others are refused, naming the key path. raydyn's own task:/train:
+# sections stay required: they say what is trained (W&B's program: would).
+_PARAM_FORMS = ("raydyn's parameters are a list of `values`, one `value`, or a `distribution` uniform | "
+                "log_uniform (= W&B's log_uniform_values) | int_uniform with min/max")
+_WANDB_DISTRIBUTIONS_REFUSED = {
+    "q_uniform": "W&B's quantised uniform, round(X / q) * q",
+    "q_log_uniform": "W&B's quantised log-uniform",
+    "q_log_uniform_values": "W&B's quantised log-uniform",
+    "inv_log_uniform": "W&B's inverse log-uniform",
+    "inv_log_uniform_values": "W&B's inverse log-uniform",
+    "normal": "W&B's normal distribution",
+    "q_normal": "W&B's quantised normal distribution",
+    "log_normal": "W&B's log-normal distribution",
+    "q_log_normal": "W&B's quantised log-normal distribution",
+    "beta": "W&B's beta distribution",
+    "q_beta": "W&B's quantised beta distribution",
+}
+_WANDB_PARAM_KEYS_REFUSED = {
+    "q": "W&B's quantisation step; raydyn does not quantise draws (int_uniform draws integers, or list the values)",
+    "mu": "the mean of W&B's normal distributions, which raydyn does not have",
+    "sigma": "the standard deviation of W&B's normal distributions, which raydyn does not have",
+    "a": "a parameter of W&B's beta distribution, which raydyn does not have",
+    "b": "a parameter of W&B's beta distribution, which raydyn does not have",
+    "probabilities": "raydyn draws a list's values with equal probability (repeat a value to weight it in random "
+                     "search)",
+}
+
+
+def _wandb_param(name: str, p: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """One parameter entry with W&B's distribution names mapped to raydyn's, and what cannot be mapped."""
+    where, p = f"parameters.{name}", dict(p)
+    if "parameters" in p:
+        return p, [f"{where}.parameters: nested parameters are W&B's; raydyn's parameters are flat names of task/train "
+                   "settings (e.g. momentum, width, data.p, model_options.k)"]
+    dist = p.get("distribution")
+    if isinstance(dist, str) and dist in _WANDB_DISTRIBUTIONS_REFUSED:
+        return p, [f"{where}.distribution: {dist!r} ({_WANDB_DISTRIBUTIONS_REFUSED[dist]}) is not supported; "
+                   f"{_PARAM_FORMS}"]
+    problems = [f"{where}.{k}: {why}" for k, why in _WANDB_PARAM_KEYS_REFUSED.items() if k in p]
+    if dist == "constant":  # W&B's spelled-out `value`
+        if "value" in p:
+            del p["distribution"]
+        else:
+            problems.append(f"{where}: distribution 'constant' needs 'value'")
+    elif dist == "categorical":  # W&B's spelled-out `values`
+        if "values" in p:
+            del p["distribution"]
+        else:
+            problems.append(f"{where}: distribution 'categorical' needs 'values' (a list)")
+    elif dist == "log_uniform_values":  # log(X) uniform between log(min) and log(max): raydyn's log_uniform
+        p["distribution"] = "log_uniform"
+    elif dist is None and ("min" in p or "max" in p) and "values" not in p and "value" not in p:
+        # W&B's default: int_uniform when both bounds are integers, else uniform
+        ints = all(isinstance(p.get(k), int) and not isinstance(p.get(k), bool) for k in ("min", "max"))
+        p["distribution"] = "int_uniform" if ints else "uniform"
+    return p, problems
+
+
+def _wandb_aliases(data: Any) -> Any:
+    """A sweep file's top-level mapping with W&B's keys translated to raydyn's (``method: bayes`` ->
+    ``optuna``, ``metric: {name, goal}`` -> ``metric`` + ``goal``, ``run_cap`` -> ``num_samples``, W&B's
+    distributions); raises ValueError naming each W&B key raydyn has no meaning for."""
+    if not isinstance(data, dict):
+        return data
+    data, problems = dict(data), []
+    for key in ("program", "command"):
+        if key in data:
+            problems.append(f"{key}: raydyn runs no training script: it trains the sweep file's task: (data set, "
+                            f"model) with its train: settings itself; remove {key}: and describe the training there")
+    if "early_terminate" in data:
+        problems.append("early_terminate: raydyn has no early stopping (no Hyperband): every run trains train.steps "
+                        "steps (a run that diverges stops at once, see train.divergence_factor); remove early_terminate")
+    for key in ("project", "entity"):
+        if key in data:
+            problems.append(f"{key}: W&B's {key} says where runs are logged; raydyn writes them to its store (--store "
+                            "or $RAYDYN_STORE) under the sweep's name; remove it")
+    metric = data.get("metric")
+    if isinstance(metric, dict):  # W&B: metric: {name, goal, target}
+        for k in metric:
+            if k == "target":
+                problems.append("metric.target: raydyn does not stop a sweep when a run reaches a target value; "
+                                "remove it")
+            elif k not in ("name", "goal"):
+                problems.append(f"metric.{k}: unknown key; allowed keys here: name, goal")
+        if "name" not in metric:
+            problems.append("metric.name: required key is missing (the final_* column to optimise, e.g. final_test_loss)")
+        goal = metric.get("goal")
+        if goal is not None and goal not in ("minimize", "maximize"):
+            problems.append(f"metric.goal: {goal!r} is not minimize or maximize")
+        elif goal is not None and data.get("goal", goal) != goal:
+            problems.append(f"goal: {data['goal']!r} contradicts metric.goal {goal!r}; give one of them")
+        data["metric"] = metric.get("name")
+        if goal is not None:
+            data["goal"] = goal
+    if "run_cap" in data:  # W&B: at most this many runs
+        cap = data.pop("run_cap")
+        seed = (data.get("parameters") or {}).get("seed") if isinstance(data.get("parameters"), dict) else None
+        n_seeds = len(seed["values"]) if isinstance(seed, dict) and isinstance(seed.get("values"), list) else 1
+        if data.get("method", "grid") == "grid":
+            problems.append("run_cap: a grid sweep trains every combination of its values; remove run_cap")
+        elif "num_samples" in data:
+            problems.append("run_cap: give num_samples (raydyn's name) or W&B's run_cap, not both")
+        elif n_seeds > 1:
+            problems.append(f"run_cap: each drawn point is trained once per seed ({n_seeds} seeds), so runs are not "
+                            "points; give num_samples (the points to draw) instead")
+        else:
+            data["num_samples"] = cap
+    if data.get("method") == "bayes":  # W&B's Bayesian search: raydyn's Optuna search (TPE sampler)
+        missing = []
+        if data.get("num_samples") is None:
+            missing.append("num_samples (how many points to try, or W&B's run_cap; W&B's bayes runs until it is stopped)")
+        if data.get("metric") is None:
+            missing.append("metric (the final_* column to optimise, e.g. metric: {name: final_test_loss, "
+                           "goal: minimize})")
+        if missing:
+            problems.append("method: 'bayes' (W&B's Bayesian search) runs as raydyn's 'optuna' (Optuna's TPE "
+                            f"sampler on Ray Tune), which needs {' and '.join(missing)}; raydyn's methods: 'grid', "
+                            "'random', 'optuna'")
+        data["method"] = "optuna"
+    params = data.get("parameters")
+    if isinstance(params, dict):
+        mapped = {}
+        for pname, p in params.items():
+            mapped[pname], more = _wandb_param(str(pname), p) if isinstance(p, dict) else (p, [])
+            problems += more
+        data["parameters"] = mapped
+    if problems:
+        raise ValueError("\n  ".join(problems))
+    return data
+
+
 class SweepSpec(_Model):
-    """A whole sweep file, validated."""
+    """A whole sweep file, validated.
+
+    W&B sweep configs' own keys are accepted where they mean what raydyn's do (:func:`_wandb_aliases`);
+    the file still names what is trained under ``task:`` and ``train:``.
+    """
 
     name: str
     description: str = ""
@@ -335,6 +473,11 @@ class SweepSpec(_Model):
     goal: Literal["minimize", "maximize"] = "minimize"
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     phases: dict[str, Any] = Field(default_factory=dict, description="phase thresholds (see raydyn.phase)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _wandb_keys(cls, data: Any) -> Any:
+        return _wandb_aliases(data)
 
     @field_validator("phases")
     @classmethod
@@ -627,7 +770,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
             continue
         shown = e.get("input")
         got = "" if isinstance(shown, dict) or e["type"].startswith("value_error") else f" (got {shown!r})"
-        lines.append(f"{msg}{got}" if msg.startswith(f"{path}.") else f"{path}: {msg}{got}")
+        # a whole-file check's message starts with the key path it is about
+        lines.append(f"{msg}{got}" if msg.startswith(f"{path}.") or not loc else f"{path}: {msg}{got}")
     return f"{source}: invalid sweep file\n  " + "\n  ".join(lines)
 
 
@@ -686,10 +830,43 @@ def _check_parameters(spec: SweepSpec, source: str) -> None:
         raise SpecError(f"{source}: invalid sweep file\n  " + "\n  ".join(problems))
 
 
+class _DuplicateKeyError(yaml.YAMLError):
+    """A key given twice in one YAML mapping (lines are 1-based)."""
+
+    def __init__(self, key: Any, first_line: int, line: int) -> None:
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.first_line, self.line = key, first_line, line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping, at any depth (PyYAML would
+    silently keep the last one). Keys merged in with ``<<: *anchor`` may still be overridden."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise _DuplicateKeyError(key, seen[key], line)
+                seen[key] = line
+            except TypeError:  # an unhashable key: the base constructor names it
+                continue
+        return super().construct_mapping(node, deep=deep)
+
+
 def parse_sweep(text: str, source: str = "<sweep>") -> SweepSpec:
-    """Parse and validate sweep-file text. Raises :class:`SpecError` naming every problem."""
+    """Parse and validate sweep-file text. Raises :class:`SpecError` naming every problem
+    (a key given twice in one mapping is one)."""
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 -- a SafeLoader subclass
+    except _DuplicateKeyError as e:
+        where = f"twice on line {e.line}" if e.line == e.first_line else f"on lines {e.first_line} and {e.line}"
+        raise SpecError(f"{source}: duplicate key {e.key!r} {where}: a key may appear only once in a mapping "
+                        "(YAML would silently keep the last one); remove or merge one of them") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

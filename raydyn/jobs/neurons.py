@@ -212,8 +212,7 @@ def register_cli(analyze_app) -> None:
     ) -> None:
         """Neuron modes (OPT/NPT/dead), linearity probes and attraction basins per run (after Lin et al. 2025).
 
-        Needs full weight snapshots. Writes neurons_modes and neurons_summary (phase-map metrics opt_fraction,
-        opt_fraction_l0, ..., basin_sample, basin_weight).
+        Needs full weight snapshots. Writes neurons_modes and neurons_summary (phase-map metrics opt_fraction, opt_fraction_l0, ..., basin_sample, basin_weight).
         """
         from raydyn.cli import run_analysis
 

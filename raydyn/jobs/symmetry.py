@@ -262,9 +262,7 @@ def register_cli(analyze_app) -> None:
     ) -> None:
         """Broken conservation laws of symmetry (Kunin et al. 2021): theory vs recorded quantities, per layer.
 
-        Needs `train.record: [symmetry]` in the sweep file. Writes symmetry_laws and symmetry_summary
-        (phase-map metrics sym_exact_err, sym_continuous_err, sym_translation_break, sym_scale_break,
-        sym_rescale_break).
+        Needs `train.record: \\[symmetry]` in the sweep file. Writes symmetry_laws and symmetry_summary (phase-map metrics sym_exact_err, sym_continuous_err, sym_translation_break, sym_scale_break, sym_rescale_break).
         """
         from raydyn.cli import _resolve_sweep, _store, out, run_analysis
 

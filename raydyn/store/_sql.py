@@ -40,13 +40,30 @@ def _mentioned(query: str, candidates: list[str]) -> list[str]:
     return out
 
 
-def run_readonly(store: Store, query: str) -> pa.Table:
-    if not isinstance(query, str):
-        raise TypeError(f"query must be str, got {type(query).__name__}")
-    con = duckdb.connect(
+_MISSING_TABLE = re.compile(r'Table with name "?([^"\s]+?)"? does not exist')
+
+
+def _missing_table(err: Exception) -> str | None:
+    """The table name of DuckDB's 'Table with name X does not exist' catalog error, else None."""
+    if not isinstance(err, duckdb.CatalogException):
+        return None
+    m = _MISSING_TABLE.search(str(err))
+    return m.group(1) if m else None
+
+
+def _connect() -> duckdb.DuckDBPyConnection:
+    return duckdb.connect(
         ":memory:",
         config={"autoinstall_known_extensions": False, "autoload_known_extensions": False},
     )
+
+
+def check_select(query: str, con: duckdb.DuckDBPyConnection | None = None) -> None:
+    """Raise StoreError unless ``query`` parses as exactly one SELECT statement (nothing is run)."""
+    if not isinstance(query, str):
+        raise TypeError(f"query must be str, got {type(query).__name__}")
+    own = con is None
+    con = _connect() if con is None else con
     try:
         try:
             statements = con.extract_statements(query)
@@ -57,6 +74,17 @@ def run_readonly(store: Store, query: str) -> pa.Table:
         kind = statements[0].type
         if kind != duckdb.StatementType.SELECT:
             raise StoreError(f"{READ_ONLY}: {kind.name} statements are not allowed, only SELECT")
+    finally:
+        if own:
+            con.close()
+
+
+def run_readonly(store: Store, query: str) -> pa.Table:
+    if not isinstance(query, str):
+        raise TypeError(f"query must be str, got {type(query).__name__}")
+    con = _connect()
+    try:
+        check_select(query, con)
 
         from raydyn.store.store import _READ_ATTEMPTS, _empty_table
 
@@ -81,6 +109,12 @@ def run_readonly(store: Store, query: str) -> pa.Table:
                 # a part replaced by a concurrent writer mid-query: re-read; otherwise the query's fault
                 if attempt + 1 < _READ_ATTEMPTS and any(scan.changed(store) for scan in scans):
                     continue
+                missing = _missing_table(e)
+                if missing is not None:  # DuckDB would suggest one of its own catalog tables
+                    tables = sorted(set(store.tables()) | set(CORE_TABLES))
+                    raise StoreError(f"SQL query failed on store {store.location()}: no table named {missing!r}; "
+                                     f"tables in this store: {', '.join(tables)} (quote names containing - or . "
+                                     'in double quotes, e.g. "my-table")') from None
                 raise StoreError(f"SQL query failed on store {store.location()}: {e}") from None
         raise AssertionError("unreachable")  # pragma: no cover
     finally:
