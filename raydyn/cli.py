@@ -546,12 +546,7 @@ def phase_boundary(
                                       "boundaries": g.rows()} for g in res], indent=1, default=str) + "\n")
         return
     if fmt == "csv":
-        import csv
-
-        cols = list(rows[0]) if rows else groups + ["left_phase", "right_phase", "location", "lower", "upper"]
-        w = csv.DictWriter(sys.stdout, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
+        _write_csv(rows, groups + ["left_phase", "right_phase", "location", "lower", "upper"])
         return
     from rich.table import Table
 
@@ -568,6 +563,15 @@ def phase_boundary(
     out.print(t)
 
 
+def _write_csv(rows: list[dict], columns: list[str]) -> None:
+    """Rows (dicts) as CSV on stdout; ``columns`` when there are none (a header still tells what would be there)."""
+    import csv
+
+    w = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]) if rows else columns)
+    w.writeheader()
+    w.writerows(rows)
+
+
 def _print_crossings(sweep: str, runs, metric: str, axis: str, level: float, groups: list[str], fmt: str) -> None:
     """`phase-boundary --level`: where the numeric metric crosses ``level`` along ``axis``, per group."""
     from raydyn.phase.levels import level_crossings
@@ -579,13 +583,7 @@ def _print_crossings(sweep: str, runs, metric: str, axis: str, level: float, gro
                                       "crossings": g.rows()} for g in res], indent=1, default=str) + "\n")
         return
     if fmt == "csv":
-        import csv
-
-        cols = list(rows[0]) if rows else groups + ["level", "direction", "location", "lower", "upper",
-                                                    "lower_median", "upper_median"]
-        w = csv.DictWriter(sys.stdout, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
+        _write_csv(rows, groups + ["level", "direction", "location", "lower", "upper", "lower_median", "upper_median"])
         return
     from rich.table import Table
 
