@@ -21,6 +21,7 @@ import math
 import os
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -161,6 +162,16 @@ def _objective(values: list[float], goal: str) -> float:
     return sum(finite) / len(finite)
 
 
+def _quiet_exit_unraisable(unraisable: Any) -> None:
+    """``sys.unraisablehook`` of trial workers: when Ray stops a worker (the driver was interrupted), the
+    SystemExit/KeyboardInterrupt it raises can land in a weakref callback, which Python prints as an
+    "Exception ignored in ..." traceback that Ray forwards to the driver's terminal. Those are the stop
+    itself, not an error; anything else is printed as Python would."""
+    if isinstance(unraisable.exc_value, (SystemExit, KeyboardInterrupt)):
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def population_trial(config: dict[str, Any], store_uri: str, sweep: str, spec_text: str | None = None,
                      populations_by_id: dict[str, dict[str, Any]] | None = None, checkpoint_every: int | None = 0,
                      device: str = "auto", base_dir: str | None = None,
@@ -186,6 +197,7 @@ def population_trial(config: dict[str, Any], store_uri: str, sweep: str, spec_te
     from raydyn.tasks.plugins import add_search_path
 
     add_search_path(*(plugin_paths or []), base_dir)  # the driver's plug-in folders, on this worker too
+    sys.unraisablehook = _quiet_exit_unraisable  # a stopped sweep's workers: no "Exception ignored" tracebacks
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)  # one line per checkpoint otherwise
     ctx = tune.get_context()
     cpus = ctx.get_trial_resources().required_resources.get("CPU", 1) if ctx else 1

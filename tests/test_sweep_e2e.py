@@ -255,3 +255,33 @@ def test_random_sweep_is_reproducible_in_the_store(ray_session, tmp_path):
     run_sweep(spec, RANDOM, store)
     runs = store.runs(sweep="rnd").to_pandas()
     assert len(runs) == 8 and set(runs.run_id) == {r.run_id for r in spec.expand()}
+
+
+def test_trial_workers_do_not_print_their_own_stop(monkeypatch):
+    """A worker that Ray stops may raise SystemExit inside a weakref callback; Python would print it as
+    "Exception ignored ..." with a traceback, which Ray forwards to the driver. Trials swallow exactly
+    those (the stop itself) and print every other unraisable exception as Python does."""
+    import contextlib as cl
+    import gc
+    import io
+
+    from raydyn.sweep import _quiet_exit_unraisable
+
+    class Raises:
+        def __init__(self, exc):
+            self.exc = exc
+
+        def __del__(self):
+            raise self.exc
+
+    monkeypatch.setattr(sys, "unraisablehook", _quiet_exit_unraisable)
+    buf = io.StringIO()
+    with cl.redirect_stderr(buf):
+        Raises(SystemExit(1))
+        Raises(KeyboardInterrupt())
+        gc.collect()
+    assert buf.getvalue() == ""
+    with cl.redirect_stderr(buf):
+        Raises(ValueError("a real one"))
+        gc.collect()
+    assert "Exception ignored" in buf.getvalue() and "ValueError: a real one" in buf.getvalue()
