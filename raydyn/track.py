@@ -44,7 +44,7 @@ import sys
 import time
 import types
 import warnings
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import pyarrow as pa

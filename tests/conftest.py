@@ -13,6 +13,29 @@ for _k, _v in (("AWS_ACCESS_KEY_ID", "raydyn-test"), ("AWS_SECRET_ACCESS_KEY", "
     os.environ.setdefault(_k, _v)
 
 
+@pytest.fixture
+def run_main(monkeypatch, capsys):
+    """Call the CLI entry point (``raydyn.cli.main``) in-process; returns (exit code, stdout, stderr). The
+    signal handlers main() installs are put back afterwards."""
+    import signal
+    import sys
+
+    from raydyn import cli
+
+    old = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+
+    def run(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["raydyn", *args])
+        with pytest.raises(SystemExit) as e:
+            cli.main()
+        out, err = capsys.readouterr()
+        return e.value.code, out, err
+
+    yield run
+    signal.signal(signal.SIGTERM, old[0])
+    signal.signal(signal.SIGINT, old[1])
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     import ray

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -17,7 +16,6 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 
-from raydyn import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,22 +27,6 @@ method: grid
 parameters:
   lr: {values: [0.01, 0.1]}
 """
-
-
-@pytest.fixture
-def run_main(monkeypatch, capsys):
-    """Call the CLI entry point in-process; returns (exit code, stdout, stderr)."""
-    old = signal.getsignal(signal.SIGTERM)
-
-    def run(*args: str) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["raydyn", *args])
-        with pytest.raises(SystemExit) as e:
-            cli.main()
-        out, err = capsys.readouterr()
-        return e.value.code, out, err
-
-    yield run
-    signal.signal(signal.SIGTERM, old)
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import textwrap
-from pathlib import Path
 
 import pyarrow._fs as pa_private_fs
 import pytest

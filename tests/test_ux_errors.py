@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import inspect
 import re
-import signal
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -19,7 +17,6 @@ from rich.text import Text
 from typer.testing import CliRunner
 
 import raydyn
-from raydyn import cli
 from raydyn.cli import app
 from raydyn.errors import RaydynError, SpecError
 from raydyn.spec import EXECUTION_ONLY, parse_sweep, sweep_hash
@@ -66,24 +63,6 @@ def raydyn_error(r, *fragments: str) -> str:
     for f in fragments:
         assert f in msg, f"{f!r} not in {msg!r}"
     return msg
-
-
-@pytest.fixture
-def run_main(monkeypatch, capsys):
-    """Call the CLI entry point in-process; returns (exit code, stdout, stderr)."""
-    old = signal.getsignal(signal.SIGTERM)
-    old_int = signal.getsignal(signal.SIGINT)
-
-    def run(*args: str) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["raydyn", *args])
-        with pytest.raises(SystemExit) as e:
-            cli.main()
-        out, err = capsys.readouterr()
-        return e.value.code, out, err
-
-    yield run
-    signal.signal(signal.SIGTERM, old)
-    signal.signal(signal.SIGINT, old_int)
 
 
 def one_clear_error(code: int, err: str, *fragments: str) -> None:

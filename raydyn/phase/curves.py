@@ -84,7 +84,7 @@ def curve_table(store: Any, sweep: str, metric: str, group_by: str, facet: str |
     s, v = _literal(sweep), _ident(metric)
     stats = {"q25": "quantile_cont(v, 0.25)", "q75": "quantile_cont(v, 0.75)", "mean": "avg(v)",
              "std": "stddev_samp(v)", "min": "min(v)", "max": "max(v)"}
-    select = ", ".join([f"median(v) AS median"] + [f"{stats[c]} AS {c}" for c in extra])
+    select = ", ".join(["median(v) AS median"] + [f"{stats[c]} AS {c}" for c in extra])
     facet_sql = _ident(facet) if facet is not None else "NULL"
     query = f"""
         WITH r AS (

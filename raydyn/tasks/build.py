@@ -128,8 +128,6 @@ def _stored_config(store, row: dict[str, Any]) -> dict[str, Any]:
 def stored_data(store, run_id: str, sweep: str | None = None) -> Dataset:
     """A stored run's data set, rebuilt from its config (relative paths resolved against the directory its
     sweep was launched from; plug-in loaders imported from there too)."""
-    import json
-
     from raydyn.tasks.plugins import add_search_path
 
     row = _run_row(store, run_id, sweep)
