@@ -105,6 +105,7 @@ def sweep_run(
         bar.update(task[0], completed=info["done"], total=info["total"] or None, diverged=info["diverged"],
                    failed=info["failed"], retried=info.get("retried", 0))
 
+    log = _route_ray_log(st, spec.name)
     try:
         outcome = run_sweep(spec, text, st, address=address, num_cpus=num_cpus, progress=update,
                             max_failures=max_failures)
@@ -122,9 +123,33 @@ def sweep_run(
         )
     console.print(f"store: {st.uri}")
     if outcome.failed_populations:
-        console.print(f"[red]{len(outcome.failed_populations)} trial(s) failed[/]: {', '.join(outcome.failed_populations)}. "
-                      "Completed runs are kept; run the same command again to retry the rest.")
+        _print_failures(outcome, log)
         raise typer.Exit(1)
+
+
+def _route_ray_log(st, name: str) -> Path:
+    """Ray's own log (start-up notices, Tune's tracebacks, workers' stderr) goes to a file of the store's log
+    folder; raydyn prints one line per distinct warning or failure and names that file."""
+    from rich.text import Text
+
+    from raydyn.sweep import log_path, route_ray_logs
+
+    return route_ray_logs(log_path(st, name),
+                          warn=lambda msg: console.print(Text.assemble(("warning: ", "bold yellow"), msg), soft_wrap=True))
+
+
+def _print_failures(outcome, log: Path | None) -> None:
+    from rich.text import Text
+
+    from raydyn.sweep import failure_report
+
+    for para in failure_report(outcome.failed_populations, outcome.failures):
+        console.print(Text.assemble(("failed: ", "bold red"), para), soft_wrap=True)
+    from raydyn.sweep import current_log
+
+    log = current_log() or log
+    console.print("Completed runs are kept in the store."
+                  + (f" Full tracebacks: {log}" if log is not None and log.exists() else ""), highlight=False)
 
 
 @sweep_app.command("status")
@@ -630,6 +655,7 @@ def sweep_refine(
         vals = ", ".join(f"{p[axis]:.4g}" if isinstance(p[axis], float) else str(p[axis]) for p in points)
         console.print(f"round {i}: training {axis} = {vals}", highlight=False)
 
+    log = _route_ray_log(st, spec.name)
     outcome = refine_sweep(spec, text, st, axis=axis, budget=budget, tol=tol, batch=batch, scale=scale,
                            address=address, num_cpus=num_cpus, on_round=on_round)
     if as_json:
@@ -652,7 +678,7 @@ def sweep_refine(
                   + ("all boundaries resolved" if outcome.resolved else "not all boundaries resolved"), highlight=False)
     out.print(f"store: {st.uri}")
     if outcome.failed_populations:
-        console.print(f"[red]{len(outcome.failed_populations)} trial(s) failed[/]: {', '.join(outcome.failed_populations)}")
+        _print_failures(outcome, log)
         raise typer.Exit(1)
 
 
@@ -703,6 +729,7 @@ def run_analysis(job, sweep: str, store: str | None, address: str | None, tag: s
 
     st = _store(store)
     spec, _ = _resolve_sweep(sweep, st)
+    _route_ray_log(st, f"{spec.name}-{job.name}")
     ensure_ray(address)
     with Progress(TextColumn(f"[bold]{job.name}[/] {spec.name}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("units · {task.fields[failed]} failed"), TimeElapsedColumn(), console=console) as bar:
@@ -833,7 +860,7 @@ def main() -> None:
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where the shell ignores it
         signal.signal(signal.SIGINT, _on_signal)
     try:
-        rv = app(standalone_mode=False)
+        rv = _run_app()
     except RaydynError as e:
         from rich.text import Text
 
@@ -856,6 +883,14 @@ def main() -> None:
         _interrupted()
     if isinstance(rv, int) and not isinstance(rv, bool) and rv:  # typer.Exit(code) comes back as a value
         sys.exit(rv)
+
+
+def _run_app() -> Any:
+    try:
+        return app(standalone_mode=False)
+    finally:  # Ray's log back to the terminal (matters when main() is called in-process, as in tests)
+        if "raydyn.sweep" in sys.modules:
+            sys.modules["raydyn.sweep"].unroute_ray_logs()
 
 
 def _show_warnings() -> None:

@@ -46,6 +46,7 @@ class RefineOutcome:
     resolved: bool = False
     elapsed_s: float = 0.0
     failed_populations: list[str] = field(default_factory=list)
+    failures: dict[str, list[str]] = field(default_factory=dict)  # failed trial -> root cause of each attempt
 
 
 def labelled_runs(store, sweep: str, *, reclassify: bool = False, progress=None):
@@ -179,6 +180,7 @@ def refine_sweep(
         res = train_runs(spec, store, configs, origin="refine", address=address, num_cpus=num_cpus,
                          progress=progress)
         out.failed_populations += res.failed_populations
+        out.failures.update(res.failures)
         used += len(configs)
         runs = labelled_runs(store, spec.name, reclassify=True)
 

@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import socket
 import sys
@@ -107,6 +108,126 @@ def _loopback_only() -> Iterator[None]:
             os.environ[key] = env_before
 
 
+# ----------------------------------------------------------------------------- Ray's log
+_WARNING_LINE = re.compile(r"^\S.*:\d+: (\w*Warning): (.*)$")  # Python's warnings.showwarning format
+_routing: dict[str, Any] = {"path": None, "handler": None, "shown": set(), "warn": None, "removed": []}
+
+
+def log_path(store: Store, name: str) -> Path:
+    """Where a command's Ray log goes: ``<store>/logs/<name>-<time>.log`` for a local store, else the
+    system's temporary folder (the store may be an object store)."""
+    local = store.local_path()
+    folder = Path(local) / "logs" if local else Path(tempfile.gettempdir()) / "raydyn-logs"
+    return folder / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+
+
+def route_ray_logs(path: str | Path, warn: Callable[[str], None] | None = None) -> Path:
+    """Send Ray's own log to the file ``path`` instead of the terminal, for the rest of the process.
+
+    That is the driver's ``ray`` loggers (start-up notices such as the token-authentication one, Tune's
+    trial-failure tracebacks) and what workers write to stderr; workers' stdout (a plug-in's ``print``)
+    still reaches the terminal. A Python warning a worker prints (e.g. raydyn's NotVectorisedWarning) is
+    passed to ``warn`` once per distinct message (default: printed as ``warning: ...``). Returns the path.
+    """
+    path = Path(path)
+    from ray._private import log as ray_log
+
+    ray_log.generate_logging_config()  # Ray's own handlers exist from here on, so they can be replaced
+    logger = logging.getLogger("ray")
+    handler = _LazyFileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s\t%(levelname)s %(name)s:%(lineno)s -- %(message)s"))
+    for h in list(logger.handlers):
+        if isinstance(h, logging.StreamHandler):  # Ray's console handler, or the file of an earlier command
+            logger.removeHandler(h)
+            if h is not _routing["handler"]:
+                _routing["removed"].append(h)  # put back by unroute_ray_logs
+            else:
+                h.close()
+    logger.addHandler(handler)
+    _routing.update(path=path, handler=handler, warn=warn)
+    if ray.is_initialized():
+        _route_worker_streams()
+    return path
+
+
+def current_log() -> Path | None:
+    """The file Ray's log goes to now (:func:`route_ray_logs`), or None."""
+    return _routing["path"]
+
+
+class _LazyFileHandler(logging.FileHandler):
+    """A log file created with its folder on the first record (a command that fails before Ray writes nothing);
+    when that folder cannot be written (a read-only store), the file goes to the temporary folder instead."""
+
+    def __init__(self, path: Path):
+        super().__init__(path, encoding="utf-8", delay=True)
+
+    def _open(self):
+        try:
+            Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+            return super()._open()
+        except OSError:
+            fallback = Path(tempfile.gettempdir()) / "raydyn-logs" / Path(self.baseFilename).name
+            fallback.parent.mkdir(parents=True, exist_ok=True)
+            self.baseFilename = str(fallback)
+            _routing["path"] = fallback
+            return super()._open()
+
+
+def unroute_ray_logs() -> None:
+    """Undo :func:`route_ray_logs`: Ray's log and workers' output go to the terminal again."""
+    logger = logging.getLogger("ray")
+    if _routing["handler"] is not None:
+        logger.removeHandler(_routing["handler"])
+        _routing["handler"].close()
+    for h in _routing["removed"]:
+        logger.addHandler(h)
+    _routing.update(path=None, handler=None, warn=None, removed=[])
+    try:
+        import functools
+
+        from ray._private import worker as ray_worker
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
+    if "raydyn_print_logs" in [name for name, _ in dispatcher.handlers]:
+        dispatcher.remove_handler("raydyn_print_logs")
+        dispatcher.add_handler("ray_print_logs", functools.partial(
+            ray_worker.print_to_stdstream,
+            ignore_prefix=ray_worker._should_ignore_worker_log_prefix(ray_worker.global_worker)))
+
+
+def _route_worker_streams() -> None:
+    """Replace Ray's printer of worker output (private API: left as it is if Ray changed it)."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
+    names = [name for name, _ in dispatcher.handlers]
+    if "ray_print_logs" not in names and "raydyn_print_logs" not in names:
+        return  # log_to_driver=False: nothing is printed anyway
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.remove_handler("raydyn_print_logs")
+    dispatcher.add_handler("raydyn_print_logs", _worker_lines)
+
+
+def _worker_lines(data: dict[str, Any]) -> None:
+    lines = data.get("lines") or []
+    who = f"({data.get('task_name') or data.get('actor_name') or 'worker'} pid={data.get('pid')})"
+    if not data.get("is_err") and isinstance(data.get("pid"), int):  # a worker's print (not Ray's autoscaler)
+        for ln in lines:
+            print(f"{who} {ln}", file=sys.stdout)
+        return
+    handler = _routing["handler"]
+    for ln in lines:
+        m = _WARNING_LINE.match(ln)
+        if m and m.group(2) not in _routing["shown"]:
+            _routing["shown"].add(m.group(2))
+            (_routing["warn"] or (lambda msg: print(f"warning: {msg}", file=sys.stderr)))(m.group(2))
+        if handler is not None:
+            handler.emit(logging.LogRecord("ray.worker", logging.INFO, "", 0, f"{who} {ln}", None, None))
+
+
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Attach to ``address`` (or $RAY_ADDRESS), or start an embedded local Ray.
 
@@ -137,6 +258,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
                      _node_ip_address="127.0.0.1", **kwargs)
     if main and callable(previous):  # ray.init replaces SIGTERM with a bare sys.exit
         signal.signal(signal.SIGTERM, previous)
+    if _routing["path"] is not None:
+        _route_worker_streams()
 
 
 def check_resources(spec: SweepSpec) -> None:
@@ -279,6 +402,7 @@ class _Progress(tune.Callback):
     def __init__(self, total: int, update: Callable[[dict[str, Any]], None]):
         self.total, self.update = total, update
         self.done = self.diverged = self.failed = self.retried = 0
+        self.failures: dict[str, list[str]] = {}  # trial name -> root cause of each failed attempt
         self.phase_s: dict[str, float] = {}
         self.t0 = time.time()
 
@@ -299,11 +423,25 @@ class _Progress(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.failed += 1
+        self._note_failure(trial)
         self._emit()
 
     def on_trial_recover(self, iteration, trials, trial, **info):  # failed, and Tune retries it
         self.retried += 1
+        self._note_failure(trial)
         self._emit()
+
+    def _note_failure(self, trial) -> None:
+        """The root cause of the trial's latest failure, from Tune's error file (one block per failure)."""
+        cause = "unknown error (Tune wrote no error file)"
+        try:
+            with open(trial.error_file, encoding="utf-8", errors="replace") as f:
+                blocks = re.split(r"^Failure # \d+ \(occurred at [^)]*\)$", f.read(), flags=re.M)
+            if blocks and blocks[-1].strip():
+                cause = root_cause(blocks[-1])
+        except (OSError, TypeError):
+            pass
+        self.failures.setdefault(_trial_name(trial), []).append(cause)
 
     def _emit(self) -> None:
         if self.update is None:
@@ -324,6 +462,31 @@ class SweepOutcome:
     elapsed_s: float = 0.0
     phase_s: dict[str, float] = field(default_factory=dict)  # trial seconds summed: train, tables, write
     grown: list[str] = field(default_factory=list)  # the sweep file grew the stored grid: keys that differ
+    failures: dict[str, list[str]] = field(default_factory=dict)  # failed trial -> root cause of each attempt
+
+
+
+def failure_report(failed: list[str], failures: dict[str, list[str]]) -> list[str]:
+    """One paragraph per distinct root cause of the ``failed`` trials, not one traceback per attempt;
+    ``failures``: trial -> root cause of each of its failed attempts (:class:`_Progress` collects them)."""
+    by_cause: dict[str, list[tuple[str, int]]] = {}
+    for trial in failed:
+        causes = failures.get(trial) or ["unknown error"]
+        by_cause.setdefault(causes[-1], []).append((trial, len(causes)))
+    out = []
+    for cause, trials in by_cause.items():
+        attempts = sorted({n for _, n in trials})
+        same = all(len(set(failures.get(t) or [cause])) == 1 for t, _ in trials)
+        tries = f"{attempts[0]}" if len(attempts) == 1 else f"{attempts[0]}-{attempts[-1]}"
+        names = ", ".join(t for t, _ in trials[:5]) + (f" and {len(trials) - 5} more" if len(trials) > 5 else "")
+        head = (f"{len(trials)} trial(s) failed ({names}), "
+                + (f"with the same error on each of {tries} attempt(s)" if same else f"after {tries} attempt(s)")
+                + f": {cause}")
+        if same and max(attempts) > 1:
+            head += (". An error that repeats on every attempt is in the model, the data or the sweep file, "
+                     "not in the cluster: fix it, then run the same command to train the remaining runs")
+        out.append(head)
+    return out
 
 
 def _tune_storage(store: Store) -> tuple[str | None, Any]:
@@ -542,14 +705,74 @@ def preflight(spec: SweepSpec, runs: list[RunConfig], store: Store) -> None:
         if arch in seen_arch:
             continue
         seen_arch.add(arch)
+        data = seen_data[dkey]
         try:
             with torch.random.fork_rng():
-                init_model(cfg, seen_data[dkey])
+                model = init_model(cfg, data)
         except _Err:
             raise
         except Exception as e:  # a built-in model that does not fit the data (shapes, vocab, ...)
             raise _Err(f"sweep {spec.name!r}: building model {cfg['model']!r} for dataset {cfg['dataset']!r} "
-                       f"failed: {type(e).__name__}: {e}") from None
+                       f"failed: {root_cause(e)}") from None
+        smoke_step(spec.name, cfg, model, data)
+
+
+def smoke_step(sweep: str, cfg: dict[str, Any], model: Any, data: Any) -> None:
+    """One training forward pass and loss of ``model`` on a few training samples, and one evaluation forward,
+    on the driver: a model whose output does not fit the labels or the loss (or that raises in ``forward``)
+    fails here, once, instead of in every trial and every retry. No parameter changes (no backward, RNG forked)."""
+    import torch
+
+    from raydyn.errors import RaydynError as _Err
+    from raydyn.train.objectives import loss_fn
+
+    loss_name = cfg.get("loss") or data.default_loss
+    n = max(2, min(int(cfg["batch_size"]), int(data.n_train), 8))  # batch norm in train mode needs > 1 sample
+    x, y = data.head("train", n)
+    try:
+        with torch.random.fork_rng(), torch.no_grad():
+            model.train()
+            loss = loss_fn(loss_name, model(x), y)
+            if loss.dim() != 0:
+                raise ValueError(f"the loss is not a scalar (shape {tuple(loss.shape)})")
+            model.eval()
+            model(x)
+    except Exception as e:  # noqa: BLE001 -- any failure of the user's model on its data is reported as one message
+        raise _Err(f"sweep {sweep!r}: model {cfg['model']!r} fails on a batch of {n} samples of dataset "
+                   f"{cfg['dataset']!r} (input {tuple(x.shape)}, labels {tuple(y.shape)}, loss {loss_name}): "
+                   f"{root_cause(e)}. Nothing was trained.") from None
+
+
+_OWN_FRAMES = re.compile(r"[/\\](site-packages|dist-packages|lib[/\\]python3\.\d+)[/\\]|[/\\]raydyn[/\\]"
+                         r"(sweep|fanout|train|tasks|store|jobs|analysis|spec)")
+
+
+def root_cause(err: BaseException | str) -> str:
+    """``Type: message (at file:line, in function)`` of an exception or of a traceback's text (Ray's trial errors
+    arrive as text); the place is the innermost frame outside Python's, Ray's, torch's and raydyn's own code
+    (the user's plug-in), when there is one."""
+    if isinstance(err, BaseException):
+        import traceback
+
+        msg = str(err).strip()
+        return (f"{type(err).__name__}: {msg}" if msg else type(err).__name__) + _place(
+            "".join(traceback.format_exception(err)))
+    text = str(err)
+    lines = [ln.rstrip() for ln in text.strip().splitlines() if ln.strip()]
+    # the exception line: the last unindented "Name: message" line (Ray prefixes "ray.exceptions.RayTaskError(X): ")
+    pattern = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Warning)\b(\([\w.]+\))?)(: .*)?$")
+    last = next((ln for ln in reversed(lines) if pattern.match(ln) and not ln.startswith("ray.exceptions.")),
+                lines[-1] if lines else "unknown error")
+    return last.strip() + _place(text)
+
+
+def _place(tb: str) -> str:
+    frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)', tb)
+    user = [f for f in frames if not _OWN_FRAMES.search(f[0]) and not f[0].startswith("<")]
+    if not user:
+        return ""
+    f, line, fn = user[-1]
+    return f" (at {f}:{line}, in {fn})"
 
 
 def plugin_paths(spec: SweepSpec) -> list[str]:
@@ -661,7 +884,7 @@ def train_runs(
         max_concurrent_trials=spec.resources.max_concurrent), populations_by_id={p.pop_id: p.to_dict() for p in pops})
     failed = [r.config["population"] for r in grid if r.error is not None]
     return SweepOutcome(spec.name, len(runs), len(runs) - len(todo), cb.done, cb.diverged, failed, time.time() - t0,
-                        dict(cb.phase_s))
+                        dict(cb.phase_s), failures=dict(cb.failures))
 
 
 def _fit(spec, store, param_space, cb, max_failures, tune_config, spec_text=None, populations_by_id=None):
@@ -701,6 +924,12 @@ def _trial_name(trial) -> str:
     return str(pop) if pop else f"optuna-{trial.trial_id}"
 
 
+def _trial_name_of(result) -> str:
+    """The trial name of a Tune ``Result`` (its folder is named by :func:`_trial_name`)."""
+    path = getattr(result, "path", None)
+    return os.path.basename(str(path).rstrip("/")) if path else str(result.config)
+
+
 def _run_optuna(spec, text, store, *, address, num_cpus, progress, max_failures, t0) -> SweepOutcome:
     from ray.tune.search.optuna import OptunaSearch
 
@@ -738,9 +967,9 @@ def _run_optuna(spec, text, store, *, address, num_cpus, progress, max_failures,
     grid = _fit(spec, store, space, cb, max_failures, tune.TuneConfig(
         search_alg=searcher, num_samples=remaining, max_concurrent_trials=spec.resources.max_concurrent),
         spec_text=text)
-    failed = [str(r.config) for r in grid if r.error is not None]
+    failed = [_trial_name_of(r) for r in grid if r.error is not None]
     return SweepOutcome(spec.name, (len(done_pops) + remaining) * len(seeds), len(done_pops) * len(seeds),
-                        cb.done, cb.diverged, failed, time.time() - t0)
+                        cb.done, cb.diverged, failed, time.time() - t0, failures=dict(cb.failures))
 
 
 def sweep_status(spec: SweepSpec, store: Store) -> dict[str, Any]:
