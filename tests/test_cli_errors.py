@@ -10,7 +10,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -57,10 +56,9 @@ def test_unwritable_store_path(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     target = blocker / "store"
-    t0 = time.perf_counter()
-    r = run_cli("sweep", "run", sweep_file(tmp_path), "--store", str(target))
+    # a hang guard, not a speed target: starting Ray and failing later would take longer
+    r = run_cli("sweep", "run", sweep_file(tmp_path), "--store", str(target), timeout=60)
     one_clear_error(r.returncode, r.stderr, str(target), "Not a directory")
-    assert time.perf_counter() - t0 < 60  # no Ray was started for it
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "sweep.yaml"]
 
 
@@ -93,12 +91,10 @@ def _closed_port() -> int:
 @pytest.mark.parametrize("address", ["127.0.0.1:{port}", "ray://127.0.0.1:{port}", "198.51.100.7:6379", "nohost"])
 def test_unreachable_address_fails_fast(tmp_path, address):
     address = address.format(port=_closed_port())
-    t0 = time.perf_counter()
+    # the subprocess timeout is a hang guard: Ray alone retries an unreachable GCS for minutes
     r = run_cli("sweep", "run", sweep_file(tmp_path), "--store", str(tmp_path / "store"), "--address", address,
-                env={"RAYDYN_CONNECT_TIMEOUT_S": "3"})
-    took = time.perf_counter() - t0
+                env={"RAYDYN_CONNECT_TIMEOUT_S": "3"}, timeout=45)
     one_clear_error(r.returncode, r.stderr, f"--address {address!r}")
-    assert took < 45, f"took {took:.0f} s"  # Ray alone retries an unreachable GCS for minutes
     assert not (tmp_path / "store" / "sweeps").exists()  # the sweep was not registered
 
 

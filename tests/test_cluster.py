@@ -13,7 +13,6 @@ import os
 import queue
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -256,33 +255,22 @@ AGGREGATE = ("SELECT r.lr, avg(m.train_loss) AS loss, count(*) AS n FROM metrics
 
 
 @pytest.mark.ray
-def test_200_runs_and_a_filtered_aggregate_under_a_second(ray_session, tmp_path):
+def test_200_runs_and_a_filtered_aggregate(ray_session, tmp_path):
+    """200 runs in 4 populations; the aggregate's rows, in-process and from a `raydyn query` process. (Its
+    speed is measured in benchmarks/load_2000.py, not asserted here.)"""
     from raydyn.spec import parse_sweep
     from raydyn.sweep import run_sweep
 
     text = LOAD.format(lrs=[round(0.01 * (i + 1), 3) for i in range(10)], seeds=list(range(20)), pop=50)
     store = open_store(tmp_path / "store")
-    t0 = time.perf_counter()
     outcome = run_sweep(parse_sweep(text), text, store)
-    wall = time.perf_counter() - t0
     assert outcome.trained == 200 and not outcome.failed_populations
     # Tune's bookkeeping holds a population id per trial, not its 50 run configs
     params = glob.glob(str(tmp_path / "store" / "_tune" / "*" / "*" / "params.json"))
     assert len(params) == 4 and max(os.path.getsize(p) for p in params) < 200
-    times = []
-    for _ in range(5):
-        t = time.perf_counter()
-        res = store.sql(AGGREGATE)
-        times.append(time.perf_counter() - t)
+    res = store.sql(AGGREGATE)
     assert res.num_rows == 4 and res.column("n").to_pylist() == [20] * 4
-    cli = []
-    for _ in range(3):
-        t = time.perf_counter()
-        r = subprocess.run([sys.executable, "-m", "raydyn.cli", "query", AGGREGATE, "--store", str(tmp_path / "store"),
-                            "--format", "json"], capture_output=True, text=True, timeout=60, cwd=str(ROOT))
-        cli.append(time.perf_counter() - t)
-        assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-m", "raydyn.cli", "query", AGGREGATE, "--store", str(tmp_path / "store"),
+                        "--format", "json"], capture_output=True, text=True, timeout=60, cwd=str(ROOT))
+    assert r.returncode == 0, r.stderr
     assert [row["n"] for row in json.loads(r.stdout)] == [20] * 4
-    print(f"200 runs in {wall:.1f} s; aggregate median {statistics.median(times) * 1e3:.1f} ms (Store.sql), "
-          f"{statistics.median(cli):.2f} s (raydyn query process, start-up included)")
-    assert statistics.median(times) < 1.0
