@@ -693,7 +693,7 @@ def report(
     out_path: Optional[Path] = typer.Option(None, "--out", help="HTML path (default: <store>/reports/<sweep>.html)."),
     store: Optional[str] = StoreOpt,
 ) -> None:
-    """Write one self-contained HTML page: phase maps, the run table, per-run curves, and the analyses."""
+    """Write one self-contained HTML page: phase maps, interactive curves (median and band per group, any swept axis), the run table with an overlay of the runs you click, and the analyses."""
     from raydyn.phase.maps import runs_with_metrics
     from raydyn.report import build_report
 
