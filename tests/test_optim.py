@@ -84,3 +84,25 @@ def test_members_with_schedules_and_clipping_equal_torch(opt, extra, params):
         np.testing.assert_allclose(got.lr, ref["lrs"], rtol=1e-12)
         clipped += m.config["clip_grad_norm"] is not None and bool((got.grad_norm > m.config["clip_grad_norm"]).any())
     assert clipped  # clipping was active for some member (so the comparison tests it)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-13), (torch.float32, 2e-6)])
+def test_cross_entropy_equals_torchs_with_and_without_vmap(dtype, tol):
+    """loss_fn's cross entropy (logsumexp - gathered logit, which vmap batches natively) is F.cross_entropy:
+    ordinary and huge logits, its gradient too, one model and vmapped over a population."""
+    import torch.nn.functional as F
+    from torch.func import grad, vmap
+
+    from raydyn.train.objectives import loss_fn
+
+    g = torch.Generator().manual_seed(0)
+    for scale in (1.0, 1e4):
+        out = (scale * torch.randn(5, 64, 10, generator=g)).to(dtype)
+        y = torch.randint(0, 10, (64,), generator=g)
+        want = torch.stack([F.cross_entropy(o, y) for o in out])
+        got = vmap(lambda o: loss_fn("cross_entropy", o, y))(out)
+        assert torch.allclose(got, want, rtol=tol, atol=tol * scale), (got - want).abs().max()
+        assert torch.allclose(loss_fn("cross_entropy", out[0], y), want[0], rtol=tol, atol=tol * scale)
+        g_want = torch.stack([grad(lambda o: F.cross_entropy(o, y))(o) for o in out])
+        g_got = vmap(grad(lambda o: loss_fn("cross_entropy", o, y)))(out)
+        assert torch.allclose(g_got, g_want, rtol=tol, atol=tol), (g_got - g_want).abs().max()

@@ -8,6 +8,13 @@ import torch.nn.functional as F
 def loss_fn(name: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean loss of a batch. out: (B, C) logits or (B, d) predictions; y as in Dataset."""
     if name == "cross_entropy":
+        if out.dim() == y.dim() + 1:
+            # F.cross_entropy's value, written with ops that vmap batches natively: under vmap F.cross_entropy
+            # runs through a decomposition of nll_loss, and a population step costs ~13% more (MLP on digits, P=32)
+            # shifted by the (detached: the loss does not depend on it) max logit first, as log_softmax does, so
+            # that float32 logits of size 1e4 lose no digits
+            z = out - out.detach().amax(-1, keepdim=True)
+            return (torch.logsumexp(z, -1) - torch.gather(z, -1, y.unsqueeze(-1)).squeeze(-1)).mean()
         return F.cross_entropy(out, y)
     if name == "mse":
         if y.dtype == torch.long:  # classification with one-hot targets
