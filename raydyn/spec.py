@@ -159,6 +159,54 @@ class CMDOnlineSpec(_Model):
     samples: int = Field(1000, ge=2, description="parameters sampled (layer-balanced) to cluster into modes")
 
 
+EARLY_STOP_METRICS = ("train_loss", "test_loss", "train_acc", "test_acc")
+
+
+class EarlyStopSpec(_Model):
+    """Successive halving inside a population (``train.early_stop``): at each rung step the members still
+    training are ranked by configuration (members that differ only in ``seed`` form one configuration,
+    scored by their mean ``metric`` over seeds) and all but the best ``ceil(n / eta)`` configurations stop
+    (status ``stopped``). Rungs are ``min_step, min_step * eta, min_step * eta^2, ...`` below ``steps``, or
+    the explicit list ``rungs``; every rung must be an evaluation step (a multiple of ``eval_every``)."""
+
+    metric: Literal["train_loss", "test_loss", "train_acc", "test_acc"] = Field(
+        description="the evaluated metric runs are ranked by at each rung")
+    mode: Literal["min", "max"] | None = Field(None, description="min or max is better; default: max for *_acc, "
+                                               "else min")
+    min_step: int | None = Field(None, ge=1, description="the first rung; later ones at min_step * eta^k < steps")
+    eta: int = Field(2, ge=2, description="keep the best ceil(n / eta) of the n configurations at each rung")
+    rungs: list[int] | None = Field(None, description="explicit rung steps instead of min_step (increasing)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "EarlyStopSpec":
+        if (self.min_step is None) == (self.rungs is None):
+            raise ValueError("give exactly one of min_step (rungs at min_step * eta^k) or rungs (a list of steps)")
+        if self.rungs is not None:
+            if not self.rungs:
+                raise ValueError("train.early_stop.rungs: the list is empty; give at least one step")
+            for i, r in enumerate(self.rungs):
+                if r < 1 or (i and r <= self.rungs[i - 1]):
+                    raise ValueError(f"train.early_stop.rungs[{i}]: {r} must be >= 1 and greater than the rung before it; rungs are "
+                                     "increasing steps")
+        if self.mode is None:
+            object.__setattr__(self, "mode", "max" if self.metric.endswith("_acc") else "min")
+        return self
+
+
+def early_stop_rungs(es: dict[str, Any] | None, steps: int) -> list[int]:
+    """The rung steps of a resolved ``train.early_stop`` setting (a run config's ``early_stop``): the explicit
+    ``rungs``, or ``min_step * eta^k`` below ``steps``; [] without early stopping."""
+    if not es:
+        return []
+    if es.get("rungs"):
+        return [int(r) for r in es["rungs"]]
+    out, r = [], int(es["min_step"])
+    while r < steps:
+        out.append(r)
+        r *= int(es["eta"])
+    return out
+
+
 class TrainSpec(_Model):
     """How runs are trained and what is recorded."""
 
@@ -233,6 +281,9 @@ class TrainSpec(_Model):
         "checkpoint_minutes of training), so a trial that Ray Tune retries (node lost, worker crash) resumes there "
         "instead of at step 0. An execution setting: not part of a run's config or id, not sweepable",
     )
+    early_stop: EarlyStopSpec | None = Field(
+        None, description="successive halving inside each population: at rung steps the worst configurations "
+        "stop (status stopped); null: every run trains all steps")
     checkpoint_minutes: float = Field(
         5.0, gt=0, description="with checkpoint_every: null, a checkpoint after every this many minutes of "
         "training (a short trial writes none: retrying it costs less than checkpointing it)")
@@ -254,6 +305,21 @@ class TrainSpec(_Model):
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be less than steps ({self.steps})")
         if self.precision == "bf16" and self.dtype == "float64":
             raise ValueError("precision: bf16 autocasts float32 computation; it does not go with dtype: float64")
+        if self.early_stop is not None:
+            es, where = self.early_stop, "train.early_stop"
+            if self.optimizer in DYNAMICS_OPTIMIZERS:
+                raise ValueError(f"{where}: optimizer {self.optimizer!r} (an optimiser as a dynamical system) has no "
+                                 "evaluation steps to stop at; remove early_stop")
+            for i, r in enumerate(early_stop_rungs(es.model_dump(), self.steps)):
+                key = f"{where}.rungs[{i}]" if es.rungs is not None else f"{where}.min_step"
+                if r >= self.steps:
+                    raise ValueError(f"{key}: rung {r} is not before the last step (steps: {self.steps}); a run "
+                                     "stops at a rung only before it ends")
+                if r % self.eval_every:
+                    raise ValueError(f"{key}: rung {r} is not an evaluation step (eval_every: {self.eval_every}); "
+                                     "rungs rank runs by evaluated metrics, so each must be a multiple of eval_every")
+            if es.min_step is not None and es.min_step >= self.steps:
+                raise ValueError(f"{where}.min_step: {es.min_step} is not before the last step (steps: {self.steps})")
         if "cmd_online" in self.record and self.cmd.warmup > self.steps // self.record_every + 1:
             raise ValueError(f"cmd.warmup: {self.cmd.warmup} recorded steps, but steps={self.steps} with "
                              f"record_every={self.record_every} records only {self.steps // self.record_every + 1}")
@@ -394,8 +460,10 @@ def _wandb_aliases(data: Any) -> Any:
             problems.append(f"{key}: raydyn runs no training script: it trains the sweep file's task: (data set, "
                             f"model) with its train: settings itself; remove {key}: and describe the training there")
     if "early_terminate" in data:
-        problems.append("early_terminate: raydyn has no early stopping (no Hyperband): every run trains train.steps "
-                        "steps (a run that diverges stops at once, see train.divergence_factor); remove early_terminate")
+        problems.append("early_terminate: W&B's Hyperband counts iterations in logged results, which do not map to "
+                        "raydyn's training steps; raydyn's early stopping is train.early_stop (successive halving at "
+                        "evaluation steps: {metric: test_loss, min_step: 100, eta: 2}, or rungs: [...]); remove "
+                        "early_terminate")
     for key in ("project", "entity"):
         if key in data:
             problems.append(f"{key}: W&B's {key} says where runs are logged; raydyn writes them to its store (--store "
@@ -522,6 +590,10 @@ class SweepSpec(_Model):
                 raise ValueError("metric: method 'optuna' needs the metric to optimise, e.g. final_test_loss")
             if not self.metric.startswith("final_"):
                 raise ValueError(f"metric: {self.metric!r} is not a final_* metric (e.g. final_test_loss, final_train_loss)")
+            es = self.train.early_stop
+            if es is not None and (es.mode == "min") != (self.goal == "minimize"):
+                raise ValueError(f"train.early_stop.mode: {es.mode!r} ({es.metric}) prunes Optuna trials in the "
+                                 f"opposite direction to goal: {self.goal!r}; rank by a metric of the same direction")
         return self
 
     # ------------------------------------------------------------------ expansion
@@ -633,7 +705,7 @@ class RunConfig:
             if k in ("data", "model_options"):
                 for dk, dv in v.items():
                     out[column_name(f"{k}.{dk}")] = json.dumps(dv, sort_keys=True) if isinstance(dv, (list, dict)) else dv
-            elif k in ("weights", "cmd"):  # nested settings: in config_json
+            elif k in ("weights", "cmd", "early_stop"):  # nested settings: in config_json
                 continue
             elif k == "record":
                 out["record"] = ",".join(v)
@@ -662,11 +734,11 @@ _ID_NEUTRAL: dict[str, Any] = {"curvature_batch": 256, "lr_units": "absolute", "
                                "embed_weight_decay": None, "init_perturb": 0.0, "perturb": 0, "bn_eps": 1e-5,
                                "fixed_norm": None, "init": "torch", "model_options": {}, "schedule": "constant",
                                "warmup_steps": 0, "final_lr_factor": 0.0, "decay_every": None, "decay_gamma": 0.1,
-                               "clip_grad_norm": None, "precision": "full"}
+                               "clip_grad_norm": None, "precision": "full", "early_stop": None}
 
 
 # Shared settings added after population ids were first stored: at these values they leave it unchanged.
-_POP_NEUTRAL: dict[str, Any] = {"model_options": {}, "precision": "full"}
+_POP_NEUTRAL: dict[str, Any] = {"model_options": {}, "precision": "full", "early_stop": None}
 
 
 def _id_view(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -780,7 +852,7 @@ def _check_parameters(spec: SweepSpec, source: str) -> None:
     from raydyn.tasks import registry
 
     task_fields = set(TaskSpec.model_fields) - {"data", "dataset", "model_options"}
-    train_fields = set(TrainSpec.model_fields) - {"record", "weights", "cmd"} - set(EXECUTION_ONLY)
+    train_fields = set(TrainSpec.model_fields) - {"record", "weights", "cmd", "early_stop"} - set(EXECUTION_ONLY)
     d_entry, m_entry = registry.dataset(spec.task.dataset), registry.model(spec.task.model)
     allowed = sorted(task_fields | train_fields) + [f"data.{k}" for k in d_entry.options]
     if m_entry.plugin:

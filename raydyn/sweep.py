@@ -298,7 +298,8 @@ def _quiet_exit_unraisable(unraisable: Any) -> None:
 def population_trial(config: dict[str, Any], store_uri: str, sweep: str, spec_text: str | None = None,
                      populations_by_id: dict[str, dict[str, Any]] | None = None, checkpoint_every: int | None = 0,
                      device: str = "auto", base_dir: str | None = None,
-                     plugin_paths: list[str] | None = None, checkpoint_minutes: float = 5.0) -> None:
+                     plugin_paths: list[str] | None = None, checkpoint_minutes: float = 5.0,
+                     rung_board: Any = None) -> None:
     """Tune function trainable: train one population and write it to the store.
 
     ``config`` holds either a population id (grid/random; the population is looked
@@ -306,7 +307,9 @@ def population_trial(config: dict[str, Any], store_uri: str, sweep: str, spec_te
     crossed with the sweep's seeds here. Every ``checkpoint_every`` steps the full
     training state is reported as a Tune checkpoint; a retried trial resumes from
     the last one (``resumed_from`` in its results says where). ``device``: ``train.device``;
-    ``base_dir``: what relative data paths are relative to (the driver's directory).
+    ``base_dir``: what relative data paths are relative to (the driver's directory). ``rung_board``: an
+    optuna sweep with ``train.early_stop``: the actor (:class:`RungBoard`) that prunes a trial at a rung;
+    a pruned trial writes its runs with status ``stopped`` and reports ``pruned``.
     """
     import pyarrow as pa
     import torch
@@ -366,7 +369,12 @@ def population_trial(config: dict[str, Any], store_uri: str, sweep: str, spec_te
                         checkpoint=tune.Checkpoint.from_directory(d))
 
     # Optuna's searcher expects its objective in every result: only the final report there
-    # (so no progress reports and no checkpoints for Optuna trials)
+    # (so no progress reports and no checkpoints for Optuna trials), and a report at each early-stopping rung
+    def ask_board(step: int, value: float) -> bool:
+        tune.report({**base, "step": step, "objective": value, "rung": step, "pop_done": 0})  # Optuna: intermediate
+        return bool(ray.get(rung_board.report.remote(step, value)))
+
+    prune = ask_board if metric and rung_board is not None else None
     if registry.model(pop.shared["model"]).trainer == "dynamics":  # optimisers as dynamical systems: no network
         from raydyn.train.dynamics import train_dynamics
 
@@ -376,7 +384,8 @@ def population_trial(config: dict[str, Any], store_uri: str, sweep: str, spec_te
                                   checkpoint_every=0 if metric else (checkpoint_every or 0),
                                   checkpoint_seconds=None if (metric or checkpoint_every is not None)
                                   else 60.0 * checkpoint_minutes,
-                                  on_checkpoint=on_checkpoint, resume=resume, device=device, base_dir=base_dir)
+                                  on_checkpoint=on_checkpoint, resume=resume, device=device, base_dir=base_dir,
+                                  prune=prune)
     t_tables = time.perf_counter()
     runs = runs_table(result, pop.pop_id, node=node)
     runs = runs.append_column("origin", pa.array([origin] * runs.num_rows, pa.string()))  # grid|random|refine|optuna
@@ -385,11 +394,15 @@ def population_trial(config: dict[str, Any], store_uri: str, sweep: str, spec_te
     t_write = time.perf_counter()
     store.write_runs(sweep, pop.pop_id, runs=runs, **tables)
     diverged = sum(m.status == "diverged" for m in result.members)
+    stopped = sum(m.status == "stopped" for m in result.members)
     # where a trial's time went (summed over trials in SweepOutcome.phase_s): training (incl. recording and
     # checkpoints), building its Arrow tables, writing them to the store
     final: dict[str, Any] = {**base, "step": int(pop.shared["steps"]), "active": n - diverged,
                              "diverged": diverged, "pop_done": 1, "t_train": result.wall_time_s,
-                             "t_tables": t_write - t_tables, "t_write": time.perf_counter() - t_write}
+                             "t_tables": t_write - t_tables, "t_write": time.perf_counter() - t_write,
+                             "stopped": stopped}
+    if metric and prune is not None:
+        final["pruned"] = stopped > 0 and stopped + diverged == n  # the searcher records the trial as pruned
     if metric:
         final["objective"] = _objective(runs.column(metric).to_pylist() if metric in runs.column_names else [], goal)
     tune.report(final)
@@ -887,9 +900,11 @@ def train_runs(
                         dict(cb.phase_s), failures=dict(cb.failures))
 
 
-def _fit(spec, store, param_space, cb, max_failures, tune_config, spec_text=None, populations_by_id=None):
+def _fit(spec, store, param_space, cb, max_failures, tune_config, spec_text=None, populations_by_id=None,
+         rung_board=None):
     trainable = tune.with_resources(
         tune.with_parameters(population_trial, store_uri=store.uri, sweep=spec.name, spec_text=spec_text,
+                             rung_board=rung_board,
                              populations_by_id=populations_by_id, checkpoint_every=spec.train.checkpoint_every,
                              checkpoint_minutes=spec.train.checkpoint_minutes,
                              device=spec.train.device, base_dir=base_dir_of(spec, store),
@@ -961,15 +976,62 @@ def _run_optuna(spec, text, store, *, address, num_cpus, progress, max_failures,
             space[name] = tune.loguniform(p.min, p.max)
         else:
             space[name] = tune.randint(int(math.ceil(p.min)), int(math.floor(p.max)) + 1)
-    searcher = OptunaSearch(metric="objective", mode="min" if spec.goal == "minimize" else "max",
-                            seed=int(spec.train.seed))
+    board = None
+    if spec.train.early_stop is not None:  # prune trials at the rungs: ASHA's rule over all trials so far
+        es = spec.train.early_stop
+        board = ray.remote(RungBoard).options(num_cpus=0).remote(es.eta, es.mode)
+    searcher = (_pruning_searcher() if board is not None else OptunaSearch)(
+        metric="objective", mode="min" if spec.goal == "minimize" else "max", seed=int(spec.train.seed))
     cb = _Progress(remaining * len(seeds), progress)
     grid = _fit(spec, store, space, cb, max_failures, tune.TuneConfig(
         search_alg=searcher, num_samples=remaining, max_concurrent_trials=spec.resources.max_concurrent),
-        spec_text=text)
+        spec_text=text, rung_board=board)
     failed = [_trial_name_of(r) for r in grid if r.error is not None]
     return SweepOutcome(spec.name, (len(done_pops) + remaining) * len(seeds), len(done_pops) * len(seeds),
                         cb.done, cb.diverged, failed, time.time() - t0, failures=dict(cb.failures))
+
+
+class RungBoard:
+    """Pruning of an Optuna sweep's trials (``train.early_stop`` with ``method: optuna``): Ray Tune's ASHA
+    rule, decided by the trial itself so that a pruned trial still writes its runs (Tune's schedulers stop a
+    function trainable from outside, before it could). A trial reports its configuration's mean rung metric
+    at each rung; it is pruned when that is worse than the best ``1/eta`` quantile of the values earlier
+    trials reported at that rung (the first trial at a rung always continues). Runs as a Ray actor."""
+
+    def __init__(self, eta: int, mode: str):
+        self.eta, self.sign = int(eta), 1.0 if mode == "min" else -1.0
+        self.seen: dict[int, list[float]] = {}
+
+    def report(self, rung: int, value: float) -> bool:
+        """True: prune the trial at ``rung``. Non-finite values are the worst."""
+        import numpy as np
+
+        v = self.sign * value if math.isfinite(value) else 1e300
+        recorded = self.seen.setdefault(int(rung), [])
+        prune = bool(recorded) and v > float(np.percentile(recorded, 100.0 / self.eta))
+        recorded.append(v)
+        return prune
+
+
+def _pruning_searcher():
+    """OptunaSearch that tells Optuna a trial whose final result says ``pruned`` was pruned (at its last
+    intermediate value), not completed with the metrics it stopped at."""
+    from optuna.trial import TrialState
+    from ray.tune.search.optuna import OptunaSearch
+
+    class PruningOptunaSearch(OptunaSearch):
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+            done, trials = getattr(self, "_completed_trials", None), getattr(self, "_ot_trials", {})
+            if result and result.get("pruned") and done is not None and trial_id in trials and trial_id not in done:
+                try:
+                    self._ot_study.tell(trials[trial_id], state=TrialState.PRUNED)
+                except Exception as exc:  # noqa: BLE001 -- as OptunaSearch does: a refused tell is logged only
+                    logging.getLogger(__name__).warning(exc)
+                done.add(trial_id)
+                return
+            super().on_trial_complete(trial_id, result, error)
+
+    return PruningOptunaSearch
 
 
 def sweep_status(spec: SweepSpec, store: Store) -> dict[str, Any]:

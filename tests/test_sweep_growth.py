@@ -421,7 +421,7 @@ def test_wandb_hyperband_is_refused_naming_each_key():
     lines = msg.splitlines()
     assert lines[0] == "wandb.yaml: invalid sweep file"
     assert lines[1].startswith("  program: raydyn runs no training script")
-    assert lines[2].startswith("  early_terminate: raydyn has no early stopping (no Hyperband)")
+    assert lines[2].startswith("  early_terminate: W&B's Hyperband counts iterations") and "train.early_stop" in lines[2]
     assert "method: 'bayes'" in msg and "num_samples" in msg  # no budget given either
     msg = refused(HYPERBAND.replace("program: train.py\n", "").replace("  max_iter: 27\n", "").replace(
         "  s: 2\n  eta: 3\n", "  min_iter: 3\n") + "num_samples: 4\n")

@@ -129,7 +129,7 @@ def summarise_run(traj: RunTrajectory, thresholds: PhaseThresholds, lr_actual: f
 
 @register
 class PhaseJob(Job):
-    """Classify every run of a sweep (completed and diverged) with the sweep's ``phases:`` thresholds."""
+    """Classify every run of a sweep (completed, diverged and stopped) with the sweep's ``phases:`` thresholds."""
 
     name = "phase"
 
@@ -139,7 +139,7 @@ class PhaseJob(Job):
         spec = parse_stored(store, sweep)
         self.thresholds = spec.thresholds() if spec is not None else PhaseThresholds()
         runs = store.runs(sweep=sweep, columns=["run_id", "status"])
-        return group_units(runs, None, status=("completed", "diverged"))
+        return group_units(runs, None, status=("completed", "diverged", "stopped"))
 
     def compute(self, store, sweep: str, unit: Unit) -> dict[str, pa.Table]:
         (run_id,) = unit.run_ids

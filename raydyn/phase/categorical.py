@@ -35,7 +35,7 @@ __all__ = ["CategoryMapInfo", "category_map_info", "is_categorical", "AxisBounda
 PHASE_COLORS = {
     "lazy": "#9ecae1", "converged": "#31a354", "unconverged": "#bdbdbd", "catapult": "#fd8d3c",
     "comprehension": "#a0da39", "grokking": "#fde725", "memorization": "#46327e", "confusion": "#1e1e1e",
-    "diverged": "#d62728",
+    "stopped": "#7f7f7f", "diverged": "#d62728",
 }
 
 

@@ -8,6 +8,9 @@ Rules, checked in this order (first match wins):
 
 1. ``diverged`` -- status ``"diverged"``, or any non-finite training loss, or
    final loss > ``div_factor`` x initial loss.
+1b. ``stopped`` -- status ``"stopped"``: early stopping (``train.early_stop``) ended the run at a rung, so
+   its trajectory is cut short and the rules below would judge an unfinished run (diverged comes first:
+   a stopped run whose loss blew up is ``diverged``).
 2. If ``train_acc`` is given (a generalisation task), with ``t_train`` / ``t_test``
    the first step at which train / test accuracy >= ``acc_threshold`` (steps
    counted from the first recorded step):
@@ -58,9 +61,9 @@ LOSS_PHASES: tuple[str, ...] = ("lazy", "converged", "unconverged", "catapult", 
 #: Phases of runs with train/test accuracy (Liu et al. 2022), best to worst.
 GENERALISATION_PHASES: tuple[str, ...] = ("comprehension", "grokking", "memorization", "confusion")
 #: Every label :func:`classify` can return, in a fixed order (use it for colours and legends).
-PHASES: tuple[str, ...] = LOSS_PHASES[:-1] + GENERALISATION_PHASES + ("diverged",)
+PHASES: tuple[str, ...] = LOSS_PHASES[:-1] + GENERALISATION_PHASES + ("stopped", "diverged")
 #: Statuses :func:`classify` accepts (a ``"failed"`` run has no trajectory to classify).
-RUN_STATUSES: tuple[str, ...] = ("completed", "diverged")
+RUN_STATUSES: tuple[str, ...] = ("completed", "diverged", "stopped")
 
 
 @dataclass(frozen=True)
@@ -166,7 +169,7 @@ class RunTrajectory:
             NaN marks steps where a quantity was not evaluated.
         ntk: optional (T,) NTK top eigenvalue (NaN where not measured).
         sharpness: optional (T,) top Hessian eigenvalue (recorded, not used by the rules).
-        status: ``"completed"`` or ``"diverged"`` (see :data:`RUN_STATUSES`).
+        status: ``"completed"``, ``"diverged"`` or ``"stopped"`` (see :data:`RUN_STATUSES`).
     """
 
     steps: np.ndarray
@@ -241,6 +244,8 @@ def classify(run: RunTrajectory, thresholds: PhaseThresholds | None = None) -> s
     L0 = max(float(loss[0]), th.loss_floor)
     if loss[-1] > th.div_factor * L0:
         return "diverged"
+    if run.status == "stopped":  # cut short by early stopping: its own class, not judged as if finished
+        return "stopped"
 
     # 2. generalisation phases, when accuracies are recorded.
     if run.train_acc is not None:

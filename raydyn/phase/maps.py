@@ -5,7 +5,10 @@ in :class:`PhaseMapInfo` are tested without drawing anything.
 
 Seeds (and any axis not used for x, y or facets) are aggregated per cell: the
 median and IQR of the metric over runs that did not diverge, the number of runs
-and the fraction that diverged. A cell with no runs is missing (NaN), never 0.
+and the fraction that diverged. Runs that early stopping ended at a rung (status ``stopped``)
+are left out of the median too (their final metrics are those at the rung, not at the end)
+and counted in ``stopped_frac``; a cell none of whose runs trained to the end is drawn as
+stopped. A cell with no runs is missing (NaN), never 0.
 """
 from __future__ import annotations
 
@@ -46,6 +49,7 @@ class PhaseMapInfo:
     lo: np.ndarray | None = None
     hi: np.ndarray | None = None
     aggregated: list[str] = field(default_factory=list)
+    stopped_frac: np.ndarray | None = None  # share of the cell's runs that early stopping ended (status stopped)
 
 
 def is_log_spaced(values: Sequence[Any]) -> bool:
@@ -95,6 +99,7 @@ def phase_map_info(
     shape = (len(fv), len(yv), len(xv))
     vals: dict[tuple[int, int, int], list[float]] = {}
     div: dict[tuple[int, int, int], list[bool]] = {}
+    stop: dict[tuple[int, int, int], list[bool]] = {}
     cell_rows: dict[tuple[int, int, int], list[int]] = {}
     fi_of = {f: i for i, f in enumerate(fv)}
     xi_of = {v: i for i, v in enumerate(xv)}
@@ -102,26 +107,30 @@ def phase_map_info(
     for r in range(runs.num_rows):
         key = (fi_of[tuple(d[f][r] for f in facets)] if facets else 0, yi_of[d[y][r]], xi_of[d[x][r]])
         diverged = status[r] == "diverged"
+        stopped = status[r] == "stopped"
         div.setdefault(key, []).append(diverged)
+        stop.setdefault(key, []).append(stopped)
         cell_rows.setdefault(key, []).append(r)
         v = d[metric][r]
-        if not diverged and v is not None and math.isfinite(v):
+        if not diverged and not stopped and v is not None and math.isfinite(v):
             vals.setdefault(key, []).append(float(v))
     median = np.full(shape, np.nan)
     iqr = np.full(shape, np.nan)
     q25, q75, lo, hi = (np.full(shape, np.nan) for _ in range(4))
     n_runs = np.zeros(shape, dtype=int)
     dfrac = np.full(shape, np.nan)
+    sfrac = np.full(shape, np.nan)
     for key, flags in div.items():
         n_runs[key] = len(flags)
         dfrac[key] = sum(flags) / len(flags)
+        sfrac[key] = sum(stop[key]) / len(flags)
         if key in vals:
             q1, q2, q3 = np.percentile(vals[key], [25, 50, 75])
             median[key], iqr[key] = q2, q3 - q1
             q25[key], q75[key], lo[key], hi[key] = q1, q3, min(vals[key]), max(vals[key])
     return PhaseMapInfo(metric, x, y, list(facets), fv, xv, yv, median, iqr, n_runs, dfrac,
                         is_log_spaced(xv), is_log_spaced(yv), q25, q75, lo, hi,
-                        _varying_in_cells(d, list(cell_rows.values()), [x, y, *facets]))
+                        _varying_in_cells(d, list(cell_rows.values()), [x, y, *facets]), sfrac)
 
 
 def _flat_config(text: Any) -> dict[str, str]:
@@ -309,7 +318,8 @@ def render_phase_map(info: PhaseMapInfo, title: str | None = None, diverged_at: 
                      spread: str | None = None):
     """One heatmap panel per facet value, as a matplotlib Figure.
 
-    Cells where at least ``diverged_at`` of the runs diverged are hatched red with an x;
+    Cells where at least ``diverged_at`` of the runs diverged are hatched red with an x; cells none of
+    whose runs trained to the end because early stopping ended them (status ``stopped``) are hatched grey;
     missing cells are left blank (light grey, "no runs"). Axis labels default to readable
     names (:func:`raydyn.plots.labels.readable`); the colour scale is log by default for positive
     values spanning more than 100x (``log_color`` True/False forces it); the colour-bar caption
@@ -381,6 +391,11 @@ def render_phase_map(info: PhaseMapInfo, title: str | None = None, diverged_at: 
                         ax.text(xc[j], yc[i], f"div\n{info.diverged_frac[cell]:.0%}", ha="center", va="center",
                                 fontsize=7, color="#7b241c")
                         continue
+                    if _all_stopped(info, cell):
+                        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, facecolor="#d9d9d9", hatch="//",
+                                               edgecolor="#7f7f7f", lw=0))
+                        ax.text(xc[j], yc[i], "stopped", ha="center", va="center", fontsize=7, color="#404040")
+                        continue
                     if not small or not np.isfinite(info.median[cell]):
                         continue
                     v = info.median[cell] if b == 0 else width[cell]
@@ -418,12 +433,23 @@ def render_phase_map(info: PhaseMapInfo, title: str | None = None, diverged_at: 
         cb.set_label(spread_caption(info, spread))
     handles = [Patch(facecolor="#f4c7c3", hatch="xx", edgecolor="#c0392b", label=f"diverged (≥{diverged_at:.0%} of runs)"),
                Patch(facecolor="#e6e6e6", hatch="..", edgecolor="#b0b0b0", label="no runs")]
+    if any(_all_stopped(info, c) for c in zip(*np.nonzero(info.n_runs))):
+        handles.insert(1, Patch(facecolor="#d9d9d9", hatch="//", edgecolor="#7f7f7f",
+                                label="stopped early (no run trained to the end)"))
     if spread:
         handles.append(Patch(facecolor="none", edgecolor="none",
                              label=f"cell text: median, below it {'q25–q75' if spread == 'iqr' else 'min–max'}"))
     fig.legend(handles=handles, loc="outside lower left", fontsize=8, frameon=False, ncol=len(handles))
     fig.suptitle(title or f"{info.metric} over {info.x} × {info.y}")
     return fig
+
+
+def _all_stopped(info: PhaseMapInfo, cell: tuple[int, ...]) -> bool:
+    """True when early stopping ended some of the cell's runs and none trained to the end (the others diverged)."""
+    if info.stopped_frac is None or info.n_runs[cell] == 0:
+        return False
+    s = float(info.stopped_frac[cell])
+    return s > 0 and s + float(info.diverged_frac[cell]) >= 1 - 1e-12
 
 
 def default_facets(axes: Sequence[str], x: str, y: str) -> list[str]:

@@ -6,7 +6,7 @@ What counts as a problem (all scoped to one sweep):
   (bad footer, truncated, damaged page: every row group is decoded with page
   checksums verified), or a ``sweep.json`` that is not a JSON object, or a
   ``sweep.yaml`` that is not UTF-8.
-- **orphan run** -- a runs row (status ``completed`` or ``diverged``) whose
+- **orphan run** -- a runs row (status ``completed``, ``diverged`` or ``stopped``) whose
   run_id has no metrics rows in the sweep. Runs with status ``failed`` may
   legitimately have none and are not orphans.
 - **orphan trajectory** -- metrics or weights rows whose run_id has no runs

@@ -15,7 +15,8 @@ Core tables (one row per ...):
     ==================  =========================  =======================================
     run_id              string, not null           unique within a sweep
     population          string                     the population (vmap group) it trained in
-    status              string                     one of ``completed | diverged | failed``
+    status              string                     one of ``completed | diverged | stopped | failed``
+                                                   (``stopped``: early stopping ended it at a rung)
     seed                int64                      the run's RNG seed
     steps_done          int64                      optimiser steps taken
     wall_time_s         float64                    seconds of training wall time
@@ -67,10 +68,10 @@ __all__ = [
 SCHEMA_VERSION = 1
 
 #: Allowed values of ``runs.status``.
-RUN_STATUSES: tuple[str, ...] = ("completed", "diverged", "failed")
+RUN_STATUSES: tuple[str, ...] = ("completed", "diverged", "stopped", "failed")
 
 #: Statuses that mean "finished, do not re-run on resume".
-FINISHED_STATUSES: frozenset[str] = frozenset({"completed", "diverged"})
+FINISHED_STATUSES: frozenset[str] = frozenset({"completed", "diverged", "stopped"})
 
 CORE_TABLES: tuple[str, ...] = ("runs", "metrics", "weights")
 

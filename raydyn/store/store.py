@@ -800,7 +800,8 @@ class Store:
         return stored_model(self, run_id, step, sweep)
 
     def completed_run_ids(self, sweep: str) -> set[str]:
-        """run_ids of ``sweep`` whose runs row has status ``completed`` or ``diverged``."""
+        """run_ids of ``sweep`` whose runs row has status ``completed``, ``diverged`` or ``stopped`` (early
+        stopping ended it: finished, not trained again)."""
         validate_name("sweep", sweep)
         t = self.table(
             "runs", sweep, columns=["run_id", "status"], filter=pc.field("status").isin(sorted(FINISHED_STATUSES))

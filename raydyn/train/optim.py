@@ -135,6 +135,22 @@ class PopulationOptimizer:
             if new is not None:
                 p.copy_(torch.where(_b(active, p), new, p))
 
+    def select(self, idx: Tensor) -> None:
+        """Keep only the members ``idx`` (indices into the current members, on the device): every (P,)
+        hyperparameter and every state slot is indexed in place of the old one (early stopping compacts a
+        population to the members still training); param groups that shared one dict still share one."""
+        groups: dict[int, dict[str, Tensor]] = {}
+
+        def pick(hp: dict[str, Tensor]) -> dict[str, Tensor]:
+            if id(hp) not in groups:
+                groups[id(hp)] = {k: v.index_select(0, idx) for k, v in hp.items()}
+            return groups[id(hp)]
+
+        self.hp = pick(self.hp)
+        self.param_hp = {name: pick(hp) for name, hp in self.param_hp.items()}
+        self.state = {name: {slot: v.index_select(0, idx) for slot, v in st.items()} for name, st in self.state.items()}
+        self._flags = {}
+
     def state_dict(self) -> dict[str, Any]:
         return {"t": self.t, "state": self.state}
 
@@ -175,6 +191,11 @@ class Schedule:
         self.gamma = col("decay_gamma", 0.1)
         self.steps = float(steps)
         self.trivial = all(k == "constant" for k in kinds) and not bool((self.warmup > 0).any())
+
+    def select(self, idx: Tensor) -> None:
+        """Keep only the members ``idx`` (indices into the current members), as :meth:`PopulationOptimizer.select`."""
+        for name in ("kind", "warmup", "final", "every", "gamma"):
+            setattr(self, name, getattr(self, name).index_select(0, idx))
 
     def factor(self, t: int) -> Tensor | None:
         """(P,) factors at step ``t``; None when every member trains at a constant rate."""

@@ -34,6 +34,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import json
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -43,7 +45,7 @@ import numpy as np
 import torch
 from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 
-from raydyn.spec import PopulationSpec
+from raydyn.spec import PopulationSpec, early_stop_rungs
 from raydyn.tasks.build import DTYPES, default_dtype, init_model, load_data  # noqa: F401  (re-exported)
 from raydyn.tasks.data import Dataset
 from raydyn.train.checkpoint import CHECKPOINT_FORMAT, PopulationCheckpoint  # noqa: F401  (re-exported)
@@ -250,7 +252,7 @@ def _batch_dependent_eval(base: torch.nn.Module) -> bool:
 class MemberResult:
     run_id: str
     config: dict[str, Any]
-    status: str = "completed"
+    status: str = "completed"  # | diverged | stopped (early stopping at a rung)
     diverged_step: int | None = None
     steps_done: int = 0
     extra: dict[str, Any] = field(default_factory=dict)  # more runs-table columns (lambda0, lr_actual)
@@ -299,6 +301,9 @@ class TrainState:
     recorder: Recorder
     device: torch.device = torch.device("cpu")
     elapsed_s: float = 0.0  # wall time spent training before this state was captured
+    # early stopping: the member index of each row of the per-member tensors once stopped and diverged
+    # members were dropped (None: every member still has its row)
+    live: np.ndarray | None = None
 
     def checkpoint(self, pop_id: str) -> PopulationCheckpoint:
         host = lambda t: t.detach().cpu().numpy().copy()  # noqa: E731
@@ -318,6 +323,8 @@ class TrainState:
             positions.append(pos)
             arrays[f"stream:{i}:gen"], arrays[f"stream:{i}:perm"] = gen, perm
         arrays["active"] = host(self.active)
+        if self.live is not None:
+            arrays["live"] = np.asarray(self.live, dtype=np.int64).copy()
         if self.init_loss is not None:
             arrays["init_loss"] = host(self.init_loss)
         arrays.update(_rng_state(self.device))
@@ -370,6 +377,45 @@ class TrainState:
         self.step, self.elapsed_s = int(meta["step"]), float(meta["elapsed_s"])
 
 
+def config_groups(configs: list[dict[str, Any]]) -> np.ndarray:
+    """(P,) group index of each member: members whose configs differ only in ``seed`` share one (a
+    *configuration* of early stopping), numbered in order of first appearance."""
+    keys: dict[str, int] = {}
+    out = []
+    for c in configs:
+        key = json.dumps({k: v for k, v in c.items() if k != "seed"}, sort_keys=True, default=str)
+        out.append(keys.setdefault(key, len(keys)))
+    return np.array(out, dtype=np.int64)
+
+
+def successive_halving(values: np.ndarray, groups: np.ndarray, alive: np.ndarray, eta: int, mode: str) -> np.ndarray:
+    """One rung of successive halving: indices of the members to stop.
+
+    ``values`` (n,): each member's rung metric; ``groups`` (n,): its configuration; ``alive`` (n,) bool:
+    members still training (the others are ignored). A configuration's score is the mean of its alive
+    members' values (NaN or inf for a loss counts as worst); the best ``ceil(k / eta)`` of the k
+    configurations with an alive member keep training (ties: the configuration seen first wins), every
+    alive member of the others stops."""
+    ids = [g for g in dict.fromkeys(groups[alive].tolist())]
+    scores = []
+    for g in ids:
+        v = values[alive & (groups == g)]
+        m = float(np.mean(v)) if np.all(np.isfinite(v)) else math.nan
+        scores.append(m if mode == "min" or math.isnan(m) else -m)
+    order = sorted(range(len(ids)), key=lambda j: (math.isnan(scores[j]), scores[j] if not math.isnan(scores[j]) else 0, j))
+    kept = {ids[j] for j in order[:math.ceil(len(ids) / eta)]}
+    return np.flatnonzero(alive & ~np.isin(groups, list(kept)))
+
+
+class _FullOpt:
+    """The optimiser as per-step trackers see it while some members have stopped: its state over all P
+    members (the stopped ones zero)."""
+
+    def __init__(self, opt: PopulationOptimizer, full: Callable[[torch.Tensor], torch.Tensor]):
+        self.kind, self.t = opt.kind, opt.t
+        self.state = {name: {slot: full(v) for slot, v in st.items()} for name, st in opt.state.items()}
+
+
 def _population_seed(members) -> int:
     """A seed for the population's own randomness (dropout), from its members' run ids."""
     h = hashlib.sha256(",".join(m.run_id for m in members).encode()).digest()
@@ -387,6 +433,7 @@ def train_population(
     device: str | None = "cpu",
     base_dir: str | None = None,
     checkpoint_seconds: float | None = None,
+    prune: Callable[[int, float], bool] | None = None,
 ) -> PopulationResult:
     """Train every member of ``pop``; returns per-member status and the recorder's data.
 
@@ -398,6 +445,11 @@ def train_population(
     bit-for-bit the one of an uninterrupted run (metrics, weights, statuses).
     ``device``: ``cpu``, ``cuda`` or ``auto`` (:func:`resolve_device`). ``base_dir``: what relative
     data paths are relative to (the directory the sweep was launched from).
+
+    With ``train.early_stop`` set, at every rung the members still training are halved by configuration
+    (:func:`successive_halving`; stopped members get status ``stopped``, ``steps_done`` the rung) and are
+    then dropped from every per-member tensor. ``prune(step, value)``, when given, is asked next with the
+    mean rung metric of the members still training (an Optuna trial's one configuration): True stops them all.
     """
     t0 = time.perf_counter()
     cfg = pop.shared
@@ -481,16 +533,54 @@ def train_population(
     state = TrainState(step=0, params=params, buffers=buffers, opt=opt, streams=streams,
                        active=torch.ones(P, dtype=torch.bool, device=dev), init_loss=None, members=results,
                        recorder=recorder, device=dev)
+    nan = torch.full((P,), float("nan"), dtype=dtype, device=dev)
+
+    # early stopping (train.early_stop): successive halving at rung steps; members that stop (or diverge) are
+    # then dropped from every per-member tensor, so the rest of training costs only the members still training.
+    # `live` maps the rows of those tensors to member indices (the recorder and `results` keep all P members).
+    es = cfg.get("early_stop") or None
+    rungs = set(early_stop_rungs(es, int(cfg["steps"])))
+    groups = config_groups([m.config for m in members])
+    live = np.arange(P)
+
+    def compact(keep: np.ndarray) -> None:
+        """Keep only rows ``keep`` (indices into the current rows) of every per-member tensor."""
+        nonlocal params, buffers, hp, clip, constrained, target_norm, streams, nan, live, active
+        k = torch.as_tensor(keep, dtype=torch.long, device=dev)
+        params = {n: v.index_select(0, k) for n, v in params.items()}
+        buffers = {n: v.index_select(0, k) for n, v in buffers.items()}
+        opt.select(k)
+        hp = opt.hp
+        schedule.select(k)
+        clip, constrained, target_norm, nan = (t.index_select(0, k) for t in (clip, constrained, target_norm, nan))
+        streams = [streams[i] for i in keep.tolist()]
+        live = live[keep]
+        active = state.active.index_select(0, k)
+        state.params, state.buffers, state.streams, state.active, state.live = params, buffers, streams, active, live
+        if state.init_loss is not None:
+            state.init_loss = state.init_loss.index_select(0, k)
+
+    def full(t: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """Rows of the current members -> all P members (the others ``fill``), for the recorder."""
+        if len(live) == P:
+            return t
+        out = t.new_full((P,) + tuple(t.shape[1:]), fill)
+        out[torch.as_tensor(live, device=t.device)] = t
+        return out
+
+    active = state.active
     if resume is not None:
+        if "live" in resume.arrays:  # the checkpoint was taken after members stopped: same rows as then
+            compact(np.asarray(resume.arrays["live"], dtype=np.int64))
         state.restore(resume, pop.pop_id)  # in place: the names below stay bound to the state
     recorder, results, active = state.recorder, state.members, state.active
     alive = active.cpu().numpy().copy()  # host mirror of `active`: no device sync to read it
     factor = float(cfg["divergence_factor"])
     steps, every, eval_every = int(cfg["steps"]), int(cfg["record_every"]), int(cfg["eval_every"])
-    nan = torch.full((P,), float("nan"), dtype=dtype, device=dev)
     start, before = state.step, state.elapsed_s  # a resumed run continues its step count and clock
     checked = False
     last_ckpt = time.perf_counter()
+    per_step = bool(recorder._per_step)
 
     for step in range(start, steps + 1):
         if on_checkpoint is not None and start < step < steps and (
@@ -537,25 +627,59 @@ def train_population(
             else:
                 train, test = (nan, nan), (nan, nan)
             lr_now = hp["lr"] if (f := schedule.factor(step)) is None else hp["lr"] * f
-            recorder.record(step, mask, params, grads, opt, train=train, test=test, batch_loss=batch_loss,
-                            lr=lr_now, buffers=buffers)
+            if len(live) == P:
+                recorder.record(step, mask, params, grads, opt, train=train, test=test, batch_loss=batch_loss,
+                                lr=lr_now, buffers=buffers)
+            else:  # some members stopped: the recorder sees all P (the others masked out)
+                recorder.record(step, full(mask, False), {n: full(v) for n, v in params.items()},
+                                {n: full(v) for n, v in grads.items()}, opt,
+                                train=tuple(full(t, math.nan) for t in train), test=tuple(full(t, math.nan) for t in test),
+                                batch_loss=full(batch_loss, math.nan), lr=full(lr_now, math.nan),
+                                buffers={n: full(v) for n, v in buffers.items()})
         if clipping:  # torch.nn.utils.clip_grad_norm_ per member, after recording the unclipped norm
             _, coef = clip_coefficients(grads, clip)
             grads = {k: g * coef.reshape((-1,) + (1,) * (g.dim() - 1)) for k, g in grads.items()}
-        recorder.on_step(step, params, grads, active)  # per-step trackers (symmetry); diverging members included
+        if per_step:  # per-step trackers (symmetry); diverging members included
+            if len(live) == P:
+                recorder.on_step(step, params, grads, active)
+            else:
+                recorder.on_step(step, {n: full(v) for n, v in params.items()}, {n: full(v) for n, v in grads.items()},
+                                 full(active, False))
         for i in np.flatnonzero(newly_host).tolist():
-            results[i].status, results[i].diverged_step, results[i].steps_done = "diverged", step, step
+            r = results[live[i]]
+            r.status, r.diverged_step, r.steps_done = "diverged", step, step
         if any_new:
             active &= ~newly
             alive &= ~newly_host
+        if step in rungs and alive.any():  # successive halving among the members still training
+            metric = {"train_loss": tr_loss, "train_acc": tr_acc, "test_loss": te_loss, "test_acc": te_acc}[es["metric"]]
+            values = metric.double().cpu().numpy()
+            stop = successive_halving(values, groups[live], alive, int(es["eta"]), es["mode"])
+            if prune is not None and len(stop) < alive.sum():  # then the searcher's verdict on the rest
+                rest = values[alive & ~np.isin(np.arange(len(alive)), stop)]
+                if prune(step, float(rest.mean()) if np.isfinite(rest).all() else math.nan):
+                    stop = np.flatnonzero(alive)
+            for i in stop.tolist():
+                r = results[live[i]]
+                r.status, r.steps_done = "stopped", step
+            if len(stop):
+                alive[stop] = False
+                active[torch.as_tensor(stop, device=dev)] = False
         if record_now and on_record is not None:
-            on_record(step, int(alive.sum()), int((~alive).sum()))
+            on_record(step, int(alive.sum()), sum(r.status == "diverged" for r in results))
         if not alive.any() or step == steps:
             break
+        if es and not alive.all():  # drop stopped and diverged members: they cost nothing from here on
+            keep = np.flatnonzero(alive)
+            compact(keep)
+            k = torch.as_tensor(keep, dtype=torch.long, device=dev)
+            grads = {n: g.index_select(0, k) for n, g in grads.items()}
+            alive = alive[keep].copy()
         opt.step(params, grads, active, schedule.factor(step), all_active=bool(alive.all()))
         if any_constrained:
             renormalise(params, target_norm, constrained & active)
-        recorder.after_update(step, opt)
+        if per_step:
+            recorder.after_update(step, opt if len(live) == P else _FullOpt(opt, full))
 
     for i, r in enumerate(results):
         r.extra["vectorised"] = fns.vectorised

@@ -289,7 +289,8 @@ class Recorder:
             "grad_norm": gn.sqrt(),
         }
         ctx = {"cfg": self.cfg, "params": params, "grads": grads, "opt": opt, "step": step, "mask": mask,
-               "state": self.probe_state, **self.context, **extra}
+               "state": self.probe_state, **self.context, **({"buffers": buffers} if buffers is not None else {}),
+               **extra}
         for probe in self.probes:
             cols.update(PROBES[probe](ctx))
         pack = {k: v.detach().double() for k, v in cols.items()}

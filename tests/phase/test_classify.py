@@ -203,8 +203,9 @@ def test_diverged_beats_generalisation():
 
 # ---------------------------------------------------------------- API and validation
 def test_phases_tuple():
-    assert len(set(PHASES)) == len(PHASES) == 9
-    assert set(LOSS_PHASES) | set(GENERALISATION_PHASES) == set(PHASES)
+    assert len(set(PHASES)) == len(PHASES) == 10
+    # every loss and generalisation phase, plus "stopped" (early stopping ended the run: no phase of its own dynamics)
+    assert set(LOSS_PHASES) | set(GENERALISATION_PHASES) | {"stopped"} == set(PHASES)
     labels = classify_many([run(decaying(), ntk=np.ones(T)), gen(10, 60), run(decaying(), status="diverged")])
     assert labels == ["lazy", "grokking", "diverged"]
     assert all(lbl in PHASES for lbl in labels)
