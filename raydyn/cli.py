@@ -118,7 +118,8 @@ def sweep_run(
         console.print(f"sweep [bold]{spec.name}[/]: all {outcome.total} runs already in the store; nothing to train.")
     else:
         console.print(
-            f"sweep [bold]{spec.name}[/]: trained {outcome.trained} runs ({outcome.diverged} diverged), "
+            f"sweep [bold]{spec.name}[/]: trained {outcome.trained} runs ({outcome.diverged} diverged"
+            + (f", {outcome.stopped} stopped early" if outcome.stopped else "") + "), "
             f"kept {outcome.skipped} already in the store, in {_fmt_time(outcome.elapsed_s)}."
         )
     console.print(f"store: {st.uri}")
@@ -392,8 +393,10 @@ def phase_map(
                           ylabel=ylabel, cmap=cmap, vmin=vmin, vmax=vmax, log_color=log_color, spread=spread)
     n_missing = int((info.n_runs == 0).sum())
     n_div = int((info.diverged_frac >= 0.5).sum())
+    n_stop = int(((info.stopped_frac > 0) & (info.stopped_frac + info.diverged_frac >= 1 - 1e-12)
+                  & (info.n_runs > 0)).sum()) if info.stopped_frac is not None else 0
     console.print(f"phase map: {len(info.facet_values)} panel(s) of {len(info.y_values)}×{len(info.x_values)} cells, "
-                  f"{n_div} diverged, {n_missing} missing")
+                  f"{n_div} diverged, " + (f"{n_stop} stopped early, " if n_stop else "") + f"{n_missing} missing")
     out.print(f"wrote {path.resolve()}")
     out.print(f"store: {st.uri}")
 

@@ -414,7 +414,7 @@ class _Progress(tune.Callback):
 
     def __init__(self, total: int, update: Callable[[dict[str, Any]], None]):
         self.total, self.update = total, update
-        self.done = self.diverged = self.failed = self.retried = 0
+        self.done = self.diverged = self.failed = self.retried = self.stopped = 0
         self.failures: dict[str, list[str]] = {}  # trial name -> root cause of each failed attempt
         self.phase_s: dict[str, float] = {}
         self.t0 = time.time()
@@ -430,6 +430,7 @@ class _Progress(tune.Callback):
             return
         self.done += int(result["members"])
         self.diverged += int(result["diverged"])
+        self.stopped += int(result.get("stopped", 0))
         for k in ("t_train", "t_tables", "t_write"):
             self.phase_s[k[2:]] = self.phase_s.get(k[2:], 0.0) + float(result.get(k, 0.0))
         self._emit()
@@ -476,6 +477,7 @@ class SweepOutcome:
     phase_s: dict[str, float] = field(default_factory=dict)  # trial seconds summed: train, tables, write
     grown: list[str] = field(default_factory=list)  # the sweep file grew the stored grid: keys that differ
     failures: dict[str, list[str]] = field(default_factory=dict)  # failed trial -> root cause of each attempt
+    stopped: int = 0  # runs that train.early_stop ended at a rung (or Optuna pruned)
 
 
 
@@ -897,7 +899,7 @@ def train_runs(
         max_concurrent_trials=spec.resources.max_concurrent), populations_by_id={p.pop_id: p.to_dict() for p in pops})
     failed = [r.config["population"] for r in grid if r.error is not None]
     return SweepOutcome(spec.name, len(runs), len(runs) - len(todo), cb.done, cb.diverged, failed, time.time() - t0,
-                        dict(cb.phase_s), failures=dict(cb.failures))
+                        dict(cb.phase_s), failures=dict(cb.failures), stopped=cb.stopped)
 
 
 def _fit(spec, store, param_space, cb, max_failures, tune_config, spec_text=None, populations_by_id=None,
@@ -988,7 +990,7 @@ def _run_optuna(spec, text, store, *, address, num_cpus, progress, max_failures,
         spec_text=text, rung_board=board)
     failed = [_trial_name_of(r) for r in grid if r.error is not None]
     return SweepOutcome(spec.name, (len(done_pops) + remaining) * len(seeds), len(done_pops) * len(seeds),
-                        cb.done, cb.diverged, failed, time.time() - t0, failures=dict(cb.failures))
+                        cb.done, cb.diverged, failed, time.time() - t0, failures=dict(cb.failures), stopped=cb.stopped)
 
 
 class RungBoard:

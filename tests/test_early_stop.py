@@ -345,6 +345,7 @@ def test_grid_sweep_writes_stopped_runs_counts_them_and_does_not_retrain_them(ra
     assert out.trained == 8 and len(runs) == 8 and not out.failed_populations
     # 4 configurations -> 2 at step 10 -> 1 at step 20; seeds stop together
     assert sorted(runs.status) == ["completed"] * 2 + ["stopped"] * 6
+    assert out.stopped == 6 and out.diverged == 0  # what `sweep run` prints: "trained 8 runs (0 diverged, 6 stopped early)"
     assert sorted(runs[runs.status == "stopped"].steps_done) == [10] * 4 + [20] * 2
     assert (runs.groupby("lr").status.nunique() == 1).all()
     m = store.metrics(sweep="es-grid").to_pandas()

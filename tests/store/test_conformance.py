@@ -72,7 +72,7 @@ def test_round_trip_every_table(store: Store):
             assert pf.metadata.row_group(0).column(0).compression == "ZSTD"
 
 
-def test_completed_run_ids_are_completed_and_diverged(store: Store):
+def test_completed_run_ids_are_the_finished_ones_completed_diverged_stopped(store: Store):
     runs = make_runs(IDS_A)  # statuses cycle completed, diverged, failed
     store.write_runs("s1", "p0", runs=runs, metrics=make_metrics(IDS_A))
     assert store.completed_run_ids("s1") == {"a0", "a1", "a3", "a4"}
