@@ -100,9 +100,10 @@ def test_cross_entropy_equals_torchs_with_and_without_vmap(dtype, tol):
         out = (scale * torch.randn(5, 64, 10, generator=g)).to(dtype)
         y = torch.randint(0, 10, (64,), generator=g)
         want = torch.stack([F.cross_entropy(o, y) for o in out])
-        got = vmap(lambda o: loss_fn("cross_entropy", o, y))(out)
+        got = vmap(lambda o: loss_fn("cross_entropy", o, y, vmapped=True))(out)
         assert torch.allclose(got, want, rtol=tol, atol=tol * scale), (got - want).abs().max()
-        assert torch.allclose(loss_fn("cross_entropy", out[0], y), want[0], rtol=tol, atol=tol * scale)
+        assert torch.allclose(loss_fn("cross_entropy", out[0], y, vmapped=True), want[0], rtol=tol, atol=tol * scale)
+        assert torch.equal(loss_fn("cross_entropy", out[0], y), want[0])  # outside vmap: F.cross_entropy itself
         g_want = torch.stack([grad(lambda o: F.cross_entropy(o, y))(o) for o in out])
-        g_got = vmap(grad(lambda o: loss_fn("cross_entropy", o, y)))(out)
+        g_got = vmap(grad(lambda o: loss_fn("cross_entropy", o, y, vmapped=True)))(out)
         assert torch.allclose(g_got, g_want, rtol=tol, atol=tol), (g_got - g_want).abs().max()

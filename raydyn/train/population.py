@@ -153,10 +153,10 @@ class PopulationFunctions:
         self.vectorised = True
         self.why_not = ""
 
-        def member_loss(p, bufs, x, y):
+        def member_loss(p, bufs, x, y, vmapped=False):
             with self._cast():
                 out = functional_call(self.base_train, (p, bufs), (x,))
-            return loss_fn(self.loss_name, out.to(_dtype_of(p)), y)
+            return loss_fn(self.loss_name, out.to(_dtype_of(p)), y, vmapped=vmapped)
 
         def forward(p, bufs, x):
             with self._cast():
@@ -164,8 +164,9 @@ class PopulationFunctions:
             return out.to(_dtype_of(p))
 
         self._grad_one = grad_and_value(member_loss)
+        self._grad_batched = grad_and_value(lambda p, bufs, x, y: member_loss(p, bufs, x, y, vmapped=True))
         self._forward_one = forward
-        self._grad_vmap = vmap(self._grad_one, randomness="different")
+        self._grad_vmap = vmap(self._grad_batched, randomness="different")
         self._forward_vmap = vmap(forward, in_dims=(0, 0, None), randomness="different")
 
     def _cast(self):
@@ -516,7 +517,7 @@ def train_population(
         for start in range(0, total, chunk):
             x, y = data.head(split, min(chunk, total - start), start)
             out = fns.forward(params, buffers, x)  # (P, n, C)
-            losses.append(vmap(lambda o: loss_fn(loss_name, o, y))(out))
+            losses.append(vmap(lambda o: loss_fn(loss_name, o, y, vmapped=True))(out))
             accs.append(vmap(lambda o: accuracy(kind, o, y))(out))
             ns.append(len(y))
         w = tensor(ns) / sum(ns)
