@@ -310,14 +310,17 @@ class TrainSpec(_Model):
             if self.optimizer in DYNAMICS_OPTIMIZERS:
                 raise ValueError(f"{where}: optimizer {self.optimizer!r} (an optimiser as a dynamical system) has no "
                                  "evaluation steps to stop at; remove early_stop")
-            for i, r in enumerate(early_stop_rungs(es.model_dump(), self.steps)):
+            rungs = early_stop_rungs(es.model_dump(), self.steps)
+            for i, r in enumerate(rungs):
                 key = f"{where}.rungs[{i}]" if es.rungs is not None else f"{where}.min_step"
                 if r >= self.steps:
                     raise ValueError(f"{key}: rung {r} is not before the last step (steps: {self.steps}); a run "
                                      "stops at a rung only before it ends")
                 if r % self.eval_every:
                     raise ValueError(f"{key}: rung {r} is not an evaluation step (eval_every: {self.eval_every}); "
-                                     "rungs rank runs by evaluated metrics, so each must be a multiple of eval_every")
+                                     "rungs rank runs by evaluated metrics, so each must be a multiple of eval_every: "
+                                     f"set train.eval_every: {math.gcd(*[int(x) for x in rungs if x < self.steps])} "
+                                     "(or a divisor of it)")
             if es.min_step is not None and es.min_step >= self.steps:
                 raise ValueError(f"{where}.min_step: {es.min_step} is not before the last step (steps: {self.steps})")
         if "cmd_online" in self.record and self.cmd.warmup > self.steps // self.record_every + 1:

@@ -69,7 +69,8 @@ def _err(extra: str) -> str:
 
 
 @pytest.mark.parametrize("extra, fragments", [
-    (", early_stop: {metric: test_loss, min_step: 25}", ["train.early_stop.min_step", "25", "eval_every: 10"]),
+    (", early_stop: {metric: test_loss, min_step: 25}", ["train.early_stop.min_step", "25", "eval_every: 10",
+                                                       "set train.eval_every: 25"]),
     (", early_stop: {metric: test_loss, rungs: [20, 100]}", ["train.early_stop.rungs[1]", "steps: 100"]),
     (", early_stop: {metric: test_loss, rungs: [40, 20]}", ["train.early_stop.rungs[1]", "increasing"]),
     (", early_stop: {metric: test_loss, min_step: 200}", ["train.early_stop.min_step", "200", "steps: 100"]),
