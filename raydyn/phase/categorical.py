@@ -211,7 +211,7 @@ def render_category_map(info: CategoryMapInfo, title: str | None = None, *, xlab
     cell (when the grid is small), boundaries as thick black lines, missing cells hatched grey.
     Axis labels default to readable names (:func:`raydyn.plots.labels.readable`)."""
     from raydyn.phase.maps import _facet_title
-    from raydyn.plots.labels import readable
+    from raydyn.plots.labels import grid_axes, readable, text_color_on
 
     import matplotlib
 
@@ -252,24 +252,16 @@ def render_category_map(info: CategoryMapInfo, title: str | None = None, *, xlab
                     ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, hatch="..", edgecolor="#b0b0b0",
                                            lw=0))
                 elif annotate and wide[j]:
-                    r, g, b = to_rgb(colors[ci[info.label[k, i, j]]])
-                    dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5
                     ax.text(xc[j], yc[i], f"{info.fraction[k, i, j]:.0%}", ha="center", va="center", fontsize=7,
-                            color="white" if dark else "black")
+                            color=text_color_on(to_rgb(colors[ci[info.label[k, i, j]]])))
         for i, j in zip(*np.nonzero(info.x_edges[k])):  # vertical segment between columns j and j+1
             ax.plot([xe[j + 1], xe[j + 1]], [ye[i], ye[i + 1]], color="black", lw=2.2, solid_capstyle="butt")
         for i, j in zip(*np.nonzero(info.y_edges[k])):  # horizontal segment between rows i and i+1
             ax.plot([xe[j], xe[j + 1]], [ye[i + 1], ye[i + 1]], color="black", lw=2.2, solid_capstyle="butt")
-        if info.x_log:
-            ax.set_xscale("log")
-        if info.y_log:
-            ax.set_yscale("log")
-        ax.set_xlim(xe[0], xe[-1])
-        ax.set_ylim(ye[0], ye[-1])
-        ax.set_xticks(xc[xticks], [f"{v:.4g}" if isinstance(v, (int, float)) else str(v)
-                                   for v in np.asarray(info.x_values, dtype=object)[xticks]])
-        ax.set_yticks(yc, [f"{v:g}" if isinstance(v, (int, float)) else str(v) for v in info.y_values])
-        ax.minorticks_off()
+        grid_axes(ax, xe, ye, info.x_log, info.y_log,
+                  (xc[xticks], [f"{v:.4g}" if isinstance(v, (int, float)) else str(v)
+                                for v in np.asarray(info.x_values, dtype=object)[xticks]]),
+                  (yc, [f"{v:g}" if isinstance(v, (int, float)) else str(v) for v in info.y_values]))
         if k + ncols >= n:  # the lowest panel of its column
             ax.set_xlabel(xlabel if xlabel is not None else readable(info.x))
         if k % ncols == 0:

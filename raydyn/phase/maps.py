@@ -334,7 +334,7 @@ def render_phase_map(info: PhaseMapInfo, title: str | None = None, diverged_at: 
     from matplotlib.colors import Normalize
     from matplotlib.patches import Patch, Rectangle
 
-    from raydyn.plots.labels import fmt_tick, readable
+    from raydyn.plots.labels import fmt_tick, grid_axes, readable, text_color_on
 
     if spread is not None and spread not in SPREADS:
         raise RaydynError(f"--spread {spread!r}: allowed values are {', '.join(SPREADS)}")
@@ -400,21 +400,14 @@ def render_phase_map(info: PhaseMapInfo, title: str | None = None, diverged_at: 
                         continue
                     v = info.median[cell] if b == 0 else width[cell]
                     r, g, bl, _ = cmap_of((norm if b == 0 else snorm)(v))
-                    color = "white" if 0.299 * r + 0.587 * g + 0.114 * bl < 0.5 else "black"
+                    color = text_color_on((r, g, bl))
                     if b == 0 and spread and info.n_runs[cell] > 1:
                         text, size = f"{v:.3g}\n{lo_a[cell]:.3g}–{hi_a[cell]:.3g}", 6
                     else:
                         text, size = f"{v:.3g}", 7
                     ax.text(xc[j], yc[i], text, ha="center", va="center", fontsize=size, color=color)
-            if info.x_log:
-                ax.set_xscale("log")
-            if info.y_log:
-                ax.set_yscale("log")
-            ax.set_xlim(xe[0], xe[-1])
-            ax.set_ylim(ye[0], ye[-1])
-            ax.set_xticks(xc[xt], [xlabels[j] for j in xt])
-            ax.set_yticks(yc[yt], [fmt_tick(info.y_values[i]) for i in yt])
-            ax.minorticks_off()
+            grid_axes(ax, xe, ye, info.x_log, info.y_log, (xc[xt], [xlabels[j] for j in xt]),
+                      (yc[yt], [fmt_tick(info.y_values[i]) for i in yt]))
             ax.tick_params(labelsize=8)
             if k + ncols >= n:  # the lowest panel of its column (in this block)
                 ax.set_xlabel(xlabel if xlabel is not None else readable(info.x))

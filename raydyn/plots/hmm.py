@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import FancyArrowPatch  # noqa: E402
 
 from raydyn.analysis.hmm import TrainingMap  # noqa: E402
+from raydyn.plots.labels import text_color_on  # noqa: E402
 
 __all__ = ["plot_training_map"]
 
@@ -86,14 +87,13 @@ def plot_training_map(
     for node, (x, y), r, c in zip(tmap.nodes, pos, radii, colors):
         ring = dict(edgecolor="red", linewidth=3.0) if node.state in detours else dict(edgecolor="black", linewidth=1.0)
         circles.append(ax.add_patch(plt.Circle((x, y), r, facecolor=c, alpha=0.85, zorder=2, **ring)))
-        luminance = 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2]
         ax.annotate(
             f"{node.state}\n{node.occupancy:.0%}",
             (x, y),
             ha="center",
             va="center",
             fontsize=9,
-            color="white" if luminance < 0.5 else "black",
+            color=text_color_on(c),
             zorder=3,
         )
     if detours:

@@ -83,3 +83,23 @@ def fmt_tick(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.3g}"
     return fmt_value(v)
+
+
+def text_color_on(rgb: Any) -> str:
+    """Black or white, whichever reads on a cell of colour ``rgb`` (Rec. 601 luminance below 0.5: white)."""
+    return "white" if 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2] < 0.5 else "black"
+
+
+def grid_axes(ax: Any, x_edges: Any, y_edges: Any, x_log: bool, y_log: bool, xticks: tuple[Any, list[str]],
+              yticks: tuple[Any, list[str]]) -> None:
+    """One heat-map panel's axes: log scales where the values are log-spaced, limits at the outer cell edges,
+    ticks at the given cell centres with their labels, no minor ticks (phase maps and category maps)."""
+    if x_log:
+        ax.set_xscale("log")
+    if y_log:
+        ax.set_yscale("log")
+    ax.set_xlim(x_edges[0], x_edges[-1])
+    ax.set_ylim(y_edges[0], y_edges[-1])
+    ax.set_xticks(*xticks)
+    ax.set_yticks(*yticks)
+    ax.minorticks_off()
