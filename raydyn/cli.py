@@ -568,26 +568,37 @@ def phase_boundary(
                           f"such as phase (`raydyn analyze phase {spec.name}` writes it); to find where {metric} "
                           f"crosses a value X along {axis}, give --level X")
     res = boundaries_along(runs, metric, axis, by=groups)
+    _print_along(res, "boundaries", groups, fmt, ["left_phase", "right_phase", "location", "lower", "upper"],
+                 f"{spec.name}: {metric} boundaries along {axis}",
+                 ["boundary", "location", "interval", "seeds agreeing (left/right)"],
+                 lambda b: [f"{b.left_phase} → {b.right_phase}", f"{b.location:.4g}", f"[{b.lower:.4g}, {b.upper:.4g}]",
+                            f"{b.left_fraction:.0%} / {b.right_fraction:.0%}"])
+
+
+def _print_along(res: list, items: str, groups: list[str], fmt: str, csv_columns: list[str], title: str,
+                 headers: list[str], cells) -> None:
+    """`phase-boundary`'s output, for boundaries and for --level crossings alike: per group (``res``, each with
+    ``group``, ``n_points``, ``n_runs``, ``rows()`` and a list attribute ``items``) as JSON, CSV (``csv_columns``
+    after the group columns when there are no rows) or a table with ``headers`` and ``cells(item)``."""
     rows = [r for g in res for r in g.rows()]
     if fmt == "json":
         sys.stdout.write(json.dumps([{"group": g.group, "points": g.n_points, "runs": g.n_runs,
-                                      "boundaries": g.rows()} for g in res], indent=1, default=str) + "\n")
+                                      items: g.rows()} for g in res], indent=1, default=str) + "\n")
         return
     if fmt == "csv":
-        _write_csv(rows, groups + ["left_phase", "right_phase", "location", "lower", "upper"])
+        _write_csv(rows, groups + csv_columns)
         return
     from rich.table import Table
 
-    t = Table(title=f"{spec.name}: {metric} boundaries along {axis}")
-    for c in [*groups, "boundary", "location", "interval", "seeds agreeing (left/right)", "points"]:
+    t = Table(title=title)
+    for c in [*groups, *headers, "points"]:
         t.add_column(c)
     for g in res:
-        if not g.boundaries:
-            t.add_row(*[str(g.group[c]) for c in groups], "(none)", "–", "–", "–", str(g.n_points))
-        for b in g.boundaries:
-            t.add_row(*[str(g.group[c]) for c in groups], f"{b.left_phase} → {b.right_phase}", f"{b.location:.4g}",
-                      f"[{b.lower:.4g}, {b.upper:.4g}]", f"{b.left_fraction:.0%} / {b.right_fraction:.0%}",
-                      str(g.n_points))
+        found = getattr(g, items)
+        if not found:
+            t.add_row(*[str(g.group[c]) for c in groups], "(none)", *["–"] * (len(headers) - 1), str(g.n_points))
+        for item in found:
+            t.add_row(*[str(g.group[c]) for c in groups], *cells(item), str(g.n_points))
     out.print(t)
 
 
@@ -605,27 +616,12 @@ def _print_crossings(sweep: str, runs, metric: str, axis: str, level: float, gro
     from raydyn.phase.levels import level_crossings
 
     res = level_crossings(runs, metric, axis, level, by=groups)
-    rows = [r for g in res for r in g.rows()]
-    if fmt == "json":
-        sys.stdout.write(json.dumps([{"group": g.group, "points": g.n_points, "runs": g.n_runs,
-                                      "crossings": g.rows()} for g in res], indent=1, default=str) + "\n")
-        return
-    if fmt == "csv":
-        _write_csv(rows, groups + ["level", "direction", "location", "lower", "upper", "lower_median", "upper_median"])
-        return
-    from rich.table import Table
-
-    t = Table(title=f"{sweep}: where the median {metric} crosses {level:g} along {axis}")
-    for c in [*groups, "crossing", "location", "between", "medians", "points"]:
-        t.add_column(c)
-    for g in res:
-        if not g.crossings:
-            t.add_row(*[str(g.group[c]) for c in groups], "(none)", "–", "–", "–", str(g.n_points))
-        for c in g.crossings:
-            t.add_row(*[str(g.group[k]) for k in groups], f"{c.direction} through {level:g}", f"{c.location:.4g}",
-                      f"[{c.lower:.4g}, {c.upper:.4g}]", f"{c.lower_median:.4g} → {c.upper_median:.4g}",
-                      str(g.n_points))
-    out.print(t)
+    _print_along(res, "crossings", groups, fmt,
+                 ["level", "direction", "location", "lower", "upper", "lower_median", "upper_median"],
+                 f"{sweep}: where the median {metric} crosses {level:g} along {axis}",
+                 ["crossing", "location", "between", "medians"],
+                 lambda c: [f"{c.direction} through {level:g}", f"{c.location:.4g}", f"[{c.lower:.4g}, {c.upper:.4g}]",
+                            f"{c.lower_median:.4g} → {c.upper_median:.4g}"])
 
 
 @sweep_app.command("refine")
