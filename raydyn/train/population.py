@@ -581,7 +581,7 @@ def train_population(
     start, before = state.step, state.elapsed_s  # a resumed run continues its step count and clock
     checked = False
     last_ckpt = time.perf_counter()
-    per_step = bool(recorder._per_step)
+    per_step = recorder.per_step
 
     for step in range(start, steps + 1):
         if on_checkpoint is not None and start < step < steps and (

@@ -319,6 +319,11 @@ class Recorder:
         for tracker in self.trackers.values():
             tracker.update(step, idx, params)
 
+    @property
+    def per_step(self) -> bool:
+        """Whether a tracker hooks every optimiser step (then :meth:`on_step`/:meth:`after_update` do work)."""
+        return bool(self._per_step)
+
     def on_step(self, step: int, params, grads, active: torch.Tensor) -> None:
         """Every optimiser step, before the update (per-step trackers only)."""
         for t in self._per_step:
