@@ -144,7 +144,7 @@ def route_ray_logs(path: str | Path, warn: Callable[[str], None] | None = None) 
             else:
                 h.close()
     logger.addHandler(handler)
-    _routing.update(path=path, handler=handler, warn=warn)
+    _routing.update(path=path, handler=handler, warn=warn, shown=set())  # each command shows its warnings once
     if ray.is_initialized():
         _route_worker_streams()
     return path
