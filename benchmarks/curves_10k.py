@@ -79,7 +79,7 @@ def main() -> None:
     from typer.testing import CliRunner
 
     from raydyn.cli import app
-    from raydyn.phase.curves import curve_table
+    from raydyn.aggregate.curves import curve_table
     from raydyn.plots.curves import draw_curves
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -21,9 +21,9 @@ import time
 
 import numpy as np
 
-from raydyn.phase.boundary import find_boundaries
-from raydyn.phase.classify import RunTrajectory, classify
-from raydyn.phase.refine import GridRefiner, Refiner, dense_grid_size
+from raydyn.aggregate.bisect import GridRefiner, Refiner, dense_grid_size
+from raydyn.aggregate.boundary import find_boundaries
+from raydyn.analysis.phase import RunTrajectory, classify
 from raydyn.tasks.uv import train_relu_teacher, train_uv
 
 

@@ -72,7 +72,7 @@ def main() -> None:
     from raydyn.cli import app
     from raydyn.report import build_report
     from raydyn.report.html import _curve_data
-    from raydyn.spec import parse_stored
+    from raydyn.track import parse_stored
 
     with tempfile.TemporaryDirectory() as tmp:
         root = str(Path(tmp) / "store")

@@ -84,9 +84,9 @@ def map_tasks(
 
 # ------------------------------------------------------------------ pairwise distances (Koopman)
 def _kp():
-    from raydyn.analysis import koopman
+    from raydyn.analysis.koopman import distances
 
-    return koopman
+    return distances
 
 
 @ray.remote(num_cpus=1)
@@ -128,8 +128,8 @@ def pairwise_distance_matrix(
     The spectra go into the object store once (one packed complex array plus
     offsets); ``n_actors`` actors (default: one per available CPU) each hold a
     reference and compute upper-triangle blocks (block i <= block j) with
-    :func:`raydyn.analysis.koopman.pairwise_wasserstein` (diagonal blocks) and
-    :func:`raydyn.analysis.koopman.wasserstein_block` (off-diagonal ones).
+    :func:`raydyn.analysis.koopman.distances.pairwise_wasserstein` (diagonal blocks) and
+    :func:`raydyn.analysis.koopman.distances.wasserstein_block` (off-diagonal ones).
     Equals ``pairwise_wasserstein(spectra, p, imag_period=imag_period)``. Ray must already be initialised.
 
     Parameters

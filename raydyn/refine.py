@@ -6,7 +6,7 @@ The loop (all on the sweep's own store, the sweep file unchanged):
    ``phase_summary``; run again whenever runs were added);
 2. per *row* -- one combination of the other swept axes (seeds are replicates) --
    collect the labelled points along ``axis`` and feed them to a
-   :class:`raydyn.phase.refine.GridRefiner`, which proposes new axis values by
+   :class:`raydyn.aggregate.bisect.GridRefiner`, which proposes new axis values by
    bisecting the widest unresolved boundary intervals across all rows;
 3. train the proposals (every seed of the sweep) as runs of the same sweep through
    the same Tune path as ``sweep run`` (:func:`raydyn.sweep.train_runs`), marked
@@ -15,7 +15,7 @@ The loop (all on the sweep's own store, the sweep file unchanged):
    (or stuck in a band where seeds disagree).
 
 Neither Ray nor the math is imported here directly: this module is glue between
-:mod:`raydyn.sweep`, :mod:`raydyn.jobs` and :mod:`raydyn.phase`.
+:mod:`raydyn.sweep`, :mod:`raydyn.jobs` and :mod:`raydyn.aggregate`.
 """
 from __future__ import annotations
 
@@ -24,10 +24,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from raydyn.aggregate.bisect import GridRefiner, dense_grid_size
+from raydyn.aggregate.boundary import infer_log
+from raydyn.aggregate.categorical import AxisBoundaries, boundaries_along
 from raydyn.errors import RaydynError
-from raydyn.phase.boundary import infer_log
-from raydyn.phase.categorical import AxisBoundaries, boundaries_along
-from raydyn.phase.refine import GridRefiner, dense_grid_size
 
 __all__ = ["RefineOutcome", "refine_sweep", "labelled_runs"]
 
@@ -52,7 +52,7 @@ class RefineOutcome:
 def labelled_runs(store, sweep: str, *, reclassify: bool = False, progress=None):
     """The runs table of ``sweep`` joined with ``phase_summary``; classifies (on Ray) when labels are
     missing or ``reclassify``."""
-    from raydyn.phase.maps import runs_with_metrics
+    from raydyn.aggregate.maps import runs_with_metrics
 
     runs = runs_with_metrics(store, sweep)
     if reclassify or "phase" not in runs.column_names or runs.column("phase").null_count:

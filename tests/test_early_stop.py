@@ -10,7 +10,8 @@ import pytest
 
 from raydyn.errors import SpecError
 from raydyn.spec import parse_sweep, populations
-from raydyn.train.population import PopulationCheckpoint, PopulationFunctions, successive_halving, train_population
+from raydyn.train.checkpoint import PopulationCheckpoint
+from raydyn.train.population import PopulationFunctions, successive_halving, train_population
 from raydyn.train.recorder import runs_table
 
 from tests.test_population import _bits, assert_identical
@@ -259,7 +260,7 @@ def test_without_early_stop_nothing_is_compacted_or_stopped(pair):
 
 # ---------------------------------------------------------------------------- phase labels and maps
 def test_stopped_runs_are_their_own_phase_after_diverged():
-    from raydyn.phase.classify import PHASES, RunTrajectory, classify
+    from raydyn.analysis.phase import PHASES, RunTrajectory, classify
 
     steps = np.array([0, 10, 20])
     assert classify(RunTrajectory(steps, np.array([2.0, 1.0, 0.1]), status="stopped")) == "stopped"
@@ -274,7 +275,8 @@ def test_phase_map_draws_cells_whose_runs_all_stopped_as_stopped():
     import pyarrow as pa
     from matplotlib.patches import Rectangle
 
-    from raydyn.phase.maps import phase_map_info, render_phase_map
+    from raydyn.aggregate.maps import phase_map_info
+    from raydyn.plots.maps import render_phase_map
 
     runs = pa.table({
         "lr": [0.1, 0.1, 1.0, 1.0, 10.0, 10.0, 0.1, 1.0],

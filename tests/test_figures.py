@@ -19,8 +19,9 @@ from typer.testing import CliRunner  # noqa: E402
 import raydyn  # noqa: E402
 from raydyn.cli import app  # noqa: E402
 from raydyn.errors import RaydynError  # noqa: E402
-from raydyn.phase.curves import curve_table  # noqa: E402
-from raydyn.phase.maps import colorbar_caption, draw_phase_map, phase_map_info, render_phase_map  # noqa: E402
+from raydyn.aggregate.curves import curve_table  # noqa: E402
+from raydyn.aggregate.maps import phase_map_info  # noqa: E402
+from raydyn.plots.maps import colorbar_caption, draw_phase_map, render_phase_map  # noqa: E402
 from raydyn.plots.curves import render_curves  # noqa: E402
 from raydyn.plots.labels import readable  # noqa: E402
 from raydyn.store import open_store  # noqa: E402

@@ -11,7 +11,7 @@ import pytest
 
 from raydyn.jobs import run_job
 from raydyn.jobs.koopman import KoopmanJob
-from raydyn.phase.maps import runs_with_metrics
+from raydyn.aggregate.maps import runs_with_metrics
 from raydyn.spec import load_sweep
 from raydyn.store import open_store
 from raydyn.sweep import run_sweep

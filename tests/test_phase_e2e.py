@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from raydyn.phase.maps import runs_with_metrics
+from raydyn.aggregate.maps import runs_with_metrics
 from raydyn.refine import refine_sweep
 from raydyn.report import build_report
 from raydyn.spec import parse_sweep

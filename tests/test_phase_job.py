@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from raydyn.jobs.phase import SUMMARY_COLUMNS, summarise_run, trajectory_of
-from raydyn.phase.classify import PhaseThresholds
+from raydyn.analysis.phase import PhaseThresholds
 
 NAN = math.nan
 

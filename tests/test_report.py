@@ -205,7 +205,7 @@ def test_group_by_selector_changes_the_drawn_lines(report, selftest):
 def test_page_median_and_bands_equal_numpy_and_curve_table(report, selftest):
     """The JS statistics over the embedded float32 values equal numpy's over the same values, and DuckDB's
     (curve_table, float64 values) to float32 precision."""
-    from raydyn.phase.curves import curve_table
+    from raydyn.aggregate.curves import curve_table
     from raydyn.plots.labels import fmt_value
 
     root, _ = report
@@ -335,7 +335,7 @@ def test_more_than_500_runs_in_chromium(big, tmp_path):
     assert [t["name"] for t in by["lr"]] == ["0.001", "0.01", "0.1"] and all(t["n"] == 12 for t in by["lr"])
     assert [t["name"] for t in by["width"]] == ["16", "32"]
     # the median over all 600 runs at each step, from the embedded float32 values
-    from raydyn.phase.curves import curve_table
+    from raydyn.aggregate.curves import curve_table
 
     table = curve_table(store, "big", "test_loss", "lr", None, "iqr").to_pydict()
     iqr = next(b for b in st["bands"] if b["band"] == "iqr")["traces"]

@@ -16,8 +16,9 @@ import numpy as np
 import pyarrow.dataset as ds
 import pytest
 
+from raydyn.aggregate.maps import default_facets, phase_map_info
 from raydyn.errors import RaydynError
-from raydyn.phase.maps import default_facets, phase_map_info, render_phase_map
+from raydyn.plots.maps import render_phase_map
 from raydyn.spec import parse_sweep
 from raydyn.store import open_store
 from raydyn.sweep import run_sweep, sweep_status

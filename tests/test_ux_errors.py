@@ -111,7 +111,7 @@ def test_phase_boundary_level_finds_a_known_crossing(store):
 
 
 def test_level_crossings_interpolate_in_log_space_on_a_log_axis():
-    from raydyn.phase.levels import level_crossings
+    from raydyn.aggregate.levels import level_crossings
 
     runs = pa.table({"lr": [0.01, 0.1, 1.0], "m": [0.0, 1.0, 2.0], "status": ["completed"] * 3})
     (g,) = level_crossings(runs, "m", "lr", 0.5)

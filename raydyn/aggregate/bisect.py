@@ -15,7 +15,7 @@ gaps first and then splits the halves again (parallel n-section), so a batch of
 ``n`` points shrinks one interval about ``n + 1``-fold.
 
 Seeds: tell the same value several times. When seeds disagree at a point the
-boundary interval is widened (see :mod:`raydyn.phase.boundary`); gaps narrower
+boundary interval is widened (see :mod:`raydyn.aggregate.boundary`); gaps narrower
 than ``tol / 4`` are never split, so a stochastic band wider than the tolerance
 ends refinement there (that boundary is reported ``stuck``) instead of spending
 the whole budget on noise.
@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from raydyn.phase.boundary import (
+from raydyn.aggregate.boundary import (
     Boundary,
     LogArg,
     _pairs,

@@ -13,7 +13,7 @@ consecutive points:
   that carry that side's majority label (1.0 when unanimous).
 
 A phase that lives entirely between two grid points is invisible here; refine
-the grid (:mod:`raydyn.phase.refine`) to find it.
+the grid (:mod:`raydyn.aggregate.bisect`) to find it.
 """
 from __future__ import annotations
 

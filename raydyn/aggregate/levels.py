@@ -1,6 +1,6 @@
 """Where a numeric metric crosses a level along one axis (``raydyn phase-boundary --metric M --level X``).
 
-The numeric counterpart of :func:`raydyn.phase.categorical.boundaries_along`: per group of the
+The numeric counterpart of :func:`raydyn.aggregate.categorical.boundaries_along`: per group of the
 ``by`` columns, the metric's median over the runs at each axis value (seeds, and any column not in
 ``by``, are replicates; diverged runs and NaN/inf values are left out, as in a phase map), then
 every sign change of ``median - level`` between neighbouring axis values is one crossing, located
@@ -16,8 +16,9 @@ from typing import Any, Sequence
 import numpy as np
 import pyarrow as pa
 
+from raydyn.aggregate.axes import sort_key
+from raydyn.aggregate.boundary import LogArg, _resolve_log
 from raydyn.errors import RaydynError
-from raydyn.phase.boundary import LogArg, _resolve_log
 
 __all__ = ["LevelCrossing", "AxisCrossings", "level_crossings", "is_numeric"]
 
@@ -93,9 +94,7 @@ def level_crossings(runs: pa.Table, metric: str, axis: str, level: float, by: Se
                     log: LogArg = "auto") -> list[AxisCrossings]:
     """Where the median over replicates of the numeric ``metric`` crosses ``level`` along ``axis``,
     one result per ``by`` group (see the module docstring). ``log="auto"`` interpolates in log
-    space when the axis values are log-spaced (:func:`raydyn.phase.boundary.infer_log`)."""
-    from raydyn.phase.maps import _sort_key
-
+    space when the axis values are log-spaced (:func:`raydyn.aggregate.boundary.infer_log`)."""
     cols = set(runs.column_names)
     for role, name in [("--metric", metric), ("--axis", axis)] + [("--by", b) for b in by]:
         if name not in cols:
@@ -127,7 +126,7 @@ def level_crossings(runs: pa.Table, metric: str, axis: str, level: float, by: Se
         pts.setdefault(v, []).append(float(m))
         n_runs[key] = n_runs.get(key, 0) + 1
     out = []
-    for key in sorted(groups, key=lambda t: tuple(_sort_key(v) for v in t)):
+    for key in sorted(groups, key=lambda t: tuple(sort_key(v) for v in t)):
         pts = groups[key]
         xs = np.array(sorted(pts), dtype=float)
         med = np.array([np.median(pts[x]) for x in xs], dtype=float)

@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from raydyn.analysis._checks import check_trajectories
+
 __all__ = [
     "COVARIANCE_TYPES",
     "STANDARDIZE",
@@ -78,34 +80,8 @@ _MIN_COVAR = 1e-3
 
 
 def _check_sequences(sequences: Sequence, name: str = "sequences") -> list[np.ndarray]:
-    """Validate a list of ``(T_i, F)`` arrays; return float64 copies."""
-    if isinstance(sequences, np.ndarray) or not isinstance(sequences, Sequence):
-        raise ValueError(f"{name} must be a list of (T_i, F) arrays, got {type(sequences).__name__}")
-    if len(sequences) == 0:
-        raise ValueError(f"{name} is empty; need at least one (T_i, F) array")
-    out: list[np.ndarray] = []
-    n_features = None
-    for i, s in enumerate(sequences):
-        a = np.asarray(s, dtype=np.float64)
-        if a.ndim != 2:
-            raise ValueError(f"{name}[{i}] has shape {a.shape}; expected a 2-D (T_i, F) array")
-        if a.shape[0] < 2:
-            raise ValueError(f"{name}[{i}] has {a.shape[0]} time steps; need at least 2")
-        if a.shape[1] < 1:
-            raise ValueError(f"{name}[{i}] has no features (shape {a.shape})")
-        if n_features is None:
-            n_features = a.shape[1]
-        elif a.shape[1] != n_features:
-            raise ValueError(
-                f"{name}[{i}] has F={a.shape[1]} features but {name}[0] has F={n_features}; "
-                "all runs must share the same features"
-            )
-        bad = ~np.isfinite(a)
-        if bad.any():
-            t, f = np.argwhere(bad)[0]
-            raise ValueError(f"{name}[{i}] has a non-finite value at time {t}, feature {f}; drop or impute it first")
-        out.append(a)
-    return out
+    """Validate a list of ``(T_i, F)`` arrays; return float64 arrays."""
+    return check_trajectories(sequences, name=name, dim="F", min_length=2, time="time")
 
 
 def _check_covariance_type(covariance_type: str) -> None:

@@ -1,4 +1,4 @@
-"""Draw :func:`raydyn.phase.curves.curve_table`: every group's curve over steps with its band, one panel per facet.
+"""Draw :func:`raydyn.aggregate.curves.curve_table`: every group's curve over steps with its band, one panel per facet.
 
 The line is the median over the group's runs (the mean for ``band="std"``, whose band is
 mean ± std); the band is shaded around it. Groups are coloured along a colour map in the order
@@ -42,7 +42,7 @@ def render_curves(table: pa.Table, *, title: str | None = None, log_y: bool = Fa
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import LogNorm, Normalize
 
-    from raydyn.phase.maps import is_log_spaced
+    from raydyn.aggregate.axes import is_log_spaced
     from raydyn.plots.labels import fmt_value, readable
 
     meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}

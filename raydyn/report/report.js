@@ -68,7 +68,7 @@
     return a[lo] + (a[hi] - a[lo]) * t;
   }
   // Per (facet, group, step): median, the band's two numbers and n, over the finite values of the
-  // group's runs at that step (raydyn.phase.curves.curve_table). Returns series sorted by facet, group.
+  // group's runs at that step (raydyn.aggregate.curves.curve_table). Returns series sorted by facet, group.
   function aggregate(metric, gcol, fcol, band) {
     var V = values(metric), S = steps.length;
     var gc = gcol ? CODES[gcol] : null, fc = fcol ? CODES[fcol] : null;

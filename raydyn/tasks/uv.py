@@ -24,7 +24,7 @@ phase classification and boundary refinement:
   (default scale ``1/n``, consistent with that loss).
 
 Both return a plain dict whose keys ``steps``, ``train_loss``, ``ntk`` and
-``status`` match the fields of :class:`raydyn.phase.classify.RunTrajectory`.
+``status`` match the fields of :class:`raydyn.analysis.phase.RunTrajectory`.
 No I/O, no Ray.
 """
 from __future__ import annotations

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from raydyn.phase.refine import GridRefiner, Refiner, dense_grid_size
+from raydyn.aggregate.bisect import GridRefiner, Refiner, dense_grid_size
 
 SEED = int(os.environ.get("RAYDYN_TEST_SEED", "0"))
 

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from raydyn.phase.boundary import (
+from raydyn.aggregate.boundary import (
     axis_midpoint,
     find_boundaries,
     find_boundaries_rows,

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+from raydyn.aggregate.bisect import Refiner
 from raydyn.analysis.curvature import ntk_top_eigenvalue
-from raydyn.phase.classify import PhaseThresholds, RunTrajectory, classify
-from raydyn.phase.refine import Refiner
+from raydyn.analysis.phase import PhaseThresholds, RunTrajectory, classify
 from raydyn.tasks.uv import relu_net, relu_teacher_problem, train_relu_teacher, train_uv, uv_lambda0
 
 

@@ -6,8 +6,9 @@ import pyarrow as pa
 import pytest
 
 from raydyn.errors import RaydynError
-from raydyn.phase.categorical import boundaries_along, category_map_info, draw_category_map, is_categorical
-from raydyn.phase.maps import phase_map_info
+from raydyn.aggregate.categorical import boundaries_along, category_map_info, is_categorical
+from raydyn.aggregate.maps import phase_map_info
+from raydyn.plots.maps import draw_category_map
 
 
 def table(rows):

@@ -16,7 +16,7 @@ from scipy import stats
 from scipy.linalg import expm
 from scipy.optimize import linear_sum_assignment, linprog
 
-from raydyn.analysis import koopman as K
+from raydyn.analysis.koopman import distances as K
 from raydyn.analysis.koopman import (
     conjugacy_classes,
     conjugacy_test,
@@ -24,6 +24,7 @@ from raydyn.analysis.koopman import (
     gavish_donoho_omega,
     hankel_snapshots,
     pairwise_wasserstein,
+    seed_threshold,
     spectrum,
     wasserstein,
     wasserstein_block,
@@ -585,7 +586,7 @@ def test_one_system_is_one_class_by_default(rng):
     assert conjugacy_classes(d).tolist() == [0] * 6
     # seed-to-seed distances as the scale: mean + 3 SD keeps one system together ...
     assert conjugacy_classes(d, within_distances=off).tolist() == [0] * 6
-    assert K.seed_threshold(off) == pytest.approx(off.mean() + 3 * off.std(ddof=1))
+    assert seed_threshold(off) == pytest.approx(off.mean() + 3 * off.std(ddof=1))
     # ... and separates a different one
     shifted = full_spectrum([0.9 * np.exp(0.32j), 0.5, 0.2])  # 0.018 from the first
     other = [shifted + 4e-4 * (rng.normal(size=4) + 1j * rng.normal(size=4)) for _ in range(3)]

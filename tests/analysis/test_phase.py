@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from raydyn.phase.classify import (
+from raydyn.analysis.phase import (
     GENERALISATION_PHASES,
     LOSS_PHASES,
     PHASES,
