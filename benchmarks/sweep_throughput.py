@@ -69,7 +69,7 @@ def main() -> None:
     from raydyn.spec import parse_sweep
     from raydyn.store import open_store
     from raydyn.sweep import ensure_ray, run_sweep
-    from raydyn.train.population import load_data
+    from raydyn.tasks.build import load_data
     from raydyn.train.reference import train_single
 
     base = parse_sweep(sweep_text("bench", args.configs, args.steps, args.steps, "[]"))

@@ -543,7 +543,7 @@ class SweepSpec(_Model):
     metric: str | None = Field(None, description="optuna objective: a final_* column of the runs table")
     goal: Literal["minimize", "maximize"] = "minimize"
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
-    phases: dict[str, Any] = Field(default_factory=dict, description="phase thresholds (see raydyn.phase)")
+    phases: dict[str, Any] = Field(default_factory=dict, description="phase thresholds (see raydyn.analysis.phase)")
 
     @model_validator(mode="before")
     @classmethod
@@ -553,14 +553,14 @@ class SweepSpec(_Model):
     @field_validator("phases")
     @classmethod
     def _phases(cls, v: dict[str, Any]) -> dict[str, Any]:
-        from raydyn.phase.classify import PhaseThresholds
+        from raydyn.analysis.phase import PhaseThresholds
 
         PhaseThresholds.from_mapping(v)  # ValueError naming phases.<key>
         return v
 
     def thresholds(self):
-        """The phase rules' thresholds (:class:`raydyn.phase.classify.PhaseThresholds`) of this sweep."""
-        from raydyn.phase.classify import PhaseThresholds
+        """The phase rules' thresholds (:class:`raydyn.analysis.phase.PhaseThresholds`) of this sweep."""
+        from raydyn.analysis.phase import PhaseThresholds
 
         return PhaseThresholds.from_mapping(self.phases)
 
@@ -954,23 +954,6 @@ def parse_sweep(text: str, source: str = "<sweep>") -> SweepSpec:
         raise SpecError(_format_errors(e, source)) from None
     _check_parameters(spec, source)
     return spec
-
-
-def parse_stored(store: Any, sweep: str) -> SweepSpec | None:
-    """The sweep file stored with ``sweep`` in ``store``, parsed (None when the store has none; a
-    :class:`raydyn.track.TrackedSweep` for runs logged with ``raydyn.track``). Plug-in
-    modules are importable from the directory the sweep was launched in (recorded as ``base_dir``)."""
-    text = store.sweep_text(sweep)
-    if text is None:
-        return None
-    if (store.sweep_meta(sweep) or {}).get("kind") == "tracked":  # logged with raydyn.track: no sweep file
-        from raydyn.track import TrackedSweep
-
-        return TrackedSweep(store, sweep)
-    from raydyn.tasks.plugins import add_search_path
-
-    add_search_path((store.sweep_meta(sweep) or {}).get("base_dir"))
-    return parse_sweep(text, f"{store.uri} sweeps/{sweep}/sweep.yaml")
 
 
 def load_sweep(path: str | Path) -> tuple[SweepSpec, str]:

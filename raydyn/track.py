@@ -44,13 +44,17 @@ import sys
 import time
 import types
 import warnings
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from raydyn.errors import RaydynError, RaydynWarning
+
+if TYPE_CHECKING:  # pragma: no cover
+    from raydyn.spec import SweepSpec
+    from raydyn.store.schema import WeightsLayout
 
 __all__ = ["track", "Run", "TrackedSweep", "TRACKED", "TuneCallback", "LightningCallback", "is_tracked", "tracked_axes"]
 
@@ -156,6 +160,8 @@ class _Snapshotter:
     """Flat weight (and buffer) vectors of a model, laid out as raydyn's recorder lays them out."""
 
     def __init__(self, model: Any, wcfg: dict[str, Any]):
+        import dataclasses
+
         import torch
 
         from raydyn.train.recorder import weights_layout
@@ -172,11 +178,11 @@ class _Snapshotter:
         if dtype not in ("float32", "float64"):
             raise RaydynError(f"weights.dtype: {dtype!r}; use float32 or float64")
         self.dtype = torch.float64 if dtype == "float64" else torch.float32
-        self.layout["dtype"] = dtype
+        self.layout = dataclasses.replace(self.layout, dtype=dtype)
         self.buffer_names = list(buffers)
         if self.buffer_names:
-            self.layout["buffer_names"] = list(buffers)
-            self.layout["buffer_shapes"] = [list(b.shape) for b in buffers.values()]
+            self.layout = dataclasses.replace(self.layout, buffer_names=list(buffers),
+                                              buffer_shapes=[list(b.shape) for b in buffers.values()])
 
     def _split(self, model: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         torch = self.torch
@@ -195,19 +201,19 @@ class _Snapshotter:
 
     def sizes(self) -> tuple[int, int]:
         """(stored weight vector length, buffer vector length)."""
-        nb = sum(int(np.prod(s)) for s in self.layout.get("buffer_shapes", []))
-        return int(self.layout["dim"]), nb
+        nb = sum(int(np.prod(s)) for s in self.layout.buffer_shapes or [])
+        return int(self.layout.dim), nb
 
     def into(self, model: Any, wrow: np.ndarray, brow: np.ndarray | None) -> None:
         """Write the model's snapshot into the host rows ``wrow`` (D,) and ``brow`` (buffers), one copy."""
         torch = self.torch
         params, buffers = self._split(model)
-        if list(params) != self.layout["param_names"]:
+        if tuple(params) != self.layout.param_names:
             raise RaydynError("run.log(model=...): the model's parameters changed between snapshots "
-                              f"({len(params)} tensors now, {len(self.layout['param_names'])} at the first); one run "
+                              f"({len(params)} tensors now, {len(self.layout.param_names)} at the first); one run "
                               "logs one architecture")
         with torch.no_grad():
-            self._flat([params[n] for n in self.layout["names"]], torch.from_numpy(wrow), self.sketch)
+            self._flat([params[n] for n in self.layout.names], torch.from_numpy(wrow), self.sketch)
             if brow is not None:
                 self._flat([buffers[n] for n in self.buffer_names], torch.from_numpy(brow), None)
 
@@ -222,15 +228,17 @@ class _Snapshotter:
             bucket, sign = sketch
             if bucket.device != flat.device:
                 self.sketch = bucket, sign = bucket.to(flat.device), sign.to(flat.device)
-            flat = torch.zeros(self.layout["dim"], dtype=out.dtype, device=flat.device).index_add_(
+            flat = torch.zeros(self.layout.dim, dtype=out.dtype, device=flat.device).index_add_(
                 0, bucket, flat * sign.to(out.dtype))
         out.copy_(flat)
 
-    def resumed(self, stored: Mapping[str, Any] | None, run_id: str) -> None:
-        if stored and stored.get("kind") not in (None, "none"):
-            mine = {k: self.layout.get(k) for k in ("kind", "names", "dim")}
-            theirs = {k: stored.get(k) for k in ("kind", "names", "dim")}
-            if json.loads(json.dumps(mine)) != json.loads(json.dumps(theirs)):
+    def resumed(self, stored: Any, run_id: str) -> None:
+        """Refuse to resume a run whose stored snapshots (``stored``: a WeightsLayout, or None) differ from this
+        model's."""
+        if stored is not None and stored.kind not in (None, "none"):
+            mine = {k: self.layout.to_dict().get(k) for k in ("kind", "names", "dim")}
+            theirs = {k: stored.to_dict().get(k) for k in ("kind", "names", "dim")}
+            if mine != theirs:
                 raise RaydynError(f"resume of run {run_id!r}: the model's snapshot layout {mine} differs from the "
                                   f"stored one {theirs}")
 
@@ -307,7 +315,7 @@ class Run:
         self._skipped = 0
         self._seq = 0
         self._prior_wall = 0.0
-        self._stored_layout: dict[str, Any] | None = None
+        self._stored_layout: WeightsLayout | None = None
         self._start(resume)
         # the last step stored before this session: on resume, records up to it are dropped
         self._resume_floor = -1 if self._last_step is None else self._last_step
@@ -321,6 +329,8 @@ class Run:
         return {int(p[len(prefix):]): p for p in self.store.parts(table, self.sweep, prefix) if p[len(prefix):].isdigit()}
 
     def _start(self, resume: bool) -> None:
+        from raydyn.store.schema import WeightsLayout
+
         st, sweep, rid = self.store, self.sweep, self.run_id
         run_filter = pc.field("run_id") == rid
         metric_parts = self._own_parts("metrics")
@@ -335,7 +345,8 @@ class Run:
         if row:
             r = row[0]
             self._prior_wall = float(r.get("wall_time_s") or 0.0)
-            self._stored_layout = json.loads(r.get("weights_layout") or "{}")
+            stored = WeightsLayout.from_json(r.get("weights_layout"))
+            self._stored_layout = stored if stored.to_dict() else None  # "{}": as if none was stored
             if json.loads(r["config_json"]) != self.config:
                 raise RaydynError(f"resume of run {rid!r}: its config differs from the stored one "
                                   f"({r['config_json']}); resume with the same config")
@@ -507,9 +518,9 @@ class Run:
 
     def _runs_row(self, status: str) -> pa.Table:
         from raydyn.store import runs_schema_check
-        from raydyn.train.recorder import versions
+        from raydyn.store.schema import WeightsLayout, library_versions
 
-        layout = self._snapshot.layout if self._snapshot is not None else (self._stored_layout or {"kind": "none"})
+        layout = self._snapshot.layout if self._snapshot is not None else (self._stored_layout or WeightsLayout(kind="none"))
         every = self.config.get("record_every")
         if not isinstance(every, int) or isinstance(every, bool):
             steps = self._snap_steps or []
@@ -527,8 +538,8 @@ class Run:
             "population_size": 1,
             "wall_time_s": self._prior_wall + time.perf_counter() - self._t0,
             "config_json": json.dumps(self.config, sort_keys=True),
-            "weights_layout": json.dumps(layout),
-            "versions": json.dumps({**versions(), "source": "raydyn.track"}, sort_keys=True),
+            "weights_layout": layout.to_json(),
+            "versions": json.dumps({**library_versions(), "source": "raydyn.track"}, sort_keys=True),
         }
         table = pa.Table.from_pylist([row])
         fields = []
@@ -742,7 +753,7 @@ class TrackedSweep:
         return tracked_axes(self.store, self.name)
 
     def thresholds(self):
-        from raydyn.phase.classify import PhaseThresholds
+        from raydyn.analysis.phase import PhaseThresholds
 
         return PhaseThresholds()
 
@@ -752,6 +763,22 @@ class TrackedSweep:
 
     def __repr__(self) -> str:
         return f"TrackedSweep({self.name!r})"
+
+
+def parse_stored(store: Any, sweep: str) -> SweepSpec | TrackedSweep | None:
+    """The sweep file stored with ``sweep`` in ``store``, parsed (None when the store has none; a
+    :class:`TrackedSweep` for runs logged with ``raydyn.track``). Plug-in
+    modules are importable from the directory the sweep was launched in (recorded as ``base_dir``)."""
+    text = store.sweep_text(sweep)
+    if text is None:
+        return None
+    if (store.sweep_meta(sweep) or {}).get("kind") == "tracked":  # logged with raydyn.track: no sweep file
+        return TrackedSweep(store, sweep)
+    from raydyn.spec import parse_sweep
+    from raydyn.tasks.plugins import add_search_path
+
+    add_search_path((store.sweep_meta(sweep) or {}).get("base_dir"))
+    return parse_sweep(text, f"{store.uri} sweeps/{sweep}/sweep.yaml")
 
 
 def tracked_status(store: Any, sweep: str) -> dict[str, Any]:

@@ -340,7 +340,7 @@ def test_cuda_population_equals_cpu():
 
 def test_checkpoint_resume_is_bit_for_bit_with_running_stats_and_dropout(plugin, tmp_path):
     """Buffers (running statistics) and the RNG state (dropout masks) travel with checkpoints."""
-    from raydyn.train.population import PopulationCheckpoint
+    from raydyn.train.checkpoint import PopulationCheckpoint
 
     text = sweep_text("ck", "byo_plug:bn_cnn", steps=12, extra_task=", width: 3")
     for model, extra in (("byo_plug:bn_cnn", ", width: 3"), ("byo_plug:drop_mlp", ", model_options: {p: 0.3}")):
@@ -409,8 +409,7 @@ def test_examples_vgg_on_an_image_folder_keeps_the_exact_scale_law(tmp_path, mon
 def test_frozen_parameters_stay_fixed_and_load_back(plugin):
     """requires_grad=False parameters are constants: not trained, not in the weight snapshots, kept with the
     buffers, and a stored snapshot loads back into the rebuilt model with the recorded test loss."""
-    from raydyn.tasks.build import init_model
-    from raydyn.train.replay import check_param_order, load_snapshot
+    from raydyn.tasks.build import check_param_order, init_model, load_snapshot
 
     text = sweep_text("fz", "byo_plug:frozen_mlp", steps=6, extra_task=", width: 5")
     (pop,) = populations(parse_sweep(text).expand(), 64)

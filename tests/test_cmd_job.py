@@ -19,12 +19,13 @@ from raydyn.errors import RaydynError
 from raydyn.jobs import run_job
 from raydyn.jobs.base import Unit, load_trajectories
 from raydyn.jobs.cmd import CMDJob
-from raydyn.phase.maps import runs_with_metrics
+from raydyn.aggregate.maps import runs_with_metrics
 from raydyn.spec import parse_sweep, populations
 from raydyn.store import open_store
 from raydyn.sweep import run_sweep
+from raydyn.tasks.build import default_dtype
 from raydyn.train.cmd_online import layer_slices
-from raydyn.train.population import default_dtype, train_population
+from raydyn.train.population import train_population
 
 SWEEP = """
 name: cmdt

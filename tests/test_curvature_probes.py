@@ -7,8 +7,9 @@ import torch
 
 from raydyn.analysis.curvature import ntk_top_eigenvalue_exact, sharpness_exact
 from raydyn.spec import parse_sweep, populations
+from raydyn.tasks.build import init_model, load_data
 from raydyn.train.objectives import loss_fn
-from raydyn.train.population import init_model, load_data, train_population
+from raydyn.train.population import train_population
 
 UV = """
 name: uvp

@@ -36,7 +36,7 @@ def test_transformer_last_position_shortcut_is_the_full_computation(depth):
 
 def test_nanda_initialisation_scales():
     """init: nanda -- matrices N(0, 1/d_model), unembedding N(0, 1/vocab), biases 0; seeded like any init."""
-    from raydyn.tasks.models import build_model
+    from raydyn.tasks.registry import build_model
 
     cfg = {"model": "transformer", "depth": 1, "width": 128, "heads": 4, "activation": "relu", "bias": True,
            "init": "nanda"}

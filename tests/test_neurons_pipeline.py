@@ -13,8 +13,10 @@ from torch.nn.utils import vector_to_parameters
 from raydyn.analysis.neurons import linearity_probe, neuron_modes, sample_basin, weight_basin
 from raydyn.errors import RaydynError
 from raydyn.spec import parse_sweep, populations
+from raydyn.tasks.build import init_model, load_data
+from raydyn.train.checkpoint import PopulationCheckpoint
 from raydyn.train.neurons import REF_SIZE
-from raydyn.train.population import PopulationCheckpoint, init_model, load_data, train_population
+from raydyn.train.population import train_population
 
 POP = """
 name: n
@@ -93,7 +95,7 @@ def test_job_equals_direct_calls_and_gives_phase_metrics(neu_store):
     import json
 
     from raydyn.jobs.base import load_trajectories
-    from raydyn.phase.maps import runs_with_metrics
+    from raydyn.aggregate.maps import runs_with_metrics
     from raydyn.train.objectives import loss_fn
 
     modes = neu_store.table("neurons_modes", sweep="neujob").to_pandas()

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from raydyn.spec import parse_sweep, populations
-from raydyn.train.population import init_model, load_data, train_population
+from raydyn.tasks.build import init_model, load_data
+from raydyn.train.population import train_population
 from raydyn.train.recorder import runs_table
 from raydyn.train.reference import train_single
 
@@ -236,7 +237,7 @@ def test_resume_from_a_checkpoint_is_bit_for_bit(case, tmp_path):
     assert [int(d.name[4:]) for d in saved] == list(range(7, steps, 7))
     m0, w0 = _tables(straight)
     assert_identical(_tables(with_ckpt)[0], m0, "checkpointing changed the run")
-    from raydyn.train.population import PopulationCheckpoint
+    from raydyn.train.checkpoint import PopulationCheckpoint
 
     for d in (saved[0], saved[-1]):  # the first (momentum buffers fresh) and the last checkpoint
         ckpt = PopulationCheckpoint.load(d)
@@ -253,7 +254,7 @@ def test_resume_from_a_checkpoint_is_bit_for_bit(case, tmp_path):
 
 
 def test_checkpoint_is_not_pickle_and_refuses_another_population(tmp_path):
-    from raydyn.train.population import PopulationCheckpoint
+    from raydyn.train.checkpoint import PopulationCheckpoint
 
     text = BASE.format(**{**CASES["sgd-nesterov-dampening"], "steps": 12})
     pops = populations(parse_sweep(text.replace("[0, 3]", "[0]")).expand(), 1)
@@ -271,7 +272,7 @@ def test_checkpoint_is_not_pickle_and_refuses_another_population(tmp_path):
 
 def test_time_based_checkpoints_are_taken_and_resume_bit_for_bit(tmp_path):
     """checkpoint_every: null -> a checkpoint after every checkpoint_minutes of training (here ~0: every step)."""
-    from raydyn.train.population import PopulationCheckpoint
+    from raydyn.train.checkpoint import PopulationCheckpoint
 
     text = BASE.format(**{**CASES["sgd-nesterov-dampening"], "steps": 12})
     (pop,) = populations(parse_sweep(text).expand(), 64)

@@ -13,7 +13,8 @@ import torch
 from raydyn.analysis.symmetry import find_groups, group_sq_norms, predict, quantities, relative_error
 from raydyn.errors import RaydynError
 from raydyn.spec import parse_sweep, populations
-from raydyn.train.population import PopulationCheckpoint, train_population
+from raydyn.train.checkpoint import PopulationCheckpoint
+from raydyn.train.population import train_population
 from raydyn.train.symmetry import GroupSums
 
 SWEEP = """
@@ -105,7 +106,7 @@ def test_continuous_law_within_one_percent_over_1000_steps():
 @pytest.mark.parametrize("model", ["mlp", "cnn"])
 def test_group_sums_equal_the_library_functions(model):
     """The tracker's compiled torch evaluator gives the numbers of analysis.symmetry.quantities/group_sq_norms."""
-    from raydyn.train.population import init_model, load_data
+    from raydyn.tasks.build import init_model, load_data
 
     pop = _pop(model=model, width=4)
     cfg = pop.members[0].config
@@ -188,7 +189,7 @@ def sym_store(ray_session, tmp_path_factory):
 
 @pytest.mark.ray
 def test_job_tables_and_phase_metrics(sym_store):
-    from raydyn.phase.maps import runs_with_metrics
+    from raydyn.aggregate.maps import runs_with_metrics
 
     laws = sym_store.table("symmetry_laws", sweep="symjob").to_pandas()
     # 4 runs x (translation 1 layer + scale 1 + rescale 1) x 2 methods

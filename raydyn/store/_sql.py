@@ -19,7 +19,7 @@ import duckdb
 import pyarrow as pa
 
 from raydyn.errors import StoreError
-from raydyn.store.schema import CORE_TABLES
+from raydyn.store.schema import CORE_TABLES, READ_ATTEMPTS, empty_table
 
 if TYPE_CHECKING:  # pragma: no cover
     from raydyn.store.store import Store
@@ -86,11 +86,9 @@ def run_readonly(store: Store, query: str) -> pa.Table:
     try:
         check_select(query, con)
 
-        from raydyn.store.store import _READ_ATTEMPTS, _empty_table
-
         names = store._table_dirs()
         wanted = _mentioned(query, sorted(set(names) | set(CORE_TABLES)))
-        for attempt in range(_READ_ATTEMPTS):
+        for attempt in range(READ_ATTEMPTS):
             scans = []
             for name in wanted:
                 scan = store._scan(name, None) if name in names else None
@@ -99,7 +97,7 @@ def run_readonly(store: Store, query: str) -> pa.Table:
                     scans.append(scan)
                 elif name in CORE_TABLES:
                     # an absent core table reads as empty with its contract columns
-                    con.register(name, _empty_table(name, None))
+                    con.register(name, empty_table(name, None))
             if attempt == 0:
                 con.execute("SET enable_external_access = false")
                 con.execute("SET lock_configuration = true")
@@ -107,7 +105,7 @@ def run_readonly(store: Store, query: str) -> pa.Table:
                 return con.sql(query).to_arrow_table()
             except duckdb.Error as e:
                 # a part replaced by a concurrent writer mid-query: re-read; otherwise the query's fault
-                if attempt + 1 < _READ_ATTEMPTS and any(scan.changed(store) for scan in scans):
+                if attempt + 1 < READ_ATTEMPTS and any(scan.changed(store) for scan in scans):
                     continue
                 missing = _missing_table(e)
                 if missing is not None:  # DuckDB would suggest one of its own catalog tables

@@ -5,13 +5,11 @@ import hashlib
 import json
 import os
 import re
-import sys
 import uuid
 import warnings
 from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
-from importlib import metadata as _importlib_metadata
 from pathlib import Path
 from typing import Callable, TYPE_CHECKING, Any, Iterable
 
@@ -27,9 +25,12 @@ from raydyn.store.layout import PartPath, validate_name
 from raydyn.store.schema import (
     CORE_TABLES,
     FINISHED_STATUSES,
-    RUNS_REQUIRED,
+    READ_ATTEMPTS,
     SCHEMA_VERSION,
+    SWEEP_LIBRARIES,
+    empty_table,
     file_metadata,
+    library_versions,
     metrics_schema_check,
     runs_schema_check,
     weights_schema_check,
@@ -54,8 +55,6 @@ _FOOTER_THREADS = 16
 _ERRORS = (OSError, pa.ArrowException)
 #: What reading a damaged file can raise (a garbled footer can also give undecodable names).
 _READ_ERRORS = (OSError, pa.ArrowException, ValueError)
-#: How often a read is retried when the files it read were replaced under it.
-_READ_ATTEMPTS = 3
 #: Part schemas remembered per Store (keyed by path, size, mtime); cleared when full.
 _SCHEMA_CACHE_SIZE = 50_000
 
@@ -474,7 +473,7 @@ class Store:
             "sha256": digest,
             "created_utc": created,
             "schema_version": SCHEMA_VERSION,
-            "versions": _library_versions(),
+            "versions": library_versions(SWEEP_LIBRARIES, python=True, missing=None),
         }
         for key in ("sweep", "sha256"):
             if key in meta and meta[key] != record[key]:
@@ -724,10 +723,10 @@ class Store:
             columns = list(columns)
         if filter is not None and not isinstance(filter, pc.Expression):
             raise TypeError(f"filter must be a pyarrow.compute.Expression, got {type(filter).__name__}")
-        for attempt in range(_READ_ATTEMPTS):
+        for attempt in range(READ_ATTEMPTS):
             scan = self._scan(name, sweeps)
             if scan is None:
-                return _empty_table(name, columns)
+                return empty_table(name, columns)
             if attempt == 0:
                 self._validate_request(name, scan.dataset.schema, columns, filter)
             try:
@@ -737,7 +736,7 @@ class Store:
             # Some part failed: replaced since the listing with a version whose columns
             # no longer fit the unified schema (start over), or damaged data pages
             # (read part by part and skip the damaged ones with a warning).
-            if scan.changed(self) and attempt + 1 < _READ_ATTEMPTS:
+            if scan.changed(self) and attempt + 1 < READ_ATTEMPTS:
                 continue
             pieces = []
             for pp, frag in scan.parts:
@@ -905,32 +904,3 @@ def _sweep_list(sweep: str | Iterable[str] | None) -> list[str] | None:
     except TypeError:
         raise TypeError(f"sweep must be None, a name or a list of names, got {sweep!r}") from None
     return [validate_name("sweep", s) for s in dict.fromkeys(items)]
-
-
-_CONTRACT_TYPES: dict[str, pa.DataType] = {"string": pa.string(), "int64": pa.int64(), "float64": pa.float64()}
-_EMPTY_CORE: dict[str, dict[str, pa.DataType]] = {
-    "runs": {k: _CONTRACT_TYPES[v] for k, v in RUNS_REQUIRED.items()},
-    "metrics": {"run_id": pa.string(), "step": pa.int64()},
-    "weights": {"run_id": pa.string(), "step": pa.int64(), "weights": pa.list_(pa.float32())},
-}
-
-
-def _empty_table(name: str, columns: list[str] | None) -> pa.Table:
-    known = dict(_EMPTY_CORE.get(name, {}))
-    known["sweep"] = pa.string()
-    names = columns if columns is not None else list(known)
-    schema = pa.schema([pa.field(c, known.get(c, pa.null())) for c in names], metadata=file_metadata(name))
-    return schema.empty_table()
-
-
-_VERSIONED = ("raydyn", "pyarrow", "duckdb", "numpy", "torch", "ray", "scipy")
-
-
-def _library_versions() -> dict[str, str]:
-    out = {"python": sys.version.split()[0]}
-    for dist in _VERSIONED:
-        try:
-            out[dist] = _importlib_metadata.version(dist)
-        except _importlib_metadata.PackageNotFoundError:
-            pass
-    return out

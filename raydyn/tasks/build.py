@@ -1,15 +1,19 @@
 """Build a run's model and data from its config (the one place that turns a config into tensors).
 
 Used by the population trainer, the reference loop, the analyses that load weights back
-(CMD, neurons) and :meth:`raydyn.store.Store.model`, so all of them build the same thing.
+(CMD, neurons) and :meth:`raydyn.store.Store.model`, so all of them build the same thing; a stored
+snapshot (the recorder's ``full`` layout) goes back into such a model with :func:`load_snapshot`.
 """
 from __future__ import annotations
 
 import contextlib
 from typing import Any, Iterator
 
+import numpy as np
 import torch
+from torch.nn.utils import vector_to_parameters
 
+from raydyn.store.schema import WeightsLayout
 from raydyn.tasks import registry
 from raydyn.tasks.data import Dataset
 
@@ -54,7 +58,7 @@ REBUILD_NEEDS = ("config['model'] = 'module:callable' (your factory, called as f
 _LOSSES = ("cross_entropy", "mse", "hinge")
 
 
-def rebuild_config(store, sweep: str, cfg: dict[str, Any], layout: dict[str, Any]
+def rebuild_config(store, sweep: str, cfg: dict[str, Any], layout: WeightsLayout | dict[str, Any] | None
                    ) -> tuple[dict[str, Any] | None, str | None]:
     """``(config, None)``: the config to rebuild a run's model and data from; ``(None, why)`` when it cannot.
 
@@ -88,7 +92,8 @@ def rebuild_config(store, sweep: str, cfg: dict[str, Any], layout: dict[str, Any
     out = dict(cfg)
     out["data"] = dentry.resolved(data)
     if out.get("dtype") not in DTYPES:
-        out["dtype"] = layout.get("dtype") if layout.get("dtype") in DTYPES else "float32"
+        stored = WeightsLayout.from_json(layout).dtype
+        out["dtype"] = stored if stored in DTYPES else "float32"
     if out.get("loss") not in _LOSSES:
         out.pop("loss", None)
     if not isinstance(out.get("model_options"), dict):
@@ -118,11 +123,55 @@ def _stored_config(store, row: dict[str, Any]) -> dict[str, Any]:
 
     from raydyn.errors import StoreError
 
-    cfg, why = rebuild_config(store, row["sweep"], json.loads(row["config_json"]), json.loads(row["weights_layout"] or "{}"))
+    cfg, why = rebuild_config(store, row["sweep"], json.loads(row["config_json"]),
+                              WeightsLayout.from_json(row["weights_layout"]))
     if cfg is None:
         raise StoreError(f"run {row['run_id']} (logged with raydyn.track, sweep {row['sweep']!r}) cannot be rebuilt: "
                          f"{why}. A run names its model with {REBUILD_NEEDS}")
     return cfg
+
+
+@torch.no_grad()
+def load_snapshot(model: torch.nn.Module, layout: WeightsLayout | dict[str, Any], weights: np.ndarray | torch.Tensor,
+                  buffers: np.ndarray | torch.Tensor | None = None) -> torch.nn.Module:
+    """Load one stored snapshot into ``model`` in place: the flat parameter vector (D,) (``full`` layout)
+    and, when given, the flat vector of its floating buffers (batch norm running statistics) in the order
+    of ``layout.buffer_names``. Returns the model."""
+    layout = WeightsLayout.from_json(layout)
+    names = set(layout.names or [n for n, _ in model.named_parameters()])
+    params = [p for n, p in model.named_parameters() if n in names]
+    dtype = params[0].dtype
+    v = torch.as_tensor(np.array(weights) if not isinstance(weights, torch.Tensor) else weights).to(dtype)
+    vector_to_parameters(v, params)
+    if buffers is not None and layout.buffer_names:
+        # buffers, and parameters the model does not train (requires_grad=False: stored with the buffers)
+        own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        flat = torch.as_tensor(np.array(buffers) if not isinstance(buffers, torch.Tensor) else buffers)
+        pos = 0
+        for n in layout.buffer_names:
+            b = own[n]
+            b.copy_(flat[pos:pos + b.numel()].reshape(b.shape).to(b.dtype))
+            pos += b.numel()
+    return model
+
+
+def check_param_order(model: torch.nn.Module, layout: WeightsLayout | dict[str, Any], what: str = "run") -> None:
+    """Raise ValueError unless the flat vectors of ``layout`` are the model's parameters in its order.
+
+    ``layout`` is a run's ``weights_layout``; it must be the ``full`` kind (all parameters, no
+    sketch) and name the same tensors with the same shapes as ``model.named_parameters()``.
+    """
+    layout = WeightsLayout.from_json(layout)
+    if not layout.is_full:
+        raise ValueError(f"{what}: snapshots are {layout.kind!r}, not every parameter of the model "
+                         "('full'); they cannot be loaded back into it")
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # frozen ones: with the buffers
+    names = [n for n, _ in trained]
+    shapes = [list(p.shape) for _, p in trained]
+    stored = layout.to_dict()  # (the message shows the stored JSON: shapes as lists)
+    if list(layout.names) != names or [list(s) for s in layout.shapes] != shapes:
+        raise ValueError(f"{what}: snapshot layout {list(zip(stored['names'], stored['shapes']))} does not match "
+                         f"the model's parameters {list(zip(names, shapes))} (order or shape)")
 
 
 def stored_data(store, run_id: str, sweep: str | None = None) -> Dataset:
@@ -143,18 +192,15 @@ def stored_model(store, run_id: str, step: int | None = None, sweep: str | None 
     Needs full snapshots (``train.record: [weights]``, no sketch, no layer subset): a
     :class:`~raydyn.errors.StoreError` names the run otherwise, or the step when it was not recorded.
     """
-    import json
-
     import numpy as np
     import pyarrow.compute as pc
 
     from raydyn.errors import StoreError
-    from raydyn.train.replay import check_param_order, load_snapshot
 
     row = _run_row(store, run_id, sweep)
-    layout = json.loads(row["weights_layout"] or "{}")
-    if layout.get("kind") != "full":
-        raise StoreError(f"run {run_id}: its snapshots are {layout.get('kind')!r} (a subset of the parameters or a "
+    layout = WeightsLayout.from_json(row["weights_layout"])
+    if not layout.is_full:
+        raise StoreError(f"run {run_id}: its snapshots are {layout.kind!r} (a subset of the parameters or a "
                          "CountSketch of them), not every parameter; a model cannot be rebuilt from them. Record "
                          "full snapshots (train.weights.max_size above the parameter count, no weights.layers)")
     w = store.table("weights", sweep=row["sweep"], filter=pc.field("run_id") == run_id)

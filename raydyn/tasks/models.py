@@ -185,15 +185,6 @@ def nanda_init(model: "Transformer") -> None:
             p.normal_(0.0, 1.0 / math.sqrt(d))
 
 
-def build_model(cfg: dict[str, Any], input_shape: tuple[int, ...], out_dim: int, vocab: int = 0) -> nn.Module:
-    """Build the model named by ``cfg['model']`` (any registry entry: built-in, plug-in, entry point)
-    with freshly initialised parameters (seed the global RNG first); see
-    :meth:`raydyn.tasks.registry.ModelEntry.build`."""
-    from raydyn.tasks import registry
-
-    return registry.model(cfg["model"]).build(cfg, input_shape, out_dim, vocab)
-
-
 def post_init(m: nn.Module, cfg: dict[str, Any]) -> nn.Module:
     """raydyn's initialisation options, applied to any freshly built model (built-in or plug-in), in place.
 

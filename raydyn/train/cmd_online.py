@@ -112,7 +112,8 @@ class OnlineCMDTracker:
             self.last[i] = v.copy()
 
     def tables(self) -> dict[str, pa.Table]:
-        from raydyn.train.replay import check_param_order, evaluate_vectors, run_model
+        from raydyn.tasks.build import check_param_order
+        from raydyn.train.replay import evaluate_vectors, run_model
 
         done = [i for i in range(len(self.run_ids)) if i not in self.dropped and self.online[i].is_warm]
         if not done:

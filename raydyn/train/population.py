@@ -46,12 +46,12 @@ import torch
 from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 
 from raydyn.spec import PopulationSpec, early_stop_rungs
-from raydyn.tasks.build import DTYPES, default_dtype, init_model, load_data  # noqa: F401  (re-exported)
+from raydyn.tasks.build import DTYPES, init_model, load_data
 from raydyn.tasks.data import Dataset
-from raydyn.train.checkpoint import CHECKPOINT_FORMAT, PopulationCheckpoint  # noqa: F401  (re-exported)
+from raydyn.train.checkpoint import CHECKPOINT_FORMAT, PopulationCheckpoint
 from raydyn.train.curvature import curvature_batch, member_ntk
 from raydyn.train.objectives import accuracy, loss_fn
-from raydyn.train.optim import PopulationOptimizer, Schedule, clip_coefficients  # noqa: F401  (re-exported)
+from raydyn.train.optim import PopulationOptimizer, Schedule, clip_coefficients
 from raydyn.train.recorder import Recorder
 
 

@@ -19,13 +19,16 @@ tables of their own to the population's part.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
-from importlib import metadata
 from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
 import torch
+
+from raydyn.store.schema import WeightsLayout, library_versions
 
 SKETCH_SEED = 20240601
 
@@ -106,16 +109,6 @@ def to_host(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return out
 
 
-def versions() -> dict[str, str]:
-    out = {}
-    for pkg in ("raydyn", "torch", "ray", "numpy", "pyarrow"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = "unknown"
-    return out
-
-
 def _weight_stats(ctx: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Hu et al. (2023) weight metrics per member (see raydyn.analysis.weight_stats.FEATURES)."""
     from raydyn.analysis.weight_stats import weight_stats
@@ -181,7 +174,7 @@ TRACKERS: dict[str, Callable[["Recorder"], Any]] = {
 
 
 def weights_layout(param_names: list[str], shapes: list[tuple[int, ...]], wcfg: dict[str, Any]
-                   ) -> tuple[dict[str, Any], tuple[torch.Tensor, torch.Tensor] | None]:
+                   ) -> tuple[WeightsLayout, tuple[torch.Tensor, torch.Tensor] | None]:
     """The ``weights_layout`` of snapshots of parameters ``param_names`` (per-run ``shapes``) under the
     ``train.weights`` options ``wcfg`` (``layers``, ``max_size``, ``projection_dim``), and the CountSketch
     (bucket (D,), sign (D,) float64) when the stored vector is longer than ``max_size`` (else None).
@@ -196,15 +189,15 @@ def weights_layout(param_names: list[str], shapes: list[tuple[int, ...]], wcfg: 
     sizes = [int(np.prod(s)) for s in shapes]
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int).tolist()
     dim = offsets[-1]
-    layout: dict[str, Any] = {"kind": kind, "names": names, "shapes": shapes, "offsets": offsets, "dim": dim,
-                              "param_names": list(param_names)}
+    layout = WeightsLayout(kind=kind, names=names, shapes=shapes, offsets=offsets, dim=dim,
+                           param_names=list(param_names))
     if dim <= wcfg.get("max_size", 200_000):
         return layout, None
     k = int(wcfg.get("projection_dim", 4096))
     g = torch.Generator().manual_seed(SKETCH_SEED)
     bucket = torch.randint(0, k, (dim,), generator=g)
     sign = torch.randint(0, 2, (dim,), generator=g).double() * 2 - 1
-    layout.update(kind=kind + "+countsketch", dim=k, source_dim=dim, sketch_seed=SKETCH_SEED)
+    layout = dataclasses.replace(layout, kind=kind + "+countsketch", dim=k, source_dim=dim, sketch_seed=SKETCH_SEED)
     return layout, (bucket, sign)
 
 
@@ -239,13 +232,13 @@ class Recorder:
         self.buffer_names = [n for n, b in bufs.items() if b.is_floating_point()]
         self.layout = self._layout(cfg["weights"])
         if self.buffer_names:
-            self.layout["buffer_names"] = list(self.buffer_names)
-            self.layout["buffer_shapes"] = [list(bufs[n].shape[1:]) for n in self.buffer_names]
+            self.layout = dataclasses.replace(self.layout, buffer_names=list(self.buffer_names),
+                                              buffer_shapes=[list(bufs[n].shape[1:]) for n in self.buffer_names])
         self.trackers = {t: TRACKERS[t](self) for t in cfg["record"] if t in TRACKERS}
         self._per_step = [t for t in self.trackers.values() if getattr(t, "per_step", False)]
 
     # ---------------------------------------------------------------- weights layout
-    def _layout(self, wcfg: dict[str, Any]) -> dict[str, Any]:
+    def _layout(self, wcfg: dict[str, Any]) -> WeightsLayout:
         layout, sketch = weights_layout(self.names, self.shapes, wcfg)
         if sketch is not None:
             self._bucket, self._sign = sketch
@@ -255,11 +248,11 @@ class Recorder:
         """(P, D) vector of the stored parameters (after any subset/sketch), in the snapshot dtype, on the
         parameters' device."""
         dtype = self.snapshot_dtype
-        flat = torch.cat([params[n].detach().reshape(self.P, -1) for n in self.layout["names"]], dim=1).to(dtype)
-        if "countsketch" in self.layout["kind"]:
+        flat = torch.cat([params[n].detach().reshape(self.P, -1) for n in self.layout.names], dim=1).to(dtype)
+        if self.layout.is_sketch:
             if self._bucket.device != flat.device:
                 self._bucket, self._sign = self._bucket.to(flat.device), self._sign.to(flat.device)
-            out = torch.zeros(self.P, self.layout["dim"], dtype=dtype, device=flat.device)
+            out = torch.zeros(self.P, self.layout.dim, dtype=dtype, device=flat.device)
             out.index_add_(1, self._bucket, flat * self._sign.to(dtype))
             return out
         return flat
@@ -459,6 +452,27 @@ def _list_column(mat: np.ndarray) -> pa.Array:
     return pa.ListArray.from_arrays(offsets, values)
 
 
+@functools.cache
+def float_settings() -> frozenset[str]:
+    """The run settings typed ``float`` (or ``float | None``) in the sweep schema (:class:`raydyn.spec.TaskSpec`,
+    :class:`raydyn.spec.TrainSpec`): their runs-table columns are float64 even when every value of a
+    population is a whole number (a swept ``lr: [1, 2]`` reaches the config as ints). The members' extra
+    columns (``lambda0``, ``lr_actual``) are Python floats already."""
+    import types
+    import typing
+
+    from raydyn.spec import TaskSpec, TrainSpec
+
+    out = set()
+    for model in (TaskSpec, TrainSpec):
+        for name, f in model.model_fields.items():
+            a = f.annotation
+            args = typing.get_args(a) if typing.get_origin(a) in (typing.Union, types.UnionType) else (a,)
+            if [t for t in args if t is not type(None)] == [float]:
+                out.add(name)
+    return frozenset(out)
+
+
 def runs_table(result: Any, pop_id: str, node: str | None = None) -> pa.Table:
     """One row per member: identity, status, every config value typed, final metrics, metadata.
 
@@ -469,8 +483,8 @@ def runs_table(result: Any, pop_id: str, node: str | None = None) -> pa.Table:
     rec: Recorder = result.recorder
     finals = rec.final_values()
     rows = []
-    ver = json.dumps(versions(), sort_keys=True)
-    layout = json.dumps(rec.layout)
+    ver = json.dumps(library_versions(), sort_keys=True)
+    layout = rec.layout.to_json()
     for m in result.members:
         flat = RunConfig(m.config, m.run_id).flat()
         f = finals[m.run_id]
@@ -499,11 +513,9 @@ def runs_table(result: Any, pop_id: str, node: str | None = None) -> pa.Table:
     # ints that are config values stay int64, floats float64 (pylist inference does this);
     # make sure float-typed config values that happen to be whole numbers stay float64.
     fields = []
+    floats = float_settings()
     for f in table.schema:
-        if pa.types.is_integer(f.type) and f.name in ("lr", "momentum", "weight_decay", "dampening", "beta1", "beta2", "eps",
-                                                      "init_scale", "divergence_factor", "embed_lr",
-                                                      "embed_weight_decay", "lambda0", "lr_actual", "fixed_norm",
-                                                      "final_lr_factor", "decay_gamma", "clip_grad_norm", "bn_eps"):
+        if pa.types.is_integer(f.type) and f.name in floats:
             f = f.with_type(pa.float64())
         elif pa.types.is_null(f.type):  # an unset option (e.g. loss: default) stays a typed, nullable column
             f = f.with_type(pa.string())

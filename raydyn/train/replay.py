@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.nn.utils import vector_to_parameters
 
+from raydyn.tasks.build import init_model, load_data, load_snapshot
 from raydyn.tasks.data import Dataset
 from raydyn.train.objectives import accuracy, loss_fn
 
@@ -23,52 +24,11 @@ def run_model(cfg: dict[str, Any], data: Dataset | None = None, base_dir: str | 
               ) -> tuple[torch.nn.Module, Dataset]:
     """The run's model (its initial weights) and data set, built from its config (relative data paths
     resolved against ``base_dir``, the directory the sweep was launched from)."""
-    from raydyn.tasks.build import init_model, load_data
     from raydyn.tasks.plugins import add_search_path
 
     add_search_path(base_dir)  # plug-in modules that lived in the launch directory
     data = data if data is not None else load_data(cfg, base_dir)
     return init_model(cfg, data), data
-
-
-@torch.no_grad()
-def load_snapshot(model: torch.nn.Module, layout: dict[str, Any], weights: np.ndarray | torch.Tensor,
-                  buffers: np.ndarray | torch.Tensor | None = None) -> torch.nn.Module:
-    """Load one stored snapshot into ``model`` in place: the flat parameter vector (D,) (``full`` layout)
-    and, when given, the flat vector of its floating buffers (batch norm running statistics) in the order
-    of ``layout['buffer_names']``. Returns the model."""
-    names = set(layout.get("names") or [n for n, _ in model.named_parameters()])
-    params = [p for n, p in model.named_parameters() if n in names]
-    dtype = params[0].dtype
-    v = torch.as_tensor(np.array(weights) if not isinstance(weights, torch.Tensor) else weights).to(dtype)
-    vector_to_parameters(v, params)
-    if buffers is not None and layout.get("buffer_names"):
-        # buffers, and parameters the model does not train (requires_grad=False: stored with the buffers)
-        own = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-        flat = torch.as_tensor(np.array(buffers) if not isinstance(buffers, torch.Tensor) else buffers)
-        pos = 0
-        for n in layout.get("buffer_names") or []:
-            b = own[n]
-            b.copy_(flat[pos:pos + b.numel()].reshape(b.shape).to(b.dtype))
-            pos += b.numel()
-    return model
-
-
-def check_param_order(model: torch.nn.Module, layout: dict[str, Any], what: str = "run") -> None:
-    """Raise ValueError unless the flat vectors of ``layout`` are the model's parameters in its order.
-
-    ``layout`` is a run's ``weights_layout``; it must be the ``full`` kind (all parameters, no
-    sketch) and name the same tensors with the same shapes as ``model.named_parameters()``.
-    """
-    if layout.get("kind") != "full":
-        raise ValueError(f"{what}: snapshots are {layout.get('kind')!r}, not every parameter of the model "
-                         "('full'); they cannot be loaded back into it")
-    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # frozen ones: with the buffers
-    names = [n for n, _ in trained]
-    shapes = [list(p.shape) for _, p in trained]
-    if list(layout["names"]) != names or [list(s) for s in layout["shapes"]] != shapes:
-        raise ValueError(f"{what}: snapshot layout {list(zip(layout['names'], layout['shapes']))} does not match "
-                         f"the model's parameters {list(zip(names, shapes))} (order or shape)")
 
 
 @torch.no_grad()
