@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
 from raydyn.errors import RaydynError
 
@@ -26,8 +27,38 @@ sweep_app = typer.Typer(help="Launch and inspect sweeps.", no_args_is_help=True)
 app.add_typer(sweep_app, name="sweep")
 store_app = typer.Typer(help="Inspect and repair the result store.", no_args_is_help=True)
 app.add_typer(store_app, name="store")
-analyze_app = typer.Typer(help="Run an analysis over a sweep's trajectories on Ray; results go to the store.",
-                          no_args_is_help=True)
+
+
+class _AnalysisGroup(TyperGroup):
+    """``raydyn analyze``: one command per registered analysis (:mod:`raydyn.jobs.registry`), generated from
+    its options dataclass when listed or called, so an analysis registered after import shows up too."""
+
+    _built: dict[str, tuple[Any, Any]] = {}
+
+    @property
+    def commands(self) -> dict[str, Any]:
+        from raydyn.jobs.registry import analyses
+
+        out = {}
+        for name, a in analyses().items():
+            if self._built.get(name, (None,))[0] is not a:
+                self._built[name] = (a, _analysis_command(a))
+            out[name] = self._built[name][1]
+        return out
+
+    @commands.setter
+    def commands(self, value) -> None:  # click sets it on construction; the registry is the source
+        pass
+
+    def list_commands(self, ctx) -> list[str]:
+        return list(self.commands)
+
+    def get_command(self, ctx, name: str):
+        return self.commands.get(name)
+
+
+analyze_app = typer.Typer(cls=_AnalysisGroup, no_args_is_help=True,
+                          help="Run an analysis over a sweep's trajectories on Ray; results go to the store.")
 app.add_typer(analyze_app, name="analyze")
 import_app = typer.Typer(help="Import runs trained elsewhere (checkpoint folders, TensorBoard logs) into a tracked "
                          "sweep; analyse them like any sweep.", no_args_is_help=True)
@@ -52,7 +83,7 @@ def _resolve_sweep(sweep: str, store) -> tuple[Any, str]:
 
     if sweep.endswith((".yaml", ".yml")) or Path(sweep).is_file():
         return load_sweep(sweep)
-    from raydyn.spec import parse_stored
+    from raydyn.track import parse_stored
 
     text = store.sweep_text(sweep)
     if text is None:
@@ -344,7 +375,8 @@ def phase_map(
 
     A label column (--metric phase, after `raydyn analyze phase`) is drawn as a categorical map: the most frequent label per cell, its share, and boundaries between cells of different labels.
     """
-    from raydyn.phase.maps import SPREADS, default_facets, draw_phase_map, phase_map_info, runs_with_metrics
+    from raydyn.aggregate.maps import default_facets, phase_map_info, runs_with_metrics
+    from raydyn.plots.maps import SPREADS, draw_phase_map
     from raydyn.plots.labels import figure_format
 
     if out_path is not None:
@@ -361,7 +393,8 @@ def phase_map(
     _check_map_metric(runs, metric, spec.axes())
     _check_map_axis(runs, "--x", x, spec.axes())
     _check_map_axis(runs, "--y", y, spec.axes())
-    from raydyn.phase.categorical import category_map_info, draw_category_map, is_categorical
+    from raydyn.aggregate.categorical import category_map_info, is_categorical
+    from raydyn.plots.maps import draw_category_map
 
     if is_categorical(runs, metric):  # labels (e.g. phase): most frequent per cell, boundaries drawn
         cinfo = category_map_info(runs, metric, x, y, facets)
@@ -422,7 +455,7 @@ def curves(
 
     Example: raydyn curves my-sweep --metric test_loss --group-by lr --facet width --log-y --out curves.pdf
     """
-    from raydyn.phase.curves import band_columns, curve_table
+    from raydyn.aggregate.curves import band_columns, curve_table
     from raydyn.plots.curves import draw_curves
     from raydyn.plots.labels import figure_format, readable
 
@@ -545,8 +578,8 @@ def phase_boundary(
     """
     import pyarrow as pa
 
-    from raydyn.phase.categorical import boundaries_along
-    from raydyn.phase.maps import runs_with_metrics
+    from raydyn.aggregate.categorical import boundaries_along
+    from raydyn.aggregate.maps import runs_with_metrics
     from raydyn.spec import column_name
 
     if fmt not in ("table", "csv", "json"):
@@ -613,7 +646,7 @@ def _write_csv(rows: list[dict], columns: list[str]) -> None:
 
 def _print_crossings(sweep: str, runs, metric: str, axis: str, level: float, groups: list[str], fmt: str) -> None:
     """`phase-boundary --level`: where the numeric metric crosses ``level`` along ``axis``, per group."""
-    from raydyn.phase.levels import level_crossings
+    from raydyn.aggregate.levels import level_crossings
 
     res = level_crossings(runs, metric, axis, level, by=groups)
     _print_along(res, "crossings", groups, fmt,
@@ -693,7 +726,7 @@ def report(
     store: Optional[str] = StoreOpt,
 ) -> None:
     """Write one self-contained HTML page: phase maps, interactive curves (median and band per group, any swept axis), the run table with an overlay of the runs you click, and the analyses."""
-    from raydyn.phase.maps import runs_with_metrics
+    from raydyn.aggregate.maps import runs_with_metrics
     from raydyn.report import build_report
 
     st = _store(store)
@@ -746,14 +779,70 @@ def run_analysis(job, sweep: str, store: str | None, address: str | None, tag: s
         raise typer.Exit(1)
 
 
-def _register_analyses() -> None:
-    from raydyn.jobs import cli_commands
+def _analysis_command(a):
+    """The click command ``raydyn analyze <a.name>``: a ``sweep`` argument, one option per CLI field of the
+    analysis' options dataclass (type, default and help from the field), ``--store`` and ``--address``."""
+    import dataclasses
+    import inspect
 
-    for register in cli_commands():
-        register(analyze_app)
+    from rich.markup import escape
+
+    from raydyn.jobs.options import cli_flag, comma_list, is_sequence, option_spec, option_types
+
+    types = option_types(a.options)
+    fields = [f for f in dataclasses.fields(a.options) if option_spec(f).cli]
+    parsers: dict[str, Any] = {}
+    P = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    params = [inspect.Parameter("sweep", P, annotation=str, default=typer.Argument(
+        ..., help="Sweep name in the store, or its sweep file.", show_default=False))]
+    for f in fields:
+        spec, ann = option_spec(f), types[f.name]
+        if spec.parse is not None or is_sequence(ann):  # given as a string, parsed into the field's value
+            parsers[f.name] = spec.parse or comma_list
+            ann, default = Optional[str], spec.cli_default
+        else:
+            default = f.default
+        params.append(inspect.Parameter(f.name, P, annotation=ann, default=typer.Option(
+            default, *cli_flag(f).split(" "), help=escape(spec.help), show_default=default is not None)))
+    params += [inspect.Parameter("store", P, annotation=Optional[str], default=typer.Option(
+                   None, "--store", help=STORE_HELP, show_default=False)),
+               inspect.Parameter("address", P, annotation=Optional[str], default=typer.Option(
+                   None, "--address", help="Ray cluster address (default: a local Ray).", show_default=False))]
+
+    def command(**given: Any) -> None:
+        sweep, store, address = given.pop("sweep"), given.pop("store"), given.pop("address")
+        values = {}
+        for name, v in given.items():
+            if name in parsers:
+                if v is None:
+                    continue  # the field's default
+                v = parsers[name](v)
+            values[name] = v
+        options = a.options(**values)
+        after = a.after_fn()
+        try:
+            run_analysis(a.job(options), sweep, store, address)
+        except typer.Exit:  # some units failed; the others' tables were written, so say what they hold
+            if after is not None:
+                _print_after(after, store, sweep, options)
+            raise
+        if after is not None:
+            _print_after(after, store, sweep, options)
+
+    summary, description = a.help_lines()
+    command.__signature__ = inspect.Signature(params)
+    command.__name__ = a.name.replace("-", "_")
+    one = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    one.command(a.name, help=escape(summary + ("\n\n" + description if description else "")),
+                short_help=escape(summary))(command)
+    return typer.main.get_command(one)
 
 
-_register_analyses()
+def _print_after(after, store: str | None, sweep: str, options) -> None:
+    st = _store(store)
+    name = _resolve_sweep(sweep, st)[0].name
+    for line in after(st, name, options) or ():
+        out.print(line, highlight=False, markup=False)
 
 
 # ------------------------------------------------------------------------------ import

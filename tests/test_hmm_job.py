@@ -6,7 +6,7 @@ import pytest
 
 from raydyn.jobs import run_job
 from raydyn.jobs.hmm import HMMJob
-from raydyn.phase.maps import phase_map_info, runs_with_metrics
+from raydyn.aggregate.maps import phase_map_info, runs_with_metrics
 from raydyn.spec import parse_sweep
 from raydyn.store import open_store
 from raydyn.sweep import run_sweep
@@ -79,3 +79,28 @@ def test_hmm_cli_passes_standardize_selection_and_correction(monkeypatch):
     assert (seen["standardize"], seen["selection"], seen["correction"]) == ("global", "bic", "holm")
     r = CliRunner().invoke(cli.app, ["analyze", "hmm", "x", "--standardize", "zscore"])
     assert "--standardize 'zscore': allowed values are global, run, none" in str(r.exception)  # main() prints it, exit 2
+
+
+@pytest.mark.ray
+def test_default_features_come_from_snapshots_when_metrics_hold_list_columns(ray_session, tmp_path):
+    """A sweep that recorded weights but not weight_stats: the HMM's default features are computed from the
+    snapshots and joined onto the metrics rows, whose list columns (weight_norms) Arrow cannot join on."""
+    sweep = """
+name: hmmsnap
+task: {dataset: digits, model: mlp, depth: 1, width: 8}
+train: {steps: 40, batch_size: 32, lr: 0.1, record_every: 5, eval_every: 20, record: [weights]}
+parameters:
+  seed: {values: [0, 1, 2]}
+resources: {cpu: 1}
+"""
+    store = open_store(tmp_path)
+    run_sweep(parse_sweep(sweep), sweep, store)
+    assert "weight_norms" in store.table("metrics", sweep="hmmsnap").column_names
+    outcome = run_job(HMMJob(max_states=2, restarts=1, held_out=0.0, selection="bic"), store, "hmmsnap")
+    assert not outcome.failed and outcome.tables["hmm_summary"] == 3
+    import json
+
+    from raydyn.jobs.hmm import DEFAULT_FEATURES
+
+    feats = set(json.loads(store.table("hmm_models", sweep="hmmsnap").column("features")[0].as_py()))
+    assert feats and feats <= set(DEFAULT_FEATURES) and "w_l2" in feats

@@ -9,6 +9,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from raydyn.errors import RaydynError
+from raydyn.jobs.options import Options
+from raydyn.store.schema import WeightsLayout
 
 
 @dataclass(frozen=True)
@@ -21,11 +23,21 @@ class Unit:
 
 
 class Job:
-    """Subclass per analysis. ``compute`` runs on Ray workers and must be picklable (module-level class)."""
+    """Subclass per analysis. ``compute`` runs on Ray workers and must be picklable (module-level class).
+
+    ``name`` is the analysis' name (``raydyn analyze <name>``, its tables' prefix); ``Options`` its options
+    dataclass (a :class:`raydyn.jobs.options.Options`). ``Job(options)`` or ``Job(field=value, ...)``;
+    the job reads ``self.options.<field>``. Register it once with :func:`raydyn.jobs.registry.register`.
+    """
 
     name: str = ""
+    Options: type = Options
 
-    def __init__(self, **options: Any):
+    def __init__(self, options: Options | None = None, /, **fields: Any):
+        if options is None:
+            options = self.Options(**fields)
+        elif fields or not isinstance(options, self.Options):
+            raise TypeError(f"{type(self).__name__}: give one {self.Options.__name__} or its fields as keywords")
         self.options = options
 
     # driver -----------------------------------------------------------------
@@ -102,7 +114,7 @@ def run_job(job: Job, store, sweep: str, *, progress: Callable[[int, int, int], 
                     parts.setdefault(name, []).append(t)
     tables = {name: pa.concat_tables(ts, promote_options="permissive") for name, ts in parts.items()}
     tables.update(job.finish(store, sweep, tables, results))
-    opts = json.dumps(job.options, sort_keys=True, default=str)
+    opts = json.dumps(job.options.record(), sort_keys=True, default=str)
     for name, t in tables.items():
         if t.num_rows:
             t = t.append_column("options_json", pa.array([opts] * t.num_rows, pa.string()))
@@ -114,18 +126,19 @@ def run_filter(run_ids) -> pc.Expression:
     return pc.field("run_id").isin(list(run_ids))
 
 
-def run_config(store, sweep: str, run_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def run_config(store, sweep: str, run_id: str) -> tuple[dict[str, Any], WeightsLayout]:
     """A run's ``(config, weights_layout)`` from its runs row."""
     row = store.table("runs", sweep=sweep, columns=["run_id", "config_json", "weights_layout"],
                       filter=run_filter([run_id])).to_pylist()[0]
-    return json.loads(row["config_json"]), json.loads(row["weights_layout"] or "{}")
+    return json.loads(row["config_json"]), WeightsLayout.from_json(row["weights_layout"])
 
 
-def rebuilt_model(cfg: dict[str, Any], layout: dict[str, Any], run_id: str, store=None, sweep: str | None = None):
+def rebuilt_model(cfg: dict[str, Any], layout: WeightsLayout, run_id: str, store=None, sweep: str | None = None):
     """``(model, data)`` of a run, built from its config, its parameter order checked against the
     snapshot layout (RaydynError when the snapshots cannot be loaded back into it). With ``store`` and
     ``sweep``, relative data paths resolve against the directory the sweep was launched from."""
-    from raydyn.train.replay import check_param_order, run_model
+    from raydyn.tasks.build import check_param_order
+    from raydyn.train.replay import run_model
 
     meta = (store.sweep_meta(sweep) or {}) if store is not None and sweep else {}
     model, data = run_model(cfg, base_dir=meta.get("base_dir"))
@@ -151,7 +164,7 @@ def load_buffers(store, sweep: str, run_id: str) -> "np.ndarray | None":
 
 
 def load_trajectories(store, sweep: str, run_ids, layers: list[str] | None = None, keep_dtype: bool = False,
-                      ) -> dict[str, tuple["np.ndarray", "np.ndarray", dict]]:
+                      ) -> dict[str, tuple["np.ndarray", "np.ndarray", WeightsLayout]]:
     """Weight trajectories of runs: run_id -> (steps (T,), weights (T, D) float64, layout).
 
     ``layers`` keeps only stored parameters whose names start with one of the prefixes
@@ -162,7 +175,8 @@ def load_trajectories(store, sweep: str, run_ids, layers: list[str] | None = Non
     import numpy as np
 
     runs = store.table("runs", sweep=sweep, columns=["run_id", "weights_layout"], filter=run_filter(run_ids))
-    layouts = {r: json.loads(lay) for r, lay in zip(runs.column("run_id").to_pylist(), runs.column("weights_layout").to_pylist())}
+    layouts = {r: WeightsLayout.from_json(lay)
+               for r, lay in zip(runs.column("run_id").to_pylist(), runs.column("weights_layout").to_pylist())}
     w = store.table("weights", sweep=sweep, columns=["run_id", "step", "weights"], filter=run_filter(run_ids))
     if w.num_rows == 0:
         raise RaydynError(f"sweep {sweep!r} has no weight snapshots for runs {', '.join(list(run_ids)[:3])}...: "
@@ -179,16 +193,16 @@ def load_trajectories(store, sweep: str, run_ids, layers: list[str] | None = Non
             continue
         order = sel[np.argsort(steps[sel])]
         x = mat[order] if keep_dtype else mat[order].astype(np.float64)
-        layout = layouts.get(r, {})
+        layout = layouts.get(r, WeightsLayout())
         if layers:
-            if "countsketch" in layout.get("kind", ""):
+            if layout.is_sketch:
                 raise RaydynError(f"run {r}: --layers needs full snapshots, but this run stored a CountSketch "
-                                  f"({layout.get('dim')} dims); record fewer parameters with train.weights.layers")
-            names, offs = layout["names"], layout["offsets"]
-            keep = [i for i, n in enumerate(names) if any(n.startswith(p) for p in layers)]
+                                  f"({layout.dim} dims); record fewer parameters with train.weights.layers")
+            keep = layout.select(layers)
             if not keep:
-                raise RaydynError(f"--layers {layers} match no stored parameter of run {r}; stored: {', '.join(names)}")
-            x = np.concatenate([x[:, offs[i]:offs[i + 1]] for i in keep], axis=1)
+                raise RaydynError(f"--layers {layers} match no stored parameter of run {r}; "
+                                  f"stored: {', '.join(layout.names)}")
+            x = np.concatenate([x[:, p.cols] for p in keep], axis=1)
         out[r] = (steps[order], x, layout)
     return out
 

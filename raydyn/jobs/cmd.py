@@ -30,6 +30,7 @@ Online CMD (``train.record: [cmd_online]``, :mod:`raydyn.train.cmd_online`) writ
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
@@ -38,6 +39,9 @@ import pyarrow as pa
 from raydyn.errors import RaydynError
 from raydyn.jobs.base import (REBUILD_NEEDS, Job, Unit, group_units, load_trajectories, plugin_paths, rebuild_config,
                               rebuilt_model, run_config)
+from raydyn.jobs.options import Options, option
+from raydyn.jobs.registry import Analysis, register
+from raydyn.store.schema import WeightsLayout
 
 SUMMARY_SCHEMA = pa.schema([
     ("run_id", pa.string()), ("cmd_modes_needed", pa.int64()), ("cmd_recon_error", pa.float64()),
@@ -51,32 +55,54 @@ SUMMARY_SCHEMA = pa.schema([
 ])
 
 
-def sketch_message(run_id: str, layout: dict[str, Any], more: str = "") -> str:
+def sketch_message(run_id: str, layout: WeightsLayout, more: str = "") -> str:
     return (f"run {run_id}{more}: CMD needs the weights themselves, but this run stored a CountSketch of them "
-            f"({layout.get('source_dim')} parameters projected to {layout.get('dim')} dimensions). Record full "
+            f"({layout.source_dim} parameters projected to {layout.dim} dimensions). Record full "
             "snapshots (train.weights.max_size above the parameter count, or fewer tensors with "
             "train.weights.layers), or use online CMD during training (train.record: [cmd_online]).")
 
 
-class CMDJob(Job):
-    name = "cmd"
+@dataclass(frozen=True)
+class CMDOptions(Options):
+    modes: Optional[int] = option(None, "Number of modes M (instead of --tolerance).")
+    tolerance: Optional[float] = option(None, "Use the fewest modes whose relative reconstruction error is below "
+                                        "this (default 0.01).")
+    samples: int = option(1000, "Parameters sampled (layer-balanced) for the clustering.")
+    seed: int = option(0, "Seed of the sampling.")
+    evaluate: bool = option(True, "Evaluate reconstructed weights on the test set.", flag="--eval/--no-eval")
 
-    def __init__(self, modes: int | None = None, tolerance: float = 0.01, samples: int = 1000, seed: int = 0,
-                 evaluate: bool = True):
-        super().__init__(modes=modes, tolerance=tolerance, samples=samples, seed=seed, evaluate=evaluate)
+    def check(self) -> None:
+        if self.modes is not None and self.tolerance is not None:
+            raise RaydynError("give --modes or --tolerance, not both")
+        if self.modes is not None and self.modes < 1:
+            raise RaydynError(f"--modes must be a positive integer, got {self.modes}")
+        if self.tolerance is not None and not 0 < self.tolerance <= 1:
+            raise RaydynError(f"--tolerance must be in (0, 1] (a relative error), got {self.tolerance}")
+        if self.samples < 2:
+            raise RaydynError(f"--samples must be at least 2, got {self.samples}")
+        if self.tolerance is None:  # the default tolerance (with --modes it is not used)
+            object.__setattr__(self, "tolerance", 0.01)
+
+
+class CMDJob(Job):
+    """Correlation mode decomposition of each run's weights (Turjeman et al. 2022): modes, errors, accuracy."""
+
+    name = "cmd"
+    Options = CMDOptions
 
     # driver -------------------------------------------------------------------
     def plan(self, store, sweep: str) -> list[Unit]:
         runs = store.table("runs", sweep=sweep, columns=["run_id", "status", "weights_layout"])
         units = group_units(runs, None)
-        layouts = dict(zip(runs.column("run_id").to_pylist(), runs.column("weights_layout").to_pylist()))
-        sketched = sorted(u.key for u in units if "countsketch" in json.loads(layouts[u.key] or "{}").get("kind", ""))
+        layouts = {r: WeightsLayout.from_json(lay)
+                   for r, lay in zip(runs.column("run_id").to_pylist(), runs.column("weights_layout").to_pylist())}
+        sketched = sorted(u.key for u in units if layouts[u.key].is_sketch)
         if units and len(sketched) == len(units):
             more = f" (and {len(sketched) - 1} more of sweep {sweep!r})" if len(sketched) > 1 else ""
-            raise RaydynError(sketch_message(sketched[0], json.loads(layouts[sketched[0]]), more))
+            raise RaydynError(sketch_message(sketched[0], layouts[sketched[0]], more))
         from raydyn.track import is_tracked
 
-        if self.options["evaluate"] and is_tracked(store, sweep):  # plug-in modules the workers may not find
+        if self.options.evaluate and is_tracked(store, sweep):  # plug-in modules the workers may not find
             t = store.table("runs", sweep=sweep, columns=["run_id", "config_json"])
             cfgs = dict(zip(t.column("run_id").to_pylist(), t.column("config_json").to_pylist()))
             units = [Unit(u.key, u.run_ids, {**u.info, "plugin_paths": plugin_paths(json.loads(cfgs[u.key]))})
@@ -94,15 +120,14 @@ class CMDJob(Job):
         o = self.options
         (rid,) = unit.run_ids
         cfg, layout = run_config(store, sweep, rid)
-        if "countsketch" in layout.get("kind", ""):
+        if layout.is_sketch:
             raise RaydynError(sketch_message(rid, layout))
         steps, x, _ = load_trajectories(store, sweep, [rid])[rid]  # (T,), (T, D)
         if not np.isfinite(x).all():
             raise RaydynError(f"run {rid} has NaN/inf weights in its snapshots; CMD needs finite trajectories")
-        offs = layout["offsets"]
-        layers = layer_slices(layout["names"], [offs[i + 1] - offs[i] for i in range(len(layout["names"]))])
-        res = decompose(x.T, n_modes=o["modes"], tolerance=o["tolerance"], n_samples=o["samples"],
-                        random_state=o["seed"], layers=layers)
+        layers = layer_slices(list(layout.names), list(layout.sizes))
+        res = decompose(x.T, n_modes=o.modes, tolerance=o.tolerance, n_samples=o.samples,
+                        random_state=o.seed, layers=layers)
 
         t = len(steps)
         nan = np.full(t, np.nan)
@@ -112,14 +137,14 @@ class CMDJob(Job):
         from raydyn.track import is_tracked
 
         add_search_path(*unit.info.get("plugin_paths", ()))  # a tracked run's plug-in modules, as the driver found them
-        if o["evaluate"] and layout.get("kind") != "full":
-            skipped = (f"its snapshots are {layout.get('kind')!r} (a subset of the parameters); reconstructions "
+        if o.evaluate and not layout.is_full:
+            skipped = (f"its snapshots are {layout.kind!r} (a subset of the parameters); reconstructions "
                        "are evaluated only from snapshots of every parameter")
-        elif o["evaluate"]:
+        elif o.evaluate:
             cfg, skipped = rebuild_config(store, sweep, cfg, layout)
             if skipped:  # a tracked run whose config cannot rebuild its model
                 skipped += f". To evaluate, log the run with {REBUILD_NEEDS}"
-        if o["evaluate"] and not skipped:
+        if o.evaluate and not skipped:
             try:
                 loss_real, acc_real, loss_rec, acc_rec, loss_recal, acc_recal = self._evaluate(
                     store, sweep, rid, cfg, layout, x, res, t)
@@ -148,7 +173,7 @@ class CMDJob(Job):
                 "cmd_layers": layers_table(rid, res), "cmd_curves": curves}
 
     @staticmethod
-    def _evaluate(store, sweep: str, rid: str, cfg: dict[str, Any], layout: dict[str, Any], x: np.ndarray, res,
+    def _evaluate(store, sweep: str, rid: str, cfg: dict[str, Any], layout: WeightsLayout, x: np.ndarray, res,
                   t: int) -> tuple[np.ndarray, ...]:
         """Test loss and accuracy per recorded step of the real weights, of the reconstruction and of the
         real weights with recomputed batch norm statistics (all NaN for a model without a network)."""
@@ -173,42 +198,6 @@ class CMDJob(Job):
         return loss_real, acc_real, loss_rec, acc_rec, loss_recal, acc_recal
 
 
-def register_cli(analyze_app) -> None:
-    import typer
-
-    @analyze_app.command("cmd")
-    def cmd(
-        sweep: str = typer.Argument(..., help="Sweep name in the store, or its sweep file."),
-        modes: Optional[int] = typer.Option(None, "--modes", help="Number of modes M (instead of --tolerance)."),
-        tolerance: Optional[float] = typer.Option(None, "--tolerance", help="Use the fewest modes whose relative "
-                                                  "reconstruction error is below this (default 0.01)."),
-        samples: int = typer.Option(1000, "--samples", help="Parameters sampled (layer-balanced) for the clustering."),
-        seed: int = typer.Option(0, "--seed", help="Seed of the sampling."),
-        evaluate: bool = typer.Option(True, "--eval/--no-eval", help="Evaluate reconstructed weights on the test set."),
-        store: Optional[str] = typer.Option(None, "--store", help="Store URI (default: $RAYDYN_STORE or ./raydyn-results)."),
-        address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: local)."),
-    ) -> None:
-        """Correlation mode decomposition of each run's weights (Turjeman et al. 2022): modes, errors, accuracy."""
-        from raydyn.cli import run_analysis
-
-        if modes is not None and tolerance is not None:
-            raise RaydynError("give --modes or --tolerance, not both")
-        if modes is not None and modes < 1:
-            raise RaydynError(f"--modes must be a positive integer, got {modes}")
-        if tolerance is not None and not 0 < tolerance <= 1:
-            raise RaydynError(f"--tolerance must be in (0, 1] (a relative error), got {tolerance}")
-        if samples < 2:
-            raise RaydynError(f"--samples must be at least 2, got {samples}")
-        job = CMDJob(modes=modes, tolerance=0.01 if tolerance is None else tolerance, samples=samples, seed=seed,
-                     evaluate=evaluate)
-        try:
-            run_analysis(job, sweep, store, address)
-        except typer.Exit:  # some runs failed; the others' tables were written
-            print_skipped(store, sweep)
-            raise
-        print_skipped(store, sweep)
-
-
 def skipped_lines(store, sweep: str) -> list[str]:
     """One line per distinct reason why runs of ``sweep`` were not evaluated (``cmd_summary.cmd_eval_skipped``)."""
     from raydyn.errors import StoreError
@@ -226,82 +215,9 @@ def skipped_lines(store, sweep: str) -> list[str]:
             "written; the cmd_test_* columns are NaN." for why, ids in sorted(by_reason.items())]
 
 
-def print_skipped(store_uri: str | None, sweep: str) -> None:
-    from raydyn.cli import _resolve_sweep, _store, out
-
-    st = _store(store_uri)
-    spec, _ = _resolve_sweep(sweep, st)
-    for line in skipped_lines(st, spec.name):
-        out.print(line, highlight=False, markup=False)
+def print_skipped(store, sweep: str, options: CMDOptions) -> list[str]:
+    """After `raydyn analyze cmd`: why runs were not evaluated."""
+    return skipped_lines(store, sweep)
 
 
-# ------------------------------------------------------------------------------ report
-def result_from_tables(modes: Any, layer_errors: dict[str, float] | None = None, error: float = float("nan")):
-    """A :class:`~raydyn.analysis.cmd.CMDResult` for drawing, from one run's ``cmd_modes`` rows.
-
-    ``modes``: a pandas frame of ``cmd_modes`` (or ``cmd_online_modes``) rows of one run. The
-    per-parameter assignment is rebuilt from the per-layer member counts (order within a layer
-    is not stored); ``a``/``b`` are zeros. Returns ``(result, steps)``.
-    """
-    from raydyn.analysis.cmd import CMDResult
-
-    modes = modes.sort_values("mode")
-    refs = np.array([np.asarray(r, dtype=np.float64) for r in modes.reference])
-    names = tuple(modes.layer_names.iloc[0])
-    counts = np.array([np.asarray(c, dtype=np.int64) for c in modes.layer_members]).T  # (L, M)
-    layer_index = np.repeat(np.arange(len(names), dtype=np.int32), counts.sum(axis=1))
-    assignment = np.concatenate([np.repeat(np.arange(refs.shape[0]), counts[k]) for k in range(len(names))])
-    n = assignment.size
-    res = CMDResult(refs, modes.reference_index.to_numpy(np.int64), assignment.astype(np.int64), np.zeros(n),
-                    np.zeros(n), float(error), dict(layer_errors or {}), np.array([refs.shape[0]]),
-                    np.array([error]), layer_index, names)
-    return res, np.asarray(modes.steps.iloc[0], dtype=np.int64)
-
-
-def report_section(store, sweep: str, max_runs: int = 3) -> list[tuple[str, bytes]]:
-    """Per kind (post-hoc, online): accuracy of reconstructed vs real weights over runs, then
-    reference trajectories and modes per layer for the runs with the fewest, median and most modes."""
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from raydyn.plots.cmd import plot_cmd_layer_modes, plot_cmd_references
-    from raydyn.report.html import fig_png as png
-
-    out = []
-    tables = set(store.tables())
-    for label, pre in (("CMD", "cmd"), ("online CMD", "cmd_online")):
-        if f"{pre}_summary" not in tables or f"{pre}_modes" not in tables:
-            continue
-        summary = store.table(f"{pre}_summary", sweep=sweep).to_pandas()
-        if summary.empty:
-            continue
-        modes = store.table(f"{pre}_modes", sweep=sweep).to_pandas()
-        real, rec = summary[f"{pre}_test_acc_real"], summary[f"{pre}_test_acc_recon"]
-        if real.notna().any():
-            fig, ax = plt.subplots(figsize=(4.6, 4.2))
-            sc = ax.scatter(100 * real, 100 * rec, c=summary[f"{pre}_modes_needed"], cmap="viridis", s=22)
-            lo, hi = float(np.nanmin(100 * np.r_[real, rec])), float(np.nanmax(100 * np.r_[real, rec]))
-            ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
-            ax.set_xlabel("final test accuracy, real weights (%)")
-            ax.set_ylabel("reconstructed weights (%)")
-            fig.colorbar(sc, ax=ax, label="modes")
-            out.append((f"{label}: test accuracy of reconstructed vs real weights, {len(summary)} runs", png(fig)))
-        order = summary.sort_values([f"{pre}_modes_needed", "run_id"]).run_id.tolist()
-        picks = list(dict.fromkeys([order[0], order[len(order) // 2], order[-1]]))[:max_runs]
-        errs = dict(zip(summary.run_id, summary[f"{pre}_recon_error"]))
-        for rid in picks:
-            res, steps = result_from_tables(modes[modes.run_id == rid], error=errs[rid])
-            fig, axes = plt.subplots(1, 2, figsize=(12, 4.0), gridspec_kw={"width_ratios": [3, 2]})
-            plot_cmd_references(res, steps=steps, ax=axes[0])
-            plot_cmd_layer_modes(res, ax=axes[1])
-            fig.suptitle(f"{label}, run {rid}")
-            out.append((f"{label}, run {rid}: reference trajectories and modes per layer", png(fig)))
-    return out
-
-
-from raydyn.report.html import SECTIONS  # noqa: E402
-
-SECTIONS["cmd_"] = report_section
+register(Analysis(CMDJob, report="raydyn.plots.cmd:report_section", after=print_skipped))

@@ -18,6 +18,7 @@ phase-map metrics (with ``--windows``: ``koopman_windows``, one row per run and 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
@@ -25,6 +26,8 @@ import pyarrow as pa
 
 from raydyn.errors import RaydynError
 from raydyn.jobs.base import Job, Unit, group_units, load_trajectories, run_filter
+from raydyn.jobs.options import Options, comma_list, option
+from raydyn.jobs.registry import Analysis, register
 
 SEED = "seed"
 
@@ -33,31 +36,53 @@ def _window_key(w: tuple[int, int]) -> str:
     return f"steps={w[0]}-{w[1]}"
 
 
-class KoopmanJob(Job):
-    name = "koopman"
+@dataclass(frozen=True)
+class KoopmanOptions(Options):
+    group_by: Optional[list[str]] = option(None, "Comma-separated runs columns; the runs of a group are nearby "
+                                           "initialisations of one system (default: each run).", parse=comma_list)
+    layers: Optional[list[str]] = option(None, "Comma-separated parameter-name prefixes to use.", parse=comma_list)
+    delays: int = option(4, "Time delays in the Hankel embedding.")
+    embed_dim: Optional[int] = option(None, "Instead of --delays: per group, the delays d with (d + 1) x state "
+                                      "dimension closest to this (Redman et al. scale delays so across widths, e.g. "
+                                      "2000 gives d = 39, 19, 4 for 50, 100, 400 weights).")
+    rank: Any = option(None, "DMD rank: integer, energy fraction, 'optimal' or full.", parse=lambda t: _parse_rank(t))
+    pca: Optional[int] = option(None, "Project weights on their top-k principal components first.")
+    continuous: bool = option(False, "Compare log(lambda)/dt (independent of record_every).", flag="--continuous")
+    threshold: Optional[float] = option(None, "Distance below which groups are one class.")
+    n_classes: Optional[int] = option(None, "Number of conjugacy classes (instead of threshold).", flag="--classes")
+    windows: Optional[tuple[tuple[int, int], ...]] = option(
+        None, "Step windows, e.g. 0-100,100-200: one spectrum per group and window (both ends included), for "
+        "comparing phases of training (Redman et al.'s early-training CNN experiment).",
+        parse=lambda t: _parse_windows(t))
+    p: float = option(1.0, "Order of the Wasserstein distance.", cli=False)
 
-    def __init__(self, group_by: list[str] | None = None, layers: list[str] | None = None, delays: int = 4,
-                 rank: Any = None, pca: int | None = None, continuous: bool = False, p: float = 1.0,
-                 threshold: float | None = None, n_classes: int | None = None, embed_dim: int | None = None,
-                 windows: list[tuple[int, int]] | None = None):
-        super().__init__(group_by=group_by, layers=layers, delays=delays, rank=rank, pca=pca, continuous=continuous,
-                         p=p, threshold=threshold, n_classes=n_classes, embed_dim=embed_dim,
-                         windows=[list(w) for w in windows] if windows else None)
+    def check(self) -> None:
+        if self.embed_dim is not None and self.embed_dim < 1:
+            raise RaydynError(f"--embed-dim must be a positive integer, got {self.embed_dim}")
+        if self.windows is not None:
+            object.__setattr__(self, "windows", tuple(tuple(w) for w in self.windows))
+
+
+class KoopmanJob(Job):
+    """Koopman spectra per run/group, pairwise Wasserstein distances, conjugacy classes (Redman et al. 2024)."""
+
+    name = "koopman"
+    Options = KoopmanOptions
 
     def plan(self, store, sweep: str) -> list[Unit]:
         runs = store.table("runs", sweep=sweep)
-        units = group_units(runs, self.options["group_by"])
-        if not self.options.get("windows"):
+        units = group_units(runs, self.options.group_by)
+        if not self.options.windows:
             return units
         return [Unit(f"{u.key}|{_window_key(w)}", u.run_ids, {**u.info, "window": tuple(w)})
-                for u in units for w in self.options["windows"]]
+                for u in units for w in self.options.windows]
 
     def compute(self, store, sweep: str, unit: Unit) -> dict[str, pa.Table]:
         from raydyn.analysis.koopman import spectrum
 
         o = self.options
         # as stored: float32 snapshots keep float32 precision, which sets the DMD rank cutoff
-        trajs = load_trajectories(store, sweep, unit.run_ids, o["layers"], keep_dtype=True)
+        trajs = load_trajectories(store, sweep, unit.run_ids, o.layers, keep_dtype=True)
         if not trajs:
             raise ValueError(f"group {unit.key}: no weight snapshots")
         # dt: this group's recording interval (record_every may be swept), one per group
@@ -73,15 +98,15 @@ class KoopmanJob(Job):
         for rid, (_, x) in trajs.items():
             if not np.isfinite(x).all():
                 raise ValueError(f"run {rid} has NaN/inf weights (diverged?); exclude it or record fewer steps")
-        delays = o["delays"]
-        if o.get("embed_dim"):  # delays per group so that (delays + 1) x state dimension ~ embed_dim
-            state = o["pca"] or arrays[0].shape[1]
-            delays = max(0, int(round(o["embed_dim"] / state)) - 1)
+        delays = o.delays
+        if o.embed_dim:  # delays per group so that (delays + 1) x state dimension ~ embed_dim
+            state = o.pca or arrays[0].shape[1]
+            delays = max(0, int(round(o.embed_dim / state)) - 1)
             shortest = min(len(x) for x in arrays)
             if delays + 2 > shortest:
                 raise ValueError(f"group {unit.key}: --embed-dim {o['embed_dim']} needs {delays} delays for state "
                                  f"dimension {state}, more than its shortest trajectory ({shortest} steps) allows")
-        eigs = spectrum(arrays, delays, o["rank"], dt=dt, continuous=o["continuous"], pca=o["pca"])
+        eigs = spectrum(arrays, delays, o.rank, dt=dt, continuous=o.continuous, pca=o.pca)
         n = len(eigs)
         spectra = pa.table({
             "group": [unit.key] * n,
@@ -115,16 +140,16 @@ class KoopmanJob(Job):
             e["eigs"].append(complex(re_, im))
         names = sorted(groups)
         spectra = [np.array(groups[g]["eigs"]) for g in names]
-        periods = [2 * np.pi / groups[g]["dt"] for g in names] if o["continuous"] else None
+        periods = [2 * np.pi / groups[g]["dt"] for g in names] if o.continuous else None
         if len(names) > 1:
-            dist = fanout.pairwise_distance_matrix(spectra, p=o["p"], imag_period=periods)
+            dist = fanout.pairwise_distance_matrix(spectra, p=o.p, imag_period=periods)
         else:
             dist = np.zeros((1, 1))
         labels, rule = self._classes(names, groups, dist, conjugacy_classes, seed_threshold)
         ia, ib = np.triu_indices(len(names), 1)
         distances = pa.table({"group_a": [names[i] for i in ia], "group_b": [names[j] for j in ib],
                               "distance": dist[ia, ib].astype(np.float64)})
-        windowed = bool(o.get("windows"))
+        windowed = bool(o.windows)
         rows = {"run_id": [], "koopman_group": [], "koopman_class": [], "koopman_class_rule": [],
                 "koopman_max_abs_eig": [], "koopman_n_eigs": [], **({"koopman_window": []} if windowed else {})}
         for k, g in enumerate(names):
@@ -152,12 +177,12 @@ class KoopmanJob(Job):
         n = len(names)
         if n == 1:
             return np.zeros(1, dtype=int), "one group"
-        if o["n_classes"] is not None:
-            return conjugacy_classes(dist, n_classes=o["n_classes"]), f"--classes {o['n_classes']}"
-        if o["threshold"] is not None:
-            return conjugacy_classes(dist, threshold=o["threshold"]), f"--threshold {o['threshold']:g}"
+        if o.n_classes is not None:
+            return conjugacy_classes(dist, n_classes=o.n_classes), f"--classes {o.n_classes}"
+        if o.threshold is not None:
+            return conjugacy_classes(dist, threshold=o.threshold), f"--threshold {o.threshold:g}"
         within = []
-        if SEED in (o["group_by"] or []):
+        if SEED in (o.group_by or []):
             cond = [json.dumps({k: v for k, v in groups[g]["values"].items() if k != SEED}, sort_keys=True)
                     + f"|{groups[g]['window']}" for g in names]
             within = [dist[i, j] for i in range(n) for j in range(i + 1, n) if cond[i] == cond[j]]
@@ -215,73 +240,11 @@ def _parse_windows(text: Optional[str]) -> list[tuple[int, int]] | None:
     return out
 
 
-def register_cli(analyze_app) -> None:
-    import typer
-
-    @analyze_app.command("koopman")
-    def koopman(
-        sweep: str = typer.Argument(..., help="Sweep name in the store, or its sweep file."),
-        group_by: Optional[str] = typer.Option(None, "--group-by", help="Comma-separated runs columns; the runs of a "
-                                               "group are nearby initialisations of one system (default: each run)."),
-        layers: Optional[str] = typer.Option(None, "--layers", help="Comma-separated parameter-name prefixes to use."),
-        delays: int = typer.Option(4, "--delays", help="Time delays in the Hankel embedding."),
-        embed_dim: Optional[int] = typer.Option(None, "--embed-dim", help="Instead of --delays: per group, the delays d "
-                                                "with (d + 1) x state dimension closest to this (Redman et al. scale "
-                                                "delays so across widths, e.g. 2000 gives d = 39, 19, 4 for 50, 100, "
-                                                "400 weights)."),
-        rank: Optional[str] = typer.Option(None, "--rank", help="DMD rank: integer, energy fraction, 'optimal' or full."),
-        pca: Optional[int] = typer.Option(None, "--pca", help="Project weights on their top-k principal components first."),
-        continuous: bool = typer.Option(False, "--continuous", help="Compare log(lambda)/dt (independent of record_every)."),
-        threshold: Optional[float] = typer.Option(None, "--threshold", help="Distance below which groups are one class."),
-        n_classes: Optional[int] = typer.Option(None, "--classes", help="Number of conjugacy classes (instead of threshold)."),
-        windows: Optional[str] = typer.Option(None, "--windows", help="Step windows, e.g. 0-100,100-200: one spectrum "
-                                              "per group and window (both ends included), for comparing phases of "
-                                              "training (Redman et al.'s early-training CNN experiment)."),
-        store: Optional[str] = typer.Option(None, "--store", help="Store URI (default: $RAYDYN_STORE or ./raydyn-results)."),
-        address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: local)."),
-    ) -> None:
-        """Koopman spectra per run/group, pairwise Wasserstein distances, conjugacy classes (Redman et al. 2024)."""
-        from raydyn.cli import run_analysis
-
-        if embed_dim is not None and embed_dim < 1:
-            raise RaydynError(f"--embed-dim must be a positive integer, got {embed_dim}")
-        job = KoopmanJob(group_by=group_by.split(",") if group_by else None, layers=layers.split(",") if layers else None,
-                         delays=delays, rank=_parse_rank(rank), pca=pca, continuous=continuous, threshold=threshold,
-                         n_classes=n_classes, embed_dim=embed_dim, windows=_parse_windows(windows))
-        run_analysis(job, sweep, store, address)
-        from raydyn.cli import _resolve_sweep, _store, out
-
-        st = _store(store)
-        name = _resolve_sweep(sweep, st)[0].name
-        table = "koopman_windows" if windows else "koopman_summary"
-        rules = set(st.table(table, sweep=name, columns=["koopman_class_rule"]).column(0).to_pylist())
-        for r in sorted(rules):
-            out.print(f"conjugacy classes: {r}")
+def print_classes(store, sweep: str, options: KoopmanOptions):
+    """After `raydyn analyze koopman`: the rule that cut the conjugacy classes."""
+    table = "koopman_windows" if options.windows else "koopman_summary"
+    rules = set(store.table(table, sweep=sweep, columns=["koopman_class_rule"]).column(0).to_pylist())
+    return [f"conjugacy classes: {r}" for r in sorted(rules)]
 
 
-def report_section(store, sweep: str) -> list[tuple[str, bytes]]:
-    """Spectra in the complex plane (up to 12 groups) and the clustered distance matrix."""
-    from raydyn.plots.koopman import plot_distance_matrix, plot_spectra
-    from raydyn.report.html import fig_png
-
-    def png(fig) -> bytes:
-        return fig_png(fig, tight=False)
-
-    sp = store.table("koopman_spectra", sweep=sweep).to_pandas()
-    groups = sorted(sp.group.unique())
-    spectra = {g: (sp[sp.group == g].real + 1j * sp[sp.group == g].imag).to_numpy() for g in groups[:12]}
-    out = [("Koopman eigenvalues per group (unit circle dashed)", png(plot_spectra(spectra, title=sweep)))]
-    dist = store.table("koopman_distances", sweep=sweep).to_pandas()
-    if len(dist):
-        idx = {g: i for i, g in enumerate(groups)}
-        m = np.zeros((len(groups), len(groups)))
-        for r in dist.itertuples():
-            m[idx[r.group_a], idx[r.group_b]] = m[idx[r.group_b], idx[r.group_a]] = r.distance
-        out.append(("Wasserstein distances between spectra, clustered",
-                    png(plot_distance_matrix(m, labels=groups, title=sweep))))
-    return out
-
-
-from raydyn.report.html import SECTIONS  # noqa: E402
-
-SECTIONS["koopman_"] = report_section
+register(Analysis(KoopmanJob, report="raydyn.plots.koopman:report_section", after=print_classes))

@@ -34,7 +34,7 @@ the report draws their time course next to test accuracy.
 from __future__ import annotations
 
 import json
-from typing import Any, Optional
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -42,7 +42,10 @@ import pyarrow as pa
 from raydyn.errors import RaydynError
 from raydyn.jobs.base import (REBUILD_NEEDS, Job, Unit, group_units, load_buffers, load_trajectories, plugin_paths,
                               rebuild_config, rebuilt_model, run_config)
-from raydyn.train.replay import load_snapshot
+from raydyn.jobs.options import Options, option
+from raydyn.jobs.registry import Analysis, register
+from raydyn.store.schema import WeightsLayout
+from raydyn.tasks.build import load_snapshot
 
 MODES_SCHEMA = pa.schema([
     ("run_id", pa.string()), ("step", pa.int64()), ("layer", pa.string()), ("layer_index", pa.int64()),
@@ -51,9 +54,9 @@ MODES_SCHEMA = pa.schema([
 ])
 
 
-def not_full_message(run_id: str, layout: dict[str, Any]) -> str:
+def not_full_message(run_id: str, layout: WeightsLayout) -> str:
     return (f"run {run_id}: the neurons analysis loads the weights back into the model, but this run stored "
-            f"{layout.get('kind', 'no')!r} snapshots, not every parameter. Record full snapshots "
+            f"{'no' if layout.kind is None else layout.kind!r} snapshots, not every parameter. Record full snapshots "
             "(train.record: [weights], train.weights.max_size above the parameter count, no train.weights.layers), "
             "or record the modes during training with train.record: [neurons].")
 
@@ -77,22 +80,43 @@ def pick_steps(available: np.ndarray, steps: str) -> list[int]:
     return sorted({int(np.argmin(np.abs(available - w))) for w in want})
 
 
-class NeuronsJob(Job):
-    name = "neurons"
+@dataclass(frozen=True)
+class NeuronsOptions(Options):
+    steps: str = option("last", "Snapshot steps to analyse: last, all, or e.g. 0,500,1000 (nearest recorded). Basins "
+                        "are computed at the last of them.")
+    samples: int = option(256, "Training samples whose sample-space basin is measured.")
+    directions: int = option(32, "Random input directions per sample.")
+    draws: int = option(8, "Weight-noise draws for the weight-space basin.")
+    eval_size: int = option(2048, "Training samples the modes and probes are measured on.", cli=False)
+    seed: int = option(0, "Seed of directions and noise.")
 
-    def __init__(self, steps: str = "last", samples: int = 256, directions: int = 32, draws: int = 8,
-                 eval_size: int = 2048, seed: int = 0):
-        super().__init__(steps=steps, samples=samples, directions=directions, draws=draws, eval_size=eval_size,
-                         seed=seed)
+    def check(self) -> None:
+        for name in ("samples", "directions", "draws"):
+            if getattr(self, name) < 1:
+                raise RaydynError(f"{self.flag(name)} must be at least 1, got {getattr(self, name)}")
+        if self.steps not in ("last", "all"):
+            pick_steps(np.array([0]), self.steps)  # validates the list
+
+
+class NeuronsJob(Job):
+    """Neuron modes (OPT/NPT/dead), linearity probes and attraction basins per run (after Lin et al. 2025).
+
+    Needs full weight snapshots. Writes neurons_modes and neurons_summary (phase-map metrics opt_fraction,
+    opt_fraction_l0, ..., basin_sample, basin_weight).
+    """
+
+    name = "neurons"
+    Options = NeuronsOptions
 
     # driver -------------------------------------------------------------------
     def plan(self, store, sweep: str) -> list[Unit]:
         runs = store.table("runs", sweep=sweep, columns=["run_id", "status", "weights_layout"])
         units = group_units(runs, None)
-        layouts = dict(zip(runs.column("run_id").to_pylist(), runs.column("weights_layout").to_pylist()))
-        full = [u for u in units if json.loads(layouts[u.key] or "{}").get("kind") == "full"]
+        layouts = {r: WeightsLayout.from_json(lay)
+                   for r, lay in zip(runs.column("run_id").to_pylist(), runs.column("weights_layout").to_pylist())}
+        full = [u for u in units if layouts[u.key].is_full]
         if units and not full:
-            raise RaydynError(not_full_message(units[0].key, json.loads(layouts[units[0].key] or "{}"))
+            raise RaydynError(not_full_message(units[0].key, layouts[units[0].key])
                               + (f" ({len(units) - 1} more runs of sweep {sweep!r} alike)" if len(units) > 1 else ""))
         from raydyn.track import is_tracked
 
@@ -101,7 +125,7 @@ class NeuronsJob(Job):
             cfgs = {r: json.loads(c) for r, c in zip(t.column("run_id").to_pylist(),
                                                       t.column("config_json").to_pylist())}
             units = [Unit(u.key, u.run_ids, {**u.info, "plugin_paths": plugin_paths(cfgs[u.key])}) for u in units]
-            why = {u.key: rebuild_config(store, sweep, cfgs[u.key], json.loads(layouts[u.key] or "{}"))[1]
+            why = {u.key: rebuild_config(store, sweep, cfgs[u.key], layouts[u.key])[1]
                    for u in full}
             if full and all(why.values()):  # not one run to analyse: say so once, before fanning out
                 first = sorted(why)[0]
@@ -122,7 +146,7 @@ class NeuronsJob(Job):
         o = self.options
         (rid,) = unit.run_ids
         cfg, layout = run_config(store, sweep, rid)
-        if layout.get("kind") != "full":
+        if not layout.is_full:
             raise RaydynError(not_full_message(rid, layout))
         from raydyn.tasks import registry
         from raydyn.tasks.plugins import add_search_path
@@ -143,12 +167,12 @@ class NeuronsJob(Job):
             raise RaydynError(f"run {rid}: the model has no ReLU-like activation layer (activation "
                               f"{cfg.get('activation')!r}); OPT/NPT modes are defined for ReLU-like neurons")
         steps, x, _ = load_trajectories(store, sweep, [rid])[rid]
-        picks = pick_steps(np.asarray(steps), o["steps"])
+        picks = pick_steps(np.asarray(steps), o.steps)
         params = list(model.parameters())
 
         labelled = data.kind in ("classification", "binary")
         x_ref, _ = data.head("train", REF_SIZE)
-        X, y = data.head("train", o["eval_size"])
+        X, y = data.head("train", o.eval_size)
         if data.kind == "binary":
             y_cls = (y > 0).long()
             loss = lambda out, yy: loss_fn(cfg.get("loss") or data.default_loss, out, yy.double() * 2 - 1)  # noqa: E731
@@ -175,11 +199,11 @@ class NeuronsJob(Job):
                              "lin_dacc": lin.delta_accuracy[n] if lin else float("nan")})
         # basins at the last chosen step (the weights loaded now)
         if labelled:
-            n_s = min(o["samples"], X.shape[0])
+            n_s = min(o.samples, X.shape[0])
             if X.is_floating_point():
-                sb = sample_basin(model, X[:n_s], n_directions=o["directions"], seed=o["seed"])
+                sb = sample_basin(model, X[:n_s], n_directions=o.directions, seed=o.seed)
                 basin_s, cens_s = float(sb.median), float(np.mean(sb.censored))
-            wb = weight_basin(model, X, y_cls, n_draws=o["draws"], seed=o["seed"])
+            wb = weight_basin(model, X, y_cls, n_draws=o.draws, seed=o.seed)
             basin_w, cens_w = float(wb.sigma), bool(wb.censored)
         last = [r for r in rows if r["step"] == int(steps[picks[-1]])]
         summary = {"run_id": rid, "neurons_step": int(steps[picks[-1]]),
@@ -195,81 +219,5 @@ class NeuronsJob(Job):
                 "neurons_summary": pa.Table.from_pylist([summary])}
 
 
-def register_cli(analyze_app) -> None:
-    import typer
-
-    @analyze_app.command("neurons")
-    def neurons(
-        sweep: str = typer.Argument(..., help="Sweep name in the store, or its sweep file."),
-        steps: str = typer.Option("last", "--steps", help="Snapshot steps to analyse: last, all, or e.g. 0,500,1000 "
-                                  "(nearest recorded). Basins are computed at the last of them."),
-        samples: int = typer.Option(256, "--samples", help="Training samples whose sample-space basin is measured."),
-        directions: int = typer.Option(32, "--directions", help="Random input directions per sample."),
-        draws: int = typer.Option(8, "--draws", help="Weight-noise draws for the weight-space basin."),
-        seed: int = typer.Option(0, "--seed", help="Seed of directions and noise."),
-        store: Optional[str] = typer.Option(None, "--store", help="Store URI (default: $RAYDYN_STORE or ./raydyn-results)."),
-        address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: local)."),
-    ) -> None:
-        """Neuron modes (OPT/NPT/dead), linearity probes and attraction basins per run (after Lin et al. 2025).
-
-        Needs full weight snapshots. Writes neurons_modes and neurons_summary (phase-map metrics opt_fraction, opt_fraction_l0, ..., basin_sample, basin_weight).
-        """
-        from raydyn.cli import run_analysis
-
-        for name, v in (("--samples", samples), ("--directions", directions), ("--draws", draws)):
-            if v < 1:
-                raise RaydynError(f"{name} must be at least 1, got {v}")
-        if steps not in ("last", "all"):
-            pick_steps(np.array([0]), steps)  # validates the list
-        run_analysis(NeuronsJob(steps=steps, samples=samples, directions=directions, draws=draws, seed=seed),
-                     sweep, store, address)
-
-
-# ------------------------------------------------------------------------------ report
-def report_section(store, sweep: str, max_runs: int = 4) -> list[tuple[str, bytes]]:
-    """OPT fraction per layer over training next to test accuracy (recorded with train.record: [neurons]),
-    and the basins vs learning rate (from `analyze neurons`)."""
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from raydyn.plots.neurons import plot_modes_over_time
-    from raydyn.report.html import fig_png as png
-
-    out = []
-    tables = set(store.tables())
-    from raydyn.errors import StoreError
-
-    try:
-        df = store.table("metrics", sweep=sweep, columns=["run_id", "step", "neuron_opt", "test_acc"]).to_pandas()
-    except StoreError:  # not recorded with train.record: [neurons]
-        df = None
-    if df is not None and len(df):
-        runs = store.table("runs", sweep=sweep, columns=["run_id", "lr"]).to_pandas().sort_values(["lr", "run_id"])
-        ids = runs.run_id.tolist()
-        picks = [ids[i] for i in np.unique(np.linspace(0, len(ids) - 1, min(max_runs, len(ids))).round().astype(int))]
-        fig = plot_modes_over_time(df[df.run_id.isin(picks)], labels=dict(zip(runs.run_id, runs.lr)))
-        out.append(("OPT (order-preserving) fraction per layer over training, with test accuracy (dashed)", png(fig)))
-    if "neurons_summary" in tables:
-        s = store.table("neurons_summary", sweep=sweep).to_pandas()
-        r = store.table("runs", sweep=sweep, columns=["run_id", "lr"]).to_pandas()
-        s = s.merge(r, on="run_id")
-        if len(s):
-            fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-            for ax, col in zip(axes, ("basin_sample", "basin_weight")):
-                ax.scatter(s.lr, s[col], c=s.opt_fraction, cmap="viridis", s=25)
-                ax.set_xscale("log")
-                ax.set_xlabel("learning rate")
-                ax.set_ylabel(col)
-            axes[0].set_title("sample-space basin (relative radius)")
-            axes[1].set_title("weight-space basin (relative sigma)")
-            out.append(("Attraction basins vs learning rate (colour: OPT fraction)", png(fig)))
-    return out
-
-
-from raydyn.report.html import SECTIONS  # noqa: E402
-
-report_section.also_when = ("metrics",)  # the probe's columns alone (train.record: [neurons]) get a section
-SECTIONS["neurons_"] = report_section
+# the probe's columns alone (train.record: [neurons], no `analyze neurons` yet) get a report section too
+register(Analysis(NeuronsJob, report="raydyn.plots.neurons:report_section", tables=("neurons_", "metrics")))

@@ -1,7 +1,7 @@
 """Phase classification as an analysis job: one phase label per run, written to ``phase_summary``.
 
 A unit is one run. On a Ray worker it reads the run's metrics rows from the store,
-turns them into a :class:`raydyn.phase.classify.RunTrajectory` (:func:`trajectory_of`)
+turns them into a :class:`raydyn.analysis.phase.RunTrajectory` (:func:`trajectory_of`)
 and labels it with the sweep's thresholds (the sweep file's ``phases:`` section).
 ``phase_summary`` (keyed by ``run_id``) holds the label and the quantities the rules
 used, so ``raydyn phase-map SWEEP --metric phase`` and ``raydyn phase-boundary`` can
@@ -17,20 +17,22 @@ measured); for minibatch runs, measure curvature on evaluation steps (the defaul
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 import numpy as np
 import pyarrow as pa
 
-from raydyn.jobs import register
 from raydyn.jobs.base import Job, Unit, group_units, run_filter
-from raydyn.phase.classify import PhaseThresholds, RunTrajectory, classify
+from raydyn.jobs.options import Options
+from raydyn.jobs.registry import Analysis, register
+from raydyn.analysis.phase import PhaseThresholds, RunTrajectory, classify
 
-__all__ = ["PhaseJob", "trajectory_of", "summarise_run", "register_cli", "SUMMARY_COLUMNS"]
+__all__ = ["PhaseJob", "trajectory_of", "summarise_run", "SUMMARY_COLUMNS"]
 
 #: Columns of ``phase_summary`` besides ``run_id`` (float unless noted).
 SUMMARY_COLUMNS = (
-    "phase",  # string, one of raydyn.phase.classify.PHASES
+    "phase",  # string, one of raydyn.analysis.phase.PHASES
     "phase_loss_source",  # string: "batch_loss" (full batch, every record) or "train_loss" (evaluations)
     "phase_loss0", "phase_loss_peak", "phase_loss_final", "phase_peak_ratio",
     "phase_ntk0", "phase_ntk_final", "phase_ntk_change",
@@ -127,14 +129,23 @@ def summarise_run(traj: RunTrajectory, thresholds: PhaseThresholds, lr_actual: f
     return out
 
 
-@register
+@dataclass(frozen=True)
+class PhaseOptions(Options):
+    """None: the thresholds are the sweep file's ``phases:`` section."""
+
+
 class PhaseJob(Job):
-    """Classify every run of a sweep (completed, diverged and stopped) with the sweep's ``phases:`` thresholds."""
+    """Label every run with a phase (lazy, catapult, grokking, ...) using the sweep's `phases:` thresholds.
+
+    Classifies every run of a sweep (completed, diverged and stopped). Writes phase_summary; then
+    `raydyn phase-map SWEEP --metric phase` and `raydyn phase-boundary SWEEP`.
+    """
 
     name = "phase"
+    Options = PhaseOptions
 
     def plan(self, store, sweep: str) -> list[Unit]:
-        from raydyn.spec import parse_stored
+        from raydyn.track import parse_stored
 
         spec = parse_stored(store, sweep)
         self.thresholds = spec.thresholds() if spec is not None else PhaseThresholds()
@@ -163,20 +174,4 @@ def classify_sweep(store, sweep: str, progress=None):
     return run_job(PhaseJob(), store, sweep, progress=progress)
 
 
-def register_cli(analyze_app) -> None:
-    import typer
-
-    @analyze_app.command("phase")
-    def phase_cmd(
-        sweep: str = typer.Argument(..., help="Sweep name in the store, or its sweep file."),
-        store: Optional[str] = typer.Option(None, "--store", help="Store URI (default: $RAYDYN_STORE or "
-                                            "./raydyn-results).", show_default=False),
-        address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address."),
-    ) -> None:
-        """Label every run with a phase (lazy, catapult, grokking, ...) using the sweep's `phases:` thresholds.
-
-        Writes phase_summary; then `raydyn phase-map SWEEP --metric phase` and `raydyn phase-boundary SWEEP`.
-        """
-        from raydyn.cli import run_analysis
-
-        run_analysis(PhaseJob(), sweep, store, address)
+register(Analysis(PhaseJob))

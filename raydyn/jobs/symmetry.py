@@ -28,6 +28,7 @@ Tables (under the sweep, part ``main``; rerunning replaces them):
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
@@ -35,6 +36,8 @@ import pyarrow as pa
 
 from raydyn.errors import RaydynError
 from raydyn.jobs.base import Job, Unit, group_units, run_filter
+from raydyn.jobs.options import Options, option
+from raydyn.jobs.registry import Analysis, register
 
 METHODS = ("exact", "continuous")
 KINDS = ("translation", "scale", "rescale")
@@ -159,11 +162,38 @@ def law_traces(store, sweep: str, run_id: str, method: str = "exact"):
             for s in run_series(store, sweep, run_id)]
 
 
-class SymmetryJob(Job):
-    name = "symmetry"
+def _parse_method(text: str) -> tuple[str, ...]:
+    if text not in (*METHODS, "both"):
+        raise RaydynError(f"--method must be exact, continuous or both, got {text!r}")
+    return METHODS if text == "both" else (text,)
 
-    def __init__(self, methods: tuple[str, ...] = METHODS):
-        super().__init__(methods=list(methods))
+
+@dataclass(frozen=True)
+class SymmetryOptions(Options):
+    methods: tuple[str, ...] = option(METHODS, "Laws to check: exact (the discrete SGD update), continuous (modified "
+                                      "gradient flow), or both.", flag="--method", parse=_parse_method,
+                                      cli_default="both")
+    plots: Optional[str] = option(None, "Directory for theory-over-measured PNGs (one per run, at most --max-plots).",
+                                  record=False)
+    max_plots: int = option(4, "Runs to plot with --plots (evenly spread over lr).", record=False)
+
+    def check(self) -> None:
+        for m in self.methods:
+            _parse_method(m)
+        if self.max_plots < 1:
+            raise RaydynError(f"--max-plots must be at least 1, got {self.max_plots}")
+        object.__setattr__(self, "methods", tuple(self.methods))
+
+
+class SymmetryJob(Job):
+    """Broken conservation laws of symmetry (Kunin et al. 2021): theory vs recorded quantities, per layer.
+
+    Needs `train.record: [symmetry]` in the sweep file. Writes symmetry_laws and symmetry_summary (phase-map
+    metrics sym_exact_err, sym_continuous_err, sym_translation_break, sym_scale_break, sym_rescale_break).
+    """
+
+    name = "symmetry"
+    Options = SymmetryOptions
 
     # driver -------------------------------------------------------------------
     def plan(self, store, sweep: str) -> list[Unit]:
@@ -209,7 +239,7 @@ class SymmetryJob(Job):
             why = run_refused or (hp if isinstance(hp, str) else None)
             if why:
                 refusals.add(why)
-            for method in self.options["methods"]:
+            for method in self.options.methods:
                 if why:
                     emax = emed = np.nan
                 else:
@@ -229,124 +259,12 @@ class SymmetryJob(Job):
                 "symmetry_summary": pa.Table.from_pylist([summary], schema=SUMMARY_SCHEMA)}
 
 
-def plot_runs(store, sweep: str, run_ids: list[str], out_dir, method: str = "exact") -> list:
-    """Theory (dashed) over measured curves per layer, one PNG per run in ``out_dir``."""
-    from pathlib import Path
-
-    from raydyn.plots.symmetry import plot_traces
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for rid in run_ids:
-        traces = law_traces(store, sweep, rid, method)
-        if traces:
-            paths.append(plot_traces(traces, out_dir / f"symmetry_{rid}_{method}.png",
-                                     title=f"{sweep} · run {rid} · {method} law"))
-    return paths
+def refusal_lines(store, sweep: str) -> list[str]:
+    """One line per reason why runs got no law (printed after `raydyn analyze symmetry`)."""
+    refused = [r for r in store.table("symmetry_summary", sweep=sweep, columns=["sym_refused"]).column(0).to_pylist()
+               if r]
+    return [f"no law for {refused.count(why)} run(s): {why} (their breaks are measured, errors NaN)"
+            for why in sorted(set(refused))]
 
 
-def register_cli(analyze_app) -> None:
-    import typer
-
-    @analyze_app.command("symmetry")
-    def symmetry(
-        sweep: str = typer.Argument(..., help="Sweep name in the store, or its sweep file."),
-        method: str = typer.Option("both", "--method", help="Laws to check: exact (the discrete SGD update), "
-                                   "continuous (modified gradient flow), or both."),
-        plots: Optional[str] = typer.Option(None, "--plots", help="Directory for theory-over-measured PNGs "
-                                            "(one per run, at most --max-plots)."),
-        max_plots: int = typer.Option(4, "--max-plots", help="Runs to plot with --plots (evenly spread over lr)."),
-        store: Optional[str] = typer.Option(None, "--store", help="Store URI (default: $RAYDYN_STORE or ./raydyn-results)."),
-        address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: local)."),
-    ) -> None:
-        """Broken conservation laws of symmetry (Kunin et al. 2021): theory vs recorded quantities, per layer.
-
-        Needs `train.record: \\[symmetry]` in the sweep file. Writes symmetry_laws and symmetry_summary (phase-map metrics sym_exact_err, sym_continuous_err, sym_translation_break, sym_scale_break, sym_rescale_break).
-        """
-        from raydyn.cli import _resolve_sweep, _store, out, run_analysis
-
-        if method not in (*METHODS, "both"):
-            raise RaydynError(f"--method must be exact, continuous or both, got {method!r}")
-        if max_plots < 1:
-            raise RaydynError(f"--max-plots must be at least 1, got {max_plots}")
-        methods = METHODS if method == "both" else (method,)
-        run_analysis(SymmetryJob(methods=methods), sweep, store, address)
-        st = _store(store)
-        spec, _ = _resolve_sweep(sweep, st)
-        refused = [r for r in st.table("symmetry_summary", sweep=spec.name, columns=["sym_refused"]).column(0).to_pylist()
-                   if r]
-        for why in sorted(set(refused)):
-            out.print(f"no law for {refused.count(why)} run(s): {why} (their breaks are measured, errors NaN)")
-        if plots:
-            summary = st.table("symmetry_summary", sweep=spec.name, columns=["run_id"]).column("run_id").to_pylist()
-            runs = st.table("runs", sweep=spec.name, columns=["run_id", "lr"]).to_pylist()
-            lr = {r["run_id"]: r["lr"] for r in runs}
-            order = sorted(summary, key=lambda r: (lr.get(r, 0.0), r))
-            picks = [order[i] for i in np.unique(np.linspace(0, len(order) - 1, min(max_plots, len(order))).round()
-                                                 .astype(int))] if order else []
-            for p in plot_runs(st, spec.name, picks, plots, methods[0]):
-                out.print(f"wrote {p}")
-
-
-# ------------------------------------------------------------------------------ report
-def report_section(store, sweep: str, max_runs: int = 2) -> list[tuple[str, bytes]]:
-    """Errors of both laws per layer over runs, how strongly each law is broken vs lr, and theory over
-    measured curves for the runs with the smallest and largest learning rate."""
-    import tempfile
-    from pathlib import Path
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from raydyn.report.html import fig_png as png
-
-    tables = set(store.tables())
-    if "symmetry_laws" not in tables or "symmetry_summary" not in tables:
-        return []
-    laws = store.table("symmetry_laws", sweep=sweep).to_pandas()
-    if laws.empty:
-        return []
-    runs = store.table("runs", sweep=sweep, columns=["run_id", "lr"]).to_pandas()
-    laws = laws.merge(runs, on="run_id", how="left")
-    out = []
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.0))
-    for ax, method in zip(axes, METHODS):
-        sub = laws[laws.method == method].dropna(subset=["rel_err_max"])
-        for i, ((kind, layer), g) in enumerate(sub.groupby(["kind", "layer"], sort=False)):
-            g = g.sort_values("lr")
-            ax.plot(g.lr, g.rel_err_max, "o-", color=f"C{i % 10}", ms=3, label=f"{kind} {layer}")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("learning rate")
-        ax.set_ylabel("max relative error of the law")
-        ax.set_title(f"{method} law vs recorded quantities")
-        if len(sub):
-            ax.legend(fontsize=7)
-    out.append(("Conservation laws: prediction error per layer vs learning rate", png(fig)))
-    fig, ax = plt.subplots(figsize=(5.5, 4.0))
-    sub = laws[laws.method == laws.method.iloc[0]]
-    for i, ((kind, layer), g) in enumerate(sub.groupby(["kind", "layer"], sort=False)):
-        g = g.sort_values("lr")
-        ax.plot(g.lr, g["break"], "o-", color=f"C{i % 10}", ms=3, label=f"{kind} {layer}")
-    ax.set_xscale("log")
-    ax.set_yscale("symlog", linthresh=1e-6)
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel("median |q_T - q_0| / median |q_0|")
-    ax.set_title("How strongly each law is broken")
-    ax.legend(fontsize=7)
-    out.append(("Conservation laws: relative change of each quantity over training vs learning rate", png(fig)))
-    order = runs[runs.run_id.isin(laws.run_id)].sort_values(["lr", "run_id"]).run_id.tolist()
-    picks = list(dict.fromkeys([order[0], order[-1]]))[:max_runs] if order else []
-    with tempfile.TemporaryDirectory() as tmp:
-        for p in plot_runs(store, sweep, picks, tmp, "exact"):
-            rid = Path(p).stem.split("_")[1]
-            out.append((f"Run {rid}: recorded quantities (solid) and the exact law (dashed)", Path(p).read_bytes()))
-    return out
-
-
-from raydyn.report.html import SECTIONS  # noqa: E402
-
-SECTIONS["symmetry_"] = report_section
+register(Analysis(SymmetryJob, report="raydyn.plots.symmetry:report_section", after="raydyn.plots.symmetry:after_run"))

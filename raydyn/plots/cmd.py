@@ -85,3 +85,62 @@ def plot_cmd_layer_modes(result: CMDResult, path: str | Path | None = None, ax: 
     if result.n_modes <= 12:
         ax.legend(fontsize="small", bbox_to_anchor=(1.02, 1), loc="upper left")
     return _save(fig, path)
+
+
+# ------------------------------------------------------------------------------ report section
+def result_from_tables(modes: Any, layer_errors: dict[str, float] | None = None, error: float = float("nan")):
+    """A :class:`~raydyn.analysis.cmd.CMDResult` for drawing, from one run's ``cmd_modes`` rows.
+
+    ``modes``: a pandas frame of ``cmd_modes`` (or ``cmd_online_modes``) rows of one run. The
+    per-parameter assignment is rebuilt from the per-layer member counts (order within a layer
+    is not stored); ``a``/``b`` are zeros. Returns ``(result, steps)``.
+    """
+    modes = modes.sort_values("mode")
+    refs = np.array([np.asarray(r, dtype=np.float64) for r in modes.reference])
+    names = tuple(modes.layer_names.iloc[0])
+    counts = np.array([np.asarray(c, dtype=np.int64) for c in modes.layer_members]).T  # (L, M)
+    layer_index = np.repeat(np.arange(len(names), dtype=np.int32), counts.sum(axis=1))
+    assignment = np.concatenate([np.repeat(np.arange(refs.shape[0]), counts[k]) for k in range(len(names))])
+    n = assignment.size
+    res = CMDResult(refs, modes.reference_index.to_numpy(np.int64), assignment.astype(np.int64), np.zeros(n),
+                    np.zeros(n), float(error), dict(layer_errors or {}), np.array([refs.shape[0]]),
+                    np.array([error]), layer_index, names)
+    return res, np.asarray(modes.steps.iloc[0], dtype=np.int64)
+
+
+def report_section(store, sweep: str, max_runs: int = 3) -> list[tuple[str, bytes]]:
+    """`raydyn report`'s CMD section, per kind (post-hoc, online): accuracy of reconstructed vs real weights
+    over runs, then reference trajectories and modes per layer for the runs with the fewest, median and
+    most modes."""
+    from raydyn.plots.labels import fig_png as png
+
+    out = []
+    tables = set(store.tables())
+    for label, pre in (("CMD", "cmd"), ("online CMD", "cmd_online")):
+        if f"{pre}_summary" not in tables or f"{pre}_modes" not in tables:
+            continue
+        summary = store.table(f"{pre}_summary", sweep=sweep).to_pandas()
+        if summary.empty:
+            continue
+        modes = store.table(f"{pre}_modes", sweep=sweep).to_pandas()
+        real, rec = summary[f"{pre}_test_acc_real"], summary[f"{pre}_test_acc_recon"]
+        if real.notna().any():
+            fig, ax = plt.subplots(figsize=(4.6, 4.2))
+            sc = ax.scatter(100 * real, 100 * rec, c=summary[f"{pre}_modes_needed"], cmap="viridis", s=22)
+            lo, hi = float(np.nanmin(100 * np.r_[real, rec])), float(np.nanmax(100 * np.r_[real, rec]))
+            ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+            ax.set_xlabel("final test accuracy, real weights (%)")
+            ax.set_ylabel("reconstructed weights (%)")
+            fig.colorbar(sc, ax=ax, label="modes")
+            out.append((f"{label}: test accuracy of reconstructed vs real weights, {len(summary)} runs", png(fig)))
+        order = summary.sort_values([f"{pre}_modes_needed", "run_id"]).run_id.tolist()
+        picks = list(dict.fromkeys([order[0], order[len(order) // 2], order[-1]]))[:max_runs]
+        errs = dict(zip(summary.run_id, summary[f"{pre}_recon_error"]))
+        for rid in picks:
+            res, steps = result_from_tables(modes[modes.run_id == rid], error=errs[rid])
+            fig, axes = plt.subplots(1, 2, figsize=(12, 4.0), gridspec_kw={"width_ratios": [3, 2]})
+            plot_cmd_references(res, steps=steps, ax=axes[0])
+            plot_cmd_layer_modes(res, ax=axes[1])
+            fig.suptitle(f"{label}, run {rid}")
+            out.append((f"{label}, run {rid}: reference trajectories and modes per layer", png(fig)))
+    return out

@@ -149,3 +149,50 @@ def plot_training_map(
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, format="png", dpi=dpi, bbox_inches="tight")
     return fig
+
+
+# ------------------------------------------------------------------------------ report section
+def report_section(store, sweep: str) -> list[tuple[str, bytes]]:
+    """`raydyn report`'s HMM section: the BIC curves, and the training maps of up to six groups."""
+    import json
+
+    import numpy as np
+
+    from raydyn.analysis.hmm import MapEdge, MapNode
+    from raydyn.plots.labels import fig_png
+
+    out = []
+    models = store.table("hmm_models", sweep=sweep).to_pandas()
+    trans = store.table("hmm_transitions", sweep=sweep).to_pandas()
+    states = store.table("hmm_states", sweep=sweep).to_pandas()
+    summary = store.table("hmm_summary", sweep=sweep).to_pandas()
+    detours = store.table("hmm_detours", sweep=sweep).to_pandas() if "hmm_detours" in store.tables() else []
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for g, d in models.groupby("group"):
+        ax.plot(d.k, d.bic, marker="o", label=g)
+    ax.set_xlabel("hidden states k")
+    ax.set_ylabel("BIC (lower is better)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    out.append(("HMM model selection: BIC per group", fig_png(fig, tight=False)))
+    for g in list(models.group.unique())[:6]:
+        chosen = models[(models.group == g) & models.chosen].iloc[0]
+        feats = tuple(json.loads(chosen.features))
+        k = int(chosen.k)
+        runs = summary[summary.hmm_group == g].run_id
+        st = states[states.run_id.isin(runs)]
+        first = st.sort_values("step").groupby("run_id").state.first()
+        nodes = tuple(MapNode(s, float((st.state == s).mean()), int((st.state == s).sum()),
+                              float(st.groupby("run_id").state.apply(lambda x: s in set(x)).mean()),
+                              float((first == s).mean())) for s in range(k))
+        means = np.array(json.loads(chosen.means))
+        edges = []
+        for e in (trans[trans.group == g] if len(trans) else trans).itertuples():
+            change = means[e.dst] - means[e.src]
+            order = np.argsort(-np.abs(change))
+            edges.append(MapEdge(int(e.src), int(e.dst), float(e.prob), int(e.count), int(e.n_runs), change, order,
+                                 tuple((feats[i], float(change[i])) for i in order)))
+        det = detours[(detours.group == g) & detours.detour].state.astype(int).tolist() if len(detours) else []
+        fig = plot_training_map(TrainingMap(nodes, tuple(edges), feats), title=f"{g}: {k} states", detours=det)
+        out.append((f"training map {g}", fig_png(getattr(fig, "figure", fig), tight=False)))
+    return out

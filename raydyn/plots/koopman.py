@@ -153,3 +153,24 @@ def plot_distance_matrix(
         ax_den.set_title(title)
     _save(fig, path)
     return fig
+
+
+# ------------------------------------------------------------------------------ report section
+def report_section(store, sweep: str) -> list[tuple[str, bytes]]:
+    """`raydyn report`'s Koopman section: spectra in the complex plane (up to 12 groups) and the clustered
+    distance matrix."""
+    from raydyn.plots.labels import fig_png
+
+    sp = store.table("koopman_spectra", sweep=sweep).to_pandas()
+    groups = sorted(sp.group.unique())
+    spectra = {g: (sp[sp.group == g].real + 1j * sp[sp.group == g].imag).to_numpy() for g in groups[:12]}
+    out = [("Koopman eigenvalues per group (unit circle dashed)", fig_png(plot_spectra(spectra, title=sweep), tight=False))]
+    dist = store.table("koopman_distances", sweep=sweep).to_pandas()
+    if len(dist):
+        idx = {g: i for i, g in enumerate(groups)}
+        m = np.zeros((len(groups), len(groups)))
+        for r in dist.itertuples():
+            m[idx[r.group_a], idx[r.group_b]] = m[idx[r.group_b], idx[r.group_a]] = r.distance
+        out.append(("Wasserstein distances between spectra, clustered",
+                    fig_png(plot_distance_matrix(m, labels=groups, title=sweep), tight=False)))
+    return out

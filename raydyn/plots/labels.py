@@ -37,6 +37,18 @@ READABLE: dict[str, str] = {
 FIGURE_FORMATS: dict[str, str] = {".png": "png", ".pdf": "pdf", ".svg": "svg"}
 
 
+def fig_png(fig: Any, tight: bool = True) -> bytes:
+    """A matplotlib figure as PNG bytes (90 dpi), closing it; for report sections."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, **({"bbox_inches": "tight"} if tight else {}))
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def readable(name: str) -> str:
     """The readable name of a column: from :data:`READABLE`, else ``data.p``/``data_p`` -> ``data p``."""
     key = name.replace(".", "_")

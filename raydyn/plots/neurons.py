@@ -45,3 +45,40 @@ def plot_modes_over_time(df: Any, labels: Mapping[str, Any] | None = None, colum
         ax.set_visible(False)
     fig.tight_layout()
     return fig
+
+
+# ------------------------------------------------------------------------------ report section
+def report_section(store, sweep: str, max_runs: int = 4) -> list[tuple[str, bytes]]:
+    """`raydyn report`'s neurons section: OPT fraction per layer over training next to test accuracy
+    (recorded with train.record: [neurons]), and the basins vs learning rate (from `analyze neurons`)."""
+    from raydyn.plots.labels import fig_png as png
+
+    out = []
+    tables = set(store.tables())
+    from raydyn.errors import StoreError
+
+    try:
+        df = store.table("metrics", sweep=sweep, columns=["run_id", "step", "neuron_opt", "test_acc"]).to_pandas()
+    except StoreError:  # not recorded with train.record: [neurons]
+        df = None
+    if df is not None and len(df):
+        runs = store.table("runs", sweep=sweep, columns=["run_id", "lr"]).to_pandas().sort_values(["lr", "run_id"])
+        ids = runs.run_id.tolist()
+        picks = [ids[i] for i in np.unique(np.linspace(0, len(ids) - 1, min(max_runs, len(ids))).round().astype(int))]
+        fig = plot_modes_over_time(df[df.run_id.isin(picks)], labels=dict(zip(runs.run_id, runs.lr)))
+        out.append(("OPT (order-preserving) fraction per layer over training, with test accuracy (dashed)", png(fig)))
+    if "neurons_summary" in tables:
+        s = store.table("neurons_summary", sweep=sweep).to_pandas()
+        r = store.table("runs", sweep=sweep, columns=["run_id", "lr"]).to_pandas()
+        s = s.merge(r, on="run_id")
+        if len(s):
+            fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+            for ax, col in zip(axes, ("basin_sample", "basin_weight")):
+                ax.scatter(s.lr, s[col], c=s.opt_fraction, cmap="viridis", s=25)
+                ax.set_xscale("log")
+                ax.set_xlabel("learning rate")
+                ax.set_ylabel(col)
+            axes[0].set_title("sample-space basin (relative radius)")
+            axes[1].set_title("weight-space basin (relative sigma)")
+            out.append(("Attraction basins vs learning rate (colour: OPT fraction)", png(fig)))
+    return out

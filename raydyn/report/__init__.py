@@ -1,4 +1,4 @@
 """The HTML report: one self-contained page per sweep (see raydyn.report.html)."""
-from raydyn.report.html import SECTIONS, build_report
+from raydyn.report.html import build_report
 
-__all__ = ["build_report", "SECTIONS"]
+__all__ = ["build_report"]

@@ -1,14 +1,14 @@
 """``raydyn report SWEEP``: one self-contained HTML page (no network, no external scripts).
 
 Contents: phase maps of the chosen metrics (PNG, embedded); an interactive **Curves** view, the
-same as ``raydyn curves`` (:mod:`raydyn.phase.curves`): per group of runs the median curve of a
+same as ``raydyn curves`` (:mod:`raydyn.aggregate.curves`): per group of runs the median curve of a
 metric over steps with a band over the group's runs, with selectors for the metric (every numeric
 column of the metrics table), the group-by axis (the swept axes except seed, or none), a facet axis
 (one panel per value), the band (``iqr | std | minmax | none``; ``std`` draws mean ± std around the
 mean, as ``raydyn curves`` does) and a log-y toggle; the run table (sortable by clicking a header,
 filterable by typing), whose rows toggle that run's curves in an overlay plot (several at once); and
-a section per analysis present in the store. Analyses add their section by registering a function
-in :data:`SECTIONS` that returns (title, PNG bytes) pairs; the page does not know about any analysis.
+a section per analysis present in the store: the ``report`` hook of each registered analysis
+(:mod:`raydyn.jobs.registry`) returns (title, PNG bytes) pairs; the page does not know about any analysis.
 
 Plots are drawn by Plotly (hover, zoom, axis ticks), whose standalone bundle from the ``plotly``
 wheel is inlined in the page; a Content-Security-Policy ``<meta>`` forbids the page to load anything
@@ -16,7 +16,7 @@ wheel is inlined in the page; a Content-Security-Policy ``<meta>`` forbids the p
 metrics rows sorted by (run, step) as base64 typed arrays (per run an offset, per row the index of
 its step in the union of steps, per metric one float32 array, float64 where a finite value exceeds
 float32's range; missing values are NaN), built with numpy/pyarrow, never a loop over rows. The page
-computes the median and band per (facet, group, step) with :mod:`raydyn.phase.curves`'s definitions:
+computes the median and band per (facet, group, step) with :mod:`raydyn.aggregate.curves`'s definitions:
 non-finite values are skipped per step, quantiles interpolate linearly (numpy's default, DuckDB's
 ``quantile_cont``), ``std`` is the sample standard deviation. Groups are the distinct values of the
 runs-table column, labelled and coloured as :mod:`raydyn.plots.curves` does.
@@ -29,21 +29,19 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import math
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from raydyn.phase.maps import default_facets, phase_map_info, render_phase_map, runs_with_metrics
-
-# table-name prefix -> fn(store, sweep) -> list of (title, png bytes)
-SECTIONS: dict[str, Callable[[Any, str], list[tuple[str, bytes]]]] = {}
+from raydyn.aggregate.maps import default_facets, phase_map_info, runs_with_metrics
+from raydyn.plots.labels import fig_png
+from raydyn.plots.maps import render_phase_map
 
 #: Curve columns listed first in the metric selector (any other numeric metrics column follows).
 CURVE_COLUMNS = ("test_loss", "train_loss", "batch_loss", "test_acc", "train_acc", "grad_norm")
@@ -58,14 +56,25 @@ CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline
        "font-src data:; connect-src 'none'; base-uri 'none'; form-action 'none'")
 
 
-def fig_png(fig, tight: bool = True) -> bytes:
-    """A matplotlib figure as PNG bytes (90 dpi), closing it; for report sections."""
-    import matplotlib.pyplot as plt
+def analysis_sections(store, sweep: str) -> list[tuple[str, str]]:
+    """(name, HTML) of every registered analysis' report section whose tables are in the store."""
+    from raydyn.jobs.registry import analyses
 
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, **({"bbox_inches": "tight"} if tight else {}))
-    plt.close(fig)
-    return buf.getvalue()
+    sections = []
+    tables = set(store.tables())
+    for name, a in analyses().items():
+        fn = a.report_fn() if a.report else None
+        if fn is None or not any(t.startswith(p) for t in tables for p in a.table_prefixes):
+            continue
+        try:
+            figs = fn(store, sweep)
+        except Exception as e:  # a broken section must not lose the rest of the report
+            sections.append((name, f"<p class='err'>could not draw {html.escape(name)}: {html.escape(str(e))}</p>"))
+            continue
+        if figs:
+            sections.append((name, "".join(f"<figure>{_img(png, t)}<figcaption>{html.escape(t)}</figcaption></figure>"
+                                           for t, png in figs)))
+    return sections
 
 
 def _png(fig) -> bytes:
@@ -112,7 +121,7 @@ def _group_axes(runs: pa.Table, axes: Sequence[str]) -> list[dict[str, Any]]:
     import matplotlib
     from matplotlib.colors import LogNorm, Normalize, to_hex
 
-    from raydyn.phase.maps import is_log_spaced
+    from raydyn.aggregate.axes import is_log_spaced
     from raydyn.plots.labels import fmt_value, readable
     from raydyn.spec import column_name
 
@@ -225,7 +234,8 @@ def build_report(store, sweep: str, out: str | Path, metrics: Sequence[str] = ("
 
     maps = []
     if x and y:
-        from raydyn.phase.categorical import category_map_info, is_categorical, render_category_map
+        from raydyn.aggregate.categorical import category_map_info, is_categorical
+        from raydyn.plots.maps import render_category_map
 
         for m in metrics:
             if m not in runs.column_names:
@@ -258,23 +268,7 @@ def build_report(store, sweep: str, out: str | Path, metrics: Sequence[str] = ("
         for m in curves["metrics"]:
             m["label"] = readable(m["name"])
 
-    from raydyn.jobs import load_all
-
-    load_all()  # job modules register their report sections
-    sections = []
-    tables = set(store.tables())
-    for prefix, fn in SECTIONS.items():
-        # a section runs when a table starts with its prefix, or (``fn.also_when``) one of those tables exists
-        if any(t.startswith(prefix) for t in tables) or set(getattr(fn, "also_when", ())) & tables:
-            try:
-                figs = fn(store, sweep)
-            except Exception as e:  # a broken section must not lose the rest of the report
-                sections.append((prefix.strip("_"), f"<p class='err'>could not draw {html.escape(prefix)}: {html.escape(str(e))}</p>"))
-                continue
-            if not figs:
-                continue
-            body = "".join(f"<figure>{_img(png, t)}<figcaption>{html.escape(t)}</figcaption></figure>" for t, png in figs)
-            sections.append((prefix.strip("_"), body))
+    sections = analysis_sections(store, sweep)
 
     data = {"sweep": sweep, "columns": cols, "rows": rows, "label_columns": axis_cols, "groups": groups,
             "curves": curves, "max_groups": MAX_GROUPS_DRAWN, "max_facets": MAX_FACETS_DRAWN}
