@@ -44,6 +44,7 @@ import ray  # noqa: E402
 from ray import tune  # noqa: E402
 
 from raydyn.errors import RaydynError  # noqa: E402
+from raydyn.preflight import root_cause  # noqa: E402  (re-exported: raydyn.sweep.root_cause)
 from raydyn.spec import PopulationSpec, RunConfig, SweepSpec, populations, sweep_hash  # noqa: E402
 from raydyn.store import Store  # noqa: E402
 
@@ -106,6 +107,21 @@ def _loopback_only() -> Iterator[None]:
             os.environ.pop(key, None)
         else:
             os.environ[key] = env_before
+
+
+@contextlib.contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    """Environment variables set inside this block only."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 # ----------------------------------------------------------------------------- Ray's log
@@ -317,7 +333,8 @@ def population_trial(config: dict[str, Any], store_uri: str, sweep: str, spec_te
     from raydyn.spec import parse_sweep
     from raydyn.store import open_store
     from raydyn.tasks import registry
-    from raydyn.train.population import PopulationCheckpoint, train_population
+    from raydyn.train.checkpoint import PopulationCheckpoint
+    from raydyn.train.population import train_population
     from raydyn.train.recorder import runs_table
 
     from raydyn.tasks.plugins import add_search_path
@@ -613,7 +630,7 @@ def sweep_growth(old: SweepSpec, old_text: str, new: SweepSpec, new_text: str) -
 def _stored_growth(spec: SweepSpec, text: str, store: Store) -> SweepGrowth:
     import yaml
 
-    from raydyn.spec import parse_stored
+    from raydyn.track import parse_stored
 
     stored_text = store.sweep_text(spec.name)
     if stored_text is None:
@@ -679,7 +696,7 @@ def register_sweep(spec: SweepSpec, text: str, store: Store, *, allow_growth: bo
     creation time and lists each earlier file under ``history`` (its text, hash, sha256, run count, library
     versions and when it was replaced). Returns the growth, or None.
     """
-    from raydyn.train.recorder import versions
+    from raydyn.store.schema import library_versions as versions
 
     growth = check_sweep_unchanged(spec, text, store, allow_growth=allow_growth)
     meta = store.sweep_meta(spec.name)
@@ -696,98 +713,23 @@ def register_sweep(spec: SweepSpec, text: str, store: Store, *, allow_growth: bo
     return growth
 
 
+#: Where :func:`preflight` builds models and data: ``"auto"``: in a short-lived child process unless this process
+#: has imported torch already (a sweep of built-in models then never loads torch into the driver: ~180 MiB of
+#: its peak memory), ``"child"`` or ``"here"`` (this process).
+PREFLIGHT_IN = "auto"
+
+
 def preflight(spec: SweepSpec, runs: list[RunConfig], store: Store) -> None:
-    """Build, on the driver, every data set the runs use and one model per architecture, so that a
-    deterministic set-up error (a missing file, a plug-in that does not import or returns no module, a
-    model that does not fit the data) is one message before anything launches, not a retried trial."""
-    import torch
+    """Build every data set the runs use and one model per architecture and run one forward pass and loss
+    (:func:`raydyn.preflight.check`), so that a deterministic set-up error (a missing file, a plug-in that does
+    not import or returns no module, a model that does not fit the data) is one message before anything
+    launches, not a retried trial. Runs in a child process with the driver's ``sys.path``, working directory
+    and environment (:data:`PREFLIGHT_IN`): the same errors and warnings as in this process."""
+    from raydyn import preflight as _pf
 
-    from raydyn.errors import RaydynError as _Err
-    from raydyn.tasks import registry
-    from raydyn.tasks.build import init_model, load_data
-
-    base_dir = base_dir_of(spec, store)
-    seen_data: dict[str, Any] = {}
-    seen_arch: set[str] = set()
-    for r in runs:
-        cfg = r.config
-        if registry.model(cfg["model"]).trainer != "population":
-            continue
-        dkey = json.dumps([cfg["dataset"], cfg["data"], cfg["dtype"]], sort_keys=True, default=str)
-        if dkey not in seen_data:
-            seen_data[dkey] = load_data(cfg, base_dir)
-        arch = r.population_key()
-        if arch in seen_arch:
-            continue
-        seen_arch.add(arch)
-        data = seen_data[dkey]
-        try:
-            with torch.random.fork_rng():
-                model = init_model(cfg, data)
-        except _Err:
-            raise
-        except Exception as e:  # a built-in model that does not fit the data (shapes, vocab, ...)
-            raise _Err(f"sweep {spec.name!r}: building model {cfg['model']!r} for dataset {cfg['dataset']!r} "
-                       f"failed: {root_cause(e)}") from None
-        smoke_step(spec.name, cfg, model, data)
-
-
-def smoke_step(sweep: str, cfg: dict[str, Any], model: Any, data: Any) -> None:
-    """One training forward pass and loss of ``model`` on a few training samples, and one evaluation forward,
-    on the driver: a model whose output does not fit the labels or the loss (or that raises in ``forward``)
-    fails here, once, instead of in every trial and every retry. No parameter changes (no backward, RNG forked)."""
-    import torch
-
-    from raydyn.errors import RaydynError as _Err
-    from raydyn.train.objectives import loss_fn
-
-    loss_name = cfg.get("loss") or data.default_loss
-    n = max(2, min(int(cfg["batch_size"]), int(data.n_train), 8))  # batch norm in train mode needs > 1 sample
-    x, y = data.head("train", n)
-    try:
-        with torch.random.fork_rng(), torch.no_grad():
-            model.train()
-            loss = loss_fn(loss_name, model(x), y)
-            if loss.dim() != 0:
-                raise ValueError(f"the loss is not a scalar (shape {tuple(loss.shape)})")
-            model.eval()
-            model(x)
-    except Exception as e:  # noqa: BLE001 -- any failure of the user's model on its data is reported as one message
-        raise _Err(f"sweep {sweep!r}: model {cfg['model']!r} fails on a batch of {n} samples of dataset "
-                   f"{cfg['dataset']!r} (input {tuple(x.shape)}, labels {tuple(y.shape)}, loss {loss_name}): "
-                   f"{root_cause(e)}. Nothing was trained.") from None
-
-
-_OWN_FRAMES = re.compile(r"[/\\](site-packages|dist-packages|lib[/\\]python3\.\d+)[/\\]|[/\\]raydyn[/\\]"
-                         r"(sweep|fanout|train|tasks|store|jobs|analysis|spec)")
-
-
-def root_cause(err: BaseException | str) -> str:
-    """``Type: message (at file:line, in function)`` of an exception or of a traceback's text (Ray's trial errors
-    arrive as text); the place is the innermost frame outside Python's, Ray's, torch's and raydyn's own code
-    (the user's plug-in), when there is one."""
-    if isinstance(err, BaseException):
-        import traceback
-
-        msg = str(err).strip()
-        return (f"{type(err).__name__}: {msg}" if msg else type(err).__name__) + _place(
-            "".join(traceback.format_exception(err)))
-    text = str(err)
-    lines = [ln.rstrip() for ln in text.strip().splitlines() if ln.strip()]
-    # the exception line: the last unindented "Name: message" line (Ray prefixes "ray.exceptions.RayTaskError(X): ")
-    pattern = re.compile(r"^([A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Warning)\b(\([\w.]+\))?)(: .*)?$")
-    last = next((ln for ln in reversed(lines) if pattern.match(ln) and not ln.startswith("ray.exceptions.")),
-                lines[-1] if lines else "unknown error")
-    return last.strip() + _place(text)
-
-
-def _place(tb: str) -> str:
-    frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)', tb)
-    user = [f for f in frames if not _OWN_FRAMES.search(f[0]) and not f[0].startswith("<")]
-    if not user:
-        return ""
-    f, line, fn = user[-1]
-    return f" (at {f}:{line}, in {fn})"
+    pairs, base_dir = _pf.distinct(runs), base_dir_of(spec, store)
+    here = PREFLIGHT_IN == "here" or (PREFLIGHT_IN != "child" and "torch" in sys.modules)
+    (_pf.check if here else _pf.run_in_child)(spec.name, pairs, base_dir)
 
 
 def plugin_paths(spec: SweepSpec) -> list[str]:
@@ -919,14 +861,17 @@ def _fit(spec, store, param_space, cb, max_failures, tune_config, spec_text=None
         storage_path=storage_path,
         storage_filesystem=storage_fs,
         verbose=0,
-        callbacks=[cb],
+        # Tune's own loggers, as it would add them (result.json, progress.csv) but for the TensorBoardX one, which
+        # imports torch into the driver (~180 MiB) when tensorboardX is installed and writes files nothing reads
+        callbacks=[cb, tune.logger.CSVLoggerCallback(), tune.logger.JsonLoggerCallback()],
         failure_config=tune.FailureConfig(max_failures=max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),  # a retry needs the latest only
     )
     tune_config.trial_name_creator = _trial_name
     tune_config.trial_dirname_creator = _trial_name
     tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
-    grid = tuner.fit()
+    with _environ(TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1"):  # read when the experiment starts, on the driver
+        grid = tuner.fit()
     for r in grid:  # a population in the store needs no checkpoint: don't keep a second copy of its records
         if r.error is None and r.checkpoint is not None:
             try:

@@ -40,12 +40,49 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Callable
 
-from torch import nn
-
 from raydyn.errors import RaydynError
-from raydyn.tasks import data as _data
-from raydyn.tasks import models as _models
 from raydyn.tasks.plugins import PluginError, is_import_path, resolve
+
+
+class _OnUse:
+    """A module imported at the first use of one of its names. Torch and the built-in models and data sets are
+    needed to build a model or a data set, not to read a sweep file: the driver of a sweep imports no torch."""
+
+    def __init__(self, load: Callable[[], Any]):
+        self._load = load
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._load(), name)
+
+
+def _import_nn() -> Any:
+    from torch import nn
+
+    return nn
+
+
+def _import_data() -> Any:
+    from raydyn.tasks import data
+
+    return data
+
+
+def _import_models() -> Any:
+    from raydyn.tasks import models
+
+    return models
+
+
+nn, _data, _models = _OnUse(_import_nn), _OnUse(_import_data), _OnUse(_import_models)
+
+
+def _built_in(name: str) -> Callable[..., Any]:
+    """The builder ``raydyn.tasks.data.<name>``, imported when a data set is built."""
+    def build(**options: Any) -> Any:
+        return getattr(_data, name)(**options)
+
+    build.__name__ = build.__qualname__ = name
+    return build
 
 ENTRY_POINT_MODELS = "raydyn.models"
 ENTRY_POINT_DATASETS = "raydyn.datasets"
@@ -165,21 +202,23 @@ def _tan_sum(grid: int) -> _data.Dataset:
 
 
 _BUILTIN_DATASETS: dict[str, DatasetEntry] = {e.name: e for e in [
-    DatasetEntry("teacher", _data.teacher, {"n_train": 512, "n_test": 512, "d_in": 16, "d_out": 1,
+    DatasetEntry("teacher", _built_in("teacher"), {"n_train": 512, "n_test": 512, "d_in": 16, "d_out": 1,
                                             "teacher_width": 32, "noise": 0.1, "seed": 0}, "vector",
                  doc="Gaussian teacher-student regression"),
-    DatasetEntry("digits", _data.digits, {"test_fraction": 0.2, "seed": 0}, "image",
+    DatasetEntry("digits", _built_in("digits"), {"test_fraction": 0.2, "seed": 0}, "image",
                  doc="scikit-learn's bundled 8x8 digits, (1, 8, 8) images, 10 classes"),
-    DatasetEntry("modular", _data.modular, {"p": 97, "train_fraction": 0.3, "seed": 0}, "tokens",
+    DatasetEntry("modular", _built_in("modular"), {"p": 97, "train_fraction": 0.3, "seed": 0}, "tokens",
                  doc="a + b mod p as token sequences [a, b, =]"),
-    DatasetEntry("parity", _data.parity, {"n_bits": 40, "k": 3, "n_train": 1000, "n_test": 1000, "seed": 0},
+    DatasetEntry("parity", _built_in("parity"),
+                 {"n_bits": 40, "k": 3, "n_train": 1000, "n_test": 1000, "seed": 0},
                  "vector", check=_parity_check, doc="sparse parity, labels +-1"),
     # optimiser-as-dynamical-system task (Redman et al. 2024): f(x) = sum tan(x_i), d = 2,
     # initial conditions on a grid x grid lattice (a run's seed indexes it)
     DatasetEntry("tan_sum", _tan_sum, {"grid": 5}, "points", doc="f(x) = sum tan(x_i) for optimisers (model none)"),
-    DatasetEntry("single", _data.single, {"x": 1.0, "y": 0.0}, "scalar", doc="one sample (x, y), for the uv model"),
-    DatasetEntry("addition", _data.addition, {"p": 10, "n_train": 45, "seed": 0}, "tokens", check=_addition_check,
-                 doc="a + b of symbols 0..p-1 (Liu et al. 2022's toy)"),
+    DatasetEntry("single", _built_in("single"), {"x": 1.0, "y": 0.0}, "scalar",
+                 doc="one sample (x, y), for the uv model"),
+    DatasetEntry("addition", _built_in("addition"), {"p": 10, "n_train": 45, "seed": 0}, "tokens",
+                 check=_addition_check, doc="a + b of symbols 0..p-1 (Liu et al. 2022's toy)"),
 ]}
 
 
@@ -276,15 +315,20 @@ class ModelEntry:
         return _models.post_init(model, cfg)
 
 
+#: The built-in models' activations: the names of raydyn.tasks.models.ACTIVATIONS, in its order (here without
+#: torch; tests/test_driver_imports.py keeps the two equal).
+ACTIVATIONS: tuple[str, ...] = ("relu", "tanh", "gelu", "linear", "leaky_relu", "sigmoid")
+
+
 def _check_mlp(t: dict[str, Any]) -> str | None:
     return _check_activation(t)
 
 
 def _check_activation(t: dict[str, Any]) -> str | None:
     act = t.get("activation")
-    if act is not None and act not in _models.ACTIVATIONS:
+    if act is not None and act not in ACTIVATIONS:
         return (f"activation: {act!r} is not a built-in activation; allowed: "
-                + ", ".join(repr(a) for a in _models.ACTIVATIONS))
+                + ", ".join(repr(a) for a in ACTIVATIONS))
     return None
 
 
@@ -429,6 +473,12 @@ def _model_cached(name: str) -> ModelEntry:
 def model(name: str) -> ModelEntry:
     """The registry entry of model ``name`` (:class:`PluginError` naming it when unknown or broken)."""
     return _model_cached(name)
+
+
+def build_model(cfg: dict[str, Any], input_shape: tuple[int, ...], out_dim: int, vocab: int = 0) -> nn.Module:
+    """Build the model named by ``cfg['model']`` (any registry entry: built-in, plug-in, entry point)
+    with freshly initialised parameters (seed the global RNG first); see :meth:`ModelEntry.build`."""
+    return model(cfg["model"]).build(cfg, input_shape, out_dim, vocab)
 
 
 @lru_cache(maxsize=256)
