@@ -5,11 +5,12 @@ says whether an axis is laid out on a log scale (phase maps, categorical maps, c
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["sort_key", "is_log_spaced"]
+__all__ = ["sort_key", "is_log_spaced", "GridAxes"]
 
 
 def sort_key(v: Any) -> tuple[int, Any]:
@@ -34,3 +35,17 @@ def is_log_spaced(values: Sequence[Any]) -> bool:
     r = v[1:] / v[:-1]
     d = np.diff(v)
     return bool(np.ptp(r) / r.mean() < 0.05 and np.ptp(d) / d.mean() > 0.05)
+
+
+@dataclass
+class GridAxes:
+    """What every map over two swept axes shares: the metric drawn, the x and y axes and their values in
+    drawing order, and the facet columns with one tuple of values per panel."""
+
+    metric: str
+    x: str
+    y: str
+    facets: list[str]
+    facet_values: list[tuple[Any, ...]]
+    x_values: list[Any]
+    y_values: list[Any]

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 import pyarrow as pa
 
-from raydyn.aggregate.axes import is_log_spaced, sort_key
+from raydyn.aggregate.axes import GridAxes, is_log_spaced, sort_key
 from raydyn.aggregate.boundary import Boundary, find_boundaries
 from raydyn.analysis.phase import PHASES
 from raydyn.errors import RaydynError
@@ -32,7 +32,7 @@ __all__ = ["CategoryMapInfo", "category_map_info", "is_categorical", "AxisBounda
 
 
 @dataclass
-class CategoryMapInfo:
+class CategoryMapInfo(GridAxes):
     """Everything a categorical phase map shows. Arrays are (n_facets, len(y_values), len(x_values)).
 
     Attributes:
@@ -46,13 +46,6 @@ class CategoryMapInfo:
         y_edges: (F, Y-1, X) True where cells ``i`` and ``i+1`` of a column are both present and differ.
     """
 
-    metric: str
-    x: str
-    y: str
-    facets: list[str]
-    facet_values: list[tuple[Any, ...]]
-    x_values: list[Any]
-    y_values: list[Any]
     categories: list[str]
     label: np.ndarray
     fraction: np.ndarray

@@ -20,25 +20,18 @@ from typing import Any, Sequence
 import numpy as np
 import pyarrow as pa
 
-from raydyn.aggregate.axes import is_log_spaced, sort_key
+from raydyn.aggregate.axes import GridAxes, is_log_spaced, sort_key
 from raydyn.errors import RaydynError
 
 
 @dataclass
-class PhaseMapInfo:
+class PhaseMapInfo(GridAxes):
     """Everything a phase map shows. Arrays are (n_facets, len(y_values), len(x_values)).
 
     ``q25``/``q75`` and ``lo``/``hi`` are the quartiles and the extremes of the cell's values
     (the seed spread); ``aggregated`` names the config keys whose value differs between runs
     of one cell (what the median is taken over, e.g. ``["seed"]``)."""
 
-    metric: str
-    x: str
-    y: str
-    facets: list[str]
-    facet_values: list[tuple[Any, ...]]
-    x_values: list[Any]
-    y_values: list[Any]
     median: np.ndarray
     iqr: np.ndarray
     n_runs: np.ndarray
