@@ -230,3 +230,14 @@ def test_an_installed_package_registers_through_the_entry_point_group(store_root
     assert "koopman" in r.stdout and "count_runs" not in r.stdout
     assert "analysis 'count_runs' registered by an installed package (count_analysis:MISSING) could not be loaded" \
         in r.stderr
+
+
+def test_listing_the_analyses_imports_no_torch():
+    """`raydyn analyze --help` builds every command from the registry: the job modules load, torch does not
+    (it is imported where a job rebuilds a model, on a worker)."""
+    code = ("import json, sys; from raydyn.jobs.registry import analyses; "
+            "print(json.dumps([list(analyses()), 'torch' in sys.modules]))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    names, torch_loaded = json.loads(r.stdout.strip().splitlines()[-1])
+    assert names == ["hmm", "koopman", "phase", "cmd", "symmetry", "neurons"] and not torch_loaded

@@ -208,8 +208,14 @@ def load_trajectories(store, sweep: str, run_ids, layers: list[str] | None = Non
 
 
 # ------------------------------------------------------------------------------ runs trained outside raydyn
-# (the rule lives with the model builders: Store.model uses it too)
-from raydyn.tasks.build import REBUILD_NEEDS, rebuild_config  # noqa: E402,F401
+def __getattr__(name: str):
+    """``REBUILD_NEEDS`` and ``rebuild_config``: the rule lives with the model builders (``Store.model`` uses
+    it too), imported on first use so that listing the analyses does not import torch."""
+    if name in ("REBUILD_NEEDS", "rebuild_config"):
+        from raydyn.tasks import build
+
+        return getattr(build, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def plugin_paths(cfg: dict[str, Any]) -> list[str]:

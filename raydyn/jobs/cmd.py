@@ -37,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 
 from raydyn.errors import RaydynError
-from raydyn.jobs.base import (REBUILD_NEEDS, Job, Unit, group_units, load_trajectories, plugin_paths, rebuild_config,
+from raydyn.jobs.base import (Job, Unit, group_units, load_trajectories, plugin_paths,
                               rebuilt_model, run_config)
 from raydyn.jobs.options import Options, option
 from raydyn.jobs.registry import Analysis, register
@@ -133,6 +133,7 @@ class CMDJob(Job):
         nan = np.full(t, np.nan)
         loss_real = acc_real = loss_rec = acc_rec = loss_recal = acc_recal = nan
         skipped = None
+        from raydyn.tasks.build import REBUILD_NEEDS, rebuild_config
         from raydyn.tasks.plugins import add_search_path
         from raydyn.track import is_tracked
 

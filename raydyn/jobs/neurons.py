@@ -40,12 +40,11 @@ import numpy as np
 import pyarrow as pa
 
 from raydyn.errors import RaydynError
-from raydyn.jobs.base import (REBUILD_NEEDS, Job, Unit, group_units, load_buffers, load_trajectories, plugin_paths,
-                              rebuild_config, rebuilt_model, run_config)
+from raydyn.jobs.base import (Job, Unit, group_units, load_buffers, load_trajectories, plugin_paths,
+                              rebuilt_model, run_config)
 from raydyn.jobs.options import Options, option
 from raydyn.jobs.registry import Analysis, register
 from raydyn.store.schema import WeightsLayout
-from raydyn.tasks.build import load_snapshot
 
 MODES_SCHEMA = pa.schema([
     ("run_id", pa.string()), ("step", pa.int64()), ("layer", pa.string()), ("layer_index", pa.int64()),
@@ -62,6 +61,8 @@ def not_full_message(run_id: str, layout: WeightsLayout) -> str:
 
 
 def no_model_message(run_id: str, sweep: str, why: str, more: str = "") -> str:
+    from raydyn.tasks.build import REBUILD_NEEDS
+
     return (f"run {run_id}{more}: the neurons analysis loads the snapshots back into the run's model, rebuilt from "
             f"its config, but this run of tracked sweep {sweep!r} (logged with raydyn.track or imported) cannot be "
             f"rebuilt: {why}. Log it with {REBUILD_NEEDS}.")
@@ -121,6 +122,8 @@ class NeuronsJob(Job):
         from raydyn.track import is_tracked
 
         if units and is_tracked(store, sweep):  # runs trained outside raydyn: rebuildable only by the plug-in contract
+            from raydyn.tasks.build import rebuild_config
+
             t = store.table("runs", sweep=sweep, columns=["run_id", "config_json"])
             cfgs = {r: json.loads(c) for r, c in zip(t.column("run_id").to_pylist(),
                                                       t.column("config_json").to_pylist())}
@@ -149,6 +152,7 @@ class NeuronsJob(Job):
         if not layout.is_full:
             raise RaydynError(not_full_message(rid, layout))
         from raydyn.tasks import registry
+        from raydyn.tasks.build import load_snapshot, rebuild_config
         from raydyn.tasks.plugins import add_search_path
 
         add_search_path(*unit.info.get("plugin_paths", ()))  # a tracked run's plug-in modules, as the driver found them

@@ -219,7 +219,7 @@ class SymmetryJob(Job):
         rows = []
         worst = {m: np.nan for m in METHODS}
         breaks: dict[str, list[float]] = {k: [] for k in KINDS}
-        from raydyn.jobs.base import rebuild_config
+        from raydyn.tasks.build import rebuild_config
 
         cfg, layout = run_config(store, sweep, rid)
         series = run_series(store, sweep, rid)
