@@ -28,6 +28,9 @@ import time
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _machine import Cores, machine_line, ray_cores_line  # noqa: E402
 
 
 def sweep_text(name: str, width: int, n_runs: int, steps: int, root: str) -> str:
@@ -72,6 +75,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.widths, args.runs, args.steps, args.repeats = [4, 8], 4, 10, 1
+    print(machine_line(), flush=True)
     os.chdir(ROOT)
     root = os.path.join(ROOT, "examples", "data", "digits_png")
     if not os.path.isdir(os.path.join(root, "train")):
@@ -90,6 +94,9 @@ def main() -> None:
 
     print(f"ray start-up (once): {time.perf_counter() - t0:.1f} s; Ray CPUs: {ray.cluster_resources().get('CPU')}; "
           f"machine cores: {os.cpu_count()}; load average at start: {load0:.2f}")
+    print(ray_cores_line(), flush=True)
+    meters = {"raydyn": Cores("raydyn trials", "ray"), "bare": Cores("bare, 1 process x 2 threads"),
+              "bare x2": Cores("bare x2, 2 processes", "children")}
     ctx = mp.get_context("spawn")
     rows = []
     for width in args.widths:
@@ -102,21 +109,25 @@ def main() -> None:
             order = ["raydyn", "bare", "bare x2"] if rep % 2 == 0 else ["bare x2", "bare", "raydyn"]
             for way in order:
                 t = time.perf_counter()
-                if way == "raydyn":
-                    with tempfile.TemporaryDirectory() as d:
-                        out = run_sweep(spec, text, open_store(d))
-                        assert out.trained == len(configs), out
-                elif way == "bare":
-                    _bare_chunk((configs, 2))
-                else:
-                    with ctx.Pool(2) as pool:
-                        pool.map(_bare_chunk, [(configs[0::2], 1), (configs[1::2], 1)])
+                with meters[way]:
+                    if way == "raydyn":
+                        with tempfile.TemporaryDirectory() as d:
+                            out = run_sweep(spec, text, open_store(d))
+                            assert out.trained == len(configs), out
+                    elif way == "bare":
+                        _bare_chunk((configs, 2))
+                    else:
+                        with ctx.Pool(2) as pool:
+                            pool.map(_bare_chunk, [(configs[0::2], 1), (configs[1::2], 1)])
                 times[way].append(time.perf_counter() - t)
         med = {k: statistics.median(v) * 1e3 / n_member_steps for k, v in times.items()}  # ms per member-step
         rows.append((width, med))
         print(f"width {width:3d}: {len(configs)} runs x {args.steps} steps; ms per member-step (median of "
               f"{args.repeats}): raydyn {med['raydyn']:.2f}, bare {med['bare']:.2f}, bare x2 {med['bare x2']:.2f}",
               flush=True)
+    for meter in meters.values():
+        print(meter.line())
+    print(ray_cores_line("probe: after the timed part"), flush=True)
     print()
     print(f"{'width':>5} {'raydyn ms':>10} {'bare ms':>9} {'bare x2 ms':>11} {'raydyn/bare':>12} {'raydyn/bare x2':>15}")
     for width, med in rows:

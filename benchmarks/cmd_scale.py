@@ -27,6 +27,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _machine import Cores, machine_line  # noqa: E402
 
 from raydyn.analysis.cmd import OnlineCMD, decompose, fit_fixed_modes  # noqa: E402
 
@@ -85,6 +88,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (median printed)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    print(machine_line(), flush=True)
 
     print(f"CMD scale benchmark: N={args.n:,} T={args.t} float32 ({args.n * args.t * 4 / MiB:.0f} MiB), "
           f"{args.modes} planted modes, noise {args.noise:g}, tolerance {args.tolerance:g}, K={args.samples}")
@@ -94,9 +98,11 @@ def main() -> None:
 
     # ---- post-hoc: timing (untraced) -------------------------------------------------
     post_times = []
+    post_cores = Cores("post-hoc decompose")
     for _ in range(args.repeats):
         t0 = time.perf_counter()
-        res = decompose(w, n_modes=args.n_modes, tolerance=args.tolerance, n_samples=args.samples,
+        with post_cores:
+            res = decompose(w, n_modes=args.n_modes, tolerance=args.tolerance, n_samples=args.samples,
                         random_state=0)
         post_times.append(time.perf_counter() - t0)
     from sklearn.metrics import adjusted_rand_score
@@ -106,14 +112,17 @@ def main() -> None:
           f"(error curve M=1..{min(6, res.error_curve.size)}: "
           + ", ".join(f"{e:.2e}" for e in res.error_curve[:6]) + ")")
     print(f"  time median {statistics.median(post_times):.2f} s over {args.repeats} run(s)")
+    print(post_cores.line())
 
     # ---- online: timing (untraced) ---------------------------------------------------
     # The warm-up window (first records) has a smaller signal than the whole run, so the
     # automatic choice there would need a looser tolerance: use the post-hoc M instead.
     args.online_modes = args.n_modes if args.n_modes is not None else res.n_modes
     on_totals, warm_steps, later_steps = [], [], []
+    online_cores = Cores("online CMD")
     for _ in range(args.repeats):
-        online, st, _ = run_online(w, args)
+        with online_cores:
+            online, st, _ = run_online(w, args)
         on_totals.append(sum(st))
         warm_steps.append(st[args.warmup - 1])
         later_steps.extend(st[args.warmup:])
@@ -123,6 +132,7 @@ def main() -> None:
     print(f"  total update time median {statistics.median(on_totals):.2f} s; warm-up decompose step "
           f"{statistics.median(warm_steps):.2f} s; later update median "
           f"{1e3 * statistics.median(later_steps):.2f} ms/step")
+    print(online_cores.line())
     t0 = time.perf_counter()
     ores = online.result()
     print(f"  result() {time.perf_counter() - t0:.2f} s")

@@ -26,6 +26,9 @@ import numpy as np
 import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _machine import Cores, machine_line  # noqa: E402
 
 from raydyn.store import open_store  # noqa: E402
 
@@ -75,6 +78,7 @@ def main() -> None:
     ap.add_argument("--parts", type=int, default=8)
     ap.add_argument("--repeat", type=int, default=3)
     a = ap.parse_args()
+    print(machine_line(), flush=True)
 
     from typer.testing import CliRunner
 
@@ -92,9 +96,11 @@ def main() -> None:
         args = ["curves", "big", "--metric", "test_loss", "--group-by", "lr", "--facet", "width", "--band", "iqr",
                 "--log-y", "--out", str(out), "--store", root]
         cmd, query, draw = [], [], []
+        meter = Cores("raydyn curves command")
         for _ in range(a.repeat):
             t0 = time.perf_counter()
-            r = CliRunner().invoke(app, args)
+            with meter:
+                r = CliRunner().invoke(app, args)
             cmd.append(time.perf_counter() - t0)
             if r.exit_code != 0:
                 raise SystemExit(f"raydyn curves failed: {r.output}{r.exception!r}")
@@ -106,6 +112,7 @@ def main() -> None:
             draw_curves(table, Path(tmp) / "again.png", log_y=True)
             draw.append(time.perf_counter() - t0)
         med = statistics.median(cmd)
+        print(meter.line())
         print(f"curve table: {table.num_rows} rows ({len(set(table.column('group').to_pylist()))} groups x "
               f"{len(set(table.column('facet').to_pylist()))} facets x {a.steps} steps), "
               f"{int(np.median(table.column('n').to_numpy()))} runs per point (median)")

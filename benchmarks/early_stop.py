@@ -28,6 +28,9 @@ import yaml
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _machine import Cores, machine_line, ray_cores_line  # noqa: E402
 
 
 def sweep_texts(quick: bool) -> tuple[str, str]:
@@ -88,6 +91,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
+    print(machine_line(), flush=True)
     import torch
 
     from raydyn.sweep import ensure_ray
@@ -98,14 +102,20 @@ def main() -> None:
     t = time.perf_counter()
     ensure_ray(None, 2)
     print(f"embedded Ray (2 CPUs) started in {time.perf_counter() - t:.1f} s (in neither figure)")
+    print(ray_cores_line(), flush=True)
     res: dict[str, list[dict]] = {"A full": [], "B early_stop": []}
+    meters = {name: Cores(f"{name} sweeps (trials)", "ray") for name in res}
     for r in range(args.repeats):
         for name, text in (("A full", full_text), ("B early_stop", es_text)):
-            out = one_sweep(text)
+            with meters[name]:
+                out = one_sweep(text)
             res[name].append(out)
             print(f"  repeat {r + 1} {name:13s} wall {out['wall']:6.1f} s  train {out['train']:6.1f} s  "
                   f"runs to the end {out['to_end']:2d}/{out['n']}  member-steps {out['member_steps']:5d}  "
                   f"{out['statuses']}")
+    for meter in meters.values():
+        print(meter.line())
+    print(ray_cores_line("probe: after the timed sweeps"), flush=True)
     med = {n: {k: statistics.median(o[k] for o in v) for k in ("wall", "train", "to_end", "member_steps")}
            for n, v in res.items()}
     a, b = med["A full"], med["B early_stop"]
@@ -122,15 +132,18 @@ def main() -> None:
     rungs = [25, 50] if args.quick else [100, 200]
     steps = 100 if args.quick else 400
     times: dict[str, list[list[float]]] = {"A full": [], "B early_stop": []}
+    step_cores = Cores("in-process population training")
     for _ in range(args.repeats):  # alternated A B A B, median per segment
         for name, text in (("A full", full_text), ("B early_stop", es_text)):
-            segs = per_step_times(text)
+            with step_cores:
+                segs = per_step_times(text)
             times[name].append([statistics.median([ms for s0, s1, ms in segs if s0 >= lo and s1 <= hi])
                                 for lo, hi in zip([0] + rungs, rungs + [steps])])
     for name, per in times.items():
         cells = [f"[{lo},{hi}) {statistics.median(p[i] for p in per):6.2f}"
                  for i, (lo, hi) in enumerate(zip([0] + rungs, rungs + [steps]))]
         print(f"  {name:13s} " + "   ".join(cells))
+    print(step_cores.line())
     print(f"load average at end={os.getloadavg()[0]:.2f}")
 
 

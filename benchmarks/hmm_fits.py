@@ -34,6 +34,8 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import cores_line, machine_line, ray_cores_line  # noqa: E402
 from raydyn.analysis.hmm import HMMData, fit_one, fit_plan, prepare, select  # noqa: E402
 
 
@@ -117,6 +119,7 @@ def main(argv=None) -> None:
     ap.add_argument("--num-cpus", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=1, help="alternate the two paths this many times")
     args = ap.parse_args(argv)
+    print(machine_line(), flush=True)
 
     import ray
 
@@ -131,6 +134,7 @@ def main(argv=None) -> None:
 
     t = time.perf_counter()
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    print(ray_cores_line(), flush=True)  # before the worker pids below are collected
     remote_fit = ray.remote(num_cpus=1)(fit_one)
     _pid = ray.remote(num_cpus=1)(_worker_pid)
     # warm-up: start one worker per CPU and import hmmlearn/sklearn there
@@ -138,7 +142,7 @@ def main(argv=None) -> None:
     worker_pids = set(ray.get([_pid.remote() for _ in range(4 * args.num_cpus)]))
     print(f"ray.init + worker warm-up: {time.perf_counter() - t:.1f} s (not counted below)")
 
-    seq_times, ray_times, group_medians = [], [], []
+    seq_times, ray_times, group_medians, seq_cores, ray_cores_all = [], [], [], [], []
     try:
         for rep in range(args.repeats):
             load0 = os.getloadavg()[0]
@@ -155,6 +159,8 @@ def main(argv=None) -> None:
             seq_times.append(ts)
             ray_times.append(tr)
             group_medians.append(statistics.median(per_group))
+            seq_cores.append(cpu_share)
+            ray_cores_all.append(ray_cores)
             print(
                 f"repeat {rep}: sequential {ts:.1f} s, ray {tr:.1f} s, ratio {ts / tr:.2f}x "
                 f"(CPU cores actually used: sequential {cpu_share:.2f}, ray workers {ray_cores:.2f}; "
@@ -162,6 +168,10 @@ def main(argv=None) -> None:
             )
             if cpu_share < 0.9 or ray_cores < 0.9 * args.num_cpus or max(load0, load1) > args.num_cpus + 0.5:
                 print("  warning: other processes share these CPUs; the ratio understates the speed-up")
+        # the cores got in the timed sections (the /proc CPU times above), medians over the repeats
+        print(cores_line(statistics.median(ray_cores_all), "timed: ray tasks", ray=args.num_cpus))
+        print(cores_line(statistics.median(seq_cores), "timed: sequential", who="process"))
+        print(ray_cores_line("probe: after the timed part"), flush=True)
     finally:
         ray.shutdown()
 

@@ -25,6 +25,9 @@ import tracemalloc
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _machine import Cores, machine_line, process_cores, ray_cores_line  # noqa: E402
 
 from raydyn.analysis.koopman import fit_dmd, pairwise_wasserstein  # noqa: E402
 
@@ -80,15 +83,23 @@ def bench_pairwise(args) -> None:
     # baseline and fan-out alternate, so a change in machine load hits both alike
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, logging_level="ERROR")
     base_times, base_cpu, times, mat, base_vals = [], [], [], None, None
+    base_cores, fan_cores = Cores("baseline loop"), Cores("Ray fan-out actors", "ray")
     try:
+        print(ray_cores_line(), flush=True)
         for _ in range(args.repeats):
             t0, c0 = time.perf_counter(), time.process_time()
-            base_vals = np.array([baseline_pair(spectra[i], spectra[j]) for i, j in zip(iu[pick], ju[pick])])
+            with base_cores:
+                base_vals = np.array([baseline_pair(spectra[i], spectra[j]) for i, j in zip(iu[pick], ju[pick])])
             base_times.append((time.perf_counter() - t0) / pick.size * n_pairs)
             base_cpu.append((time.process_time() - c0) / pick.size * n_pairs)
             t0 = time.perf_counter()
-            mat = pairwise_distance_matrix(spectra, n_actors=args.num_cpus)
+            with fan_cores:
+                mat = pairwise_distance_matrix(spectra, n_actors=args.num_cpus)
             times.append(time.perf_counter() - t0)
+        print(fan_cores.line())
+        print(base_cores.line())
+        print(process_cores(c_pure, t_pure, "timed: pure kernel"))
+        print(ray_cores_line("probe: after the timed part"), flush=True)
     finally:
         ray.shutdown()
     base = float(np.median(base_times))
@@ -127,13 +138,15 @@ def bench_dmd(args) -> None:
     with _blas_threads(args.blas_threads):
         tracemalloc.start()
         t0 = time.perf_counter()
+        c0 = time.process_time()
         res = fit_dmd(walk, k)
-        elapsed = time.perf_counter() - t0
+        elapsed, c_fit = time.perf_counter() - t0, time.process_time() - c0
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"fit_dmd: {elapsed:.2f} s (BLAS threads: {args.blas_threads or 'library default'}), route '{res.reduced}', rank {res.rank}, "
           f"|lambda|max {np.abs(res.eigenvalues).max():.6f}")
+    print(process_cores(c_fit, elapsed, "timed: fit_dmd"))
     print(f"input {walk.nbytes / 1024**2:.0f} MiB; peak numpy allocations during fit "
           f"{peak / 1024**2:.0f} MiB (tracemalloc); process peak RSS {rss1:.0f} MiB "
           f"(was {rss0:.0f} MiB before the fit); a dense Hankel of the raw data would be "
@@ -159,6 +172,7 @@ def main() -> None:
     ap.add_argument("--skip-pairwise", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    print(machine_line(), flush=True)
     print(f"numpy {np.__version__}, {os.cpu_count()} CPUs visible, load average {os.getloadavg()[0]:.1f}")
     if not args.skip_dmd:
         bench_dmd(args)  # first, so the peak RSS is not the Ray driver's

@@ -24,6 +24,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _machine import Cores, machine_line  # noqa: E402
 
 QUERY = ("SELECT r.lr, avg(m.train_loss) AS final_loss, count(*) AS runs FROM metrics m JOIN runs r USING (run_id) "
          "WHERE m.step = 20 AND r.lr < 0.05 GROUP BY r.lr ORDER BY r.lr")
@@ -92,6 +95,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--keep", action="store_true", help="keep the stores (printed) instead of deleting them")
     args = ap.parse_args()
+    print(machine_line(), flush=True)
 
     from raydyn.store import open_store
 
@@ -106,7 +110,11 @@ def main() -> None:
             f = work / f"{name}.yaml"
             f.write_text(sweep_text(name, n, args.population_size))
             store_dir = work / f"store{n}"
-            wall, peak_kib, tail = run_sweep_cli(f, store_dir, args.num_cpus, env, args.timeout)
+            # the Ray workers of the CLI's embedded Ray are this process's descendants: sampled from /proc
+            meter = Cores(f"CLI sweep of {n} runs, its Ray start-up included", "ray", ray=args.num_cpus)
+            with meter:
+                wall, peak_kib, tail = run_sweep_cli(f, store_dir, args.num_cpus, env, args.timeout)
+            print(meter.line(), flush=True)
             store = open_store(store_dir)
             n_runs = store.runs(sweep=name, columns=["run_id"]).num_rows
             n_metrics = store.metrics(sweep=name, columns=["run_id"]).num_rows

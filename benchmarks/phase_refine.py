@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -25,6 +27,9 @@ from raydyn.aggregate.bisect import GridRefiner, Refiner, dense_grid_size
 from raydyn.aggregate.boundary import find_boundaries
 from raydyn.analysis.phase import RunTrajectory, classify
 from raydyn.tasks.uv import train_relu_teacher, train_uv
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _machine import Cores, machine_line  # noqa: E402
 
 
 def planted_1d(reps: int, tol: float, log: bool, rng: np.random.Generator) -> tuple[float, int, bool]:
@@ -80,6 +85,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--relu", action="store_true", help="also the ReLU-network oracle (~2 min more)")
     args = ap.parse_args()
+    print(machine_line(), flush=True)
     rng = np.random.default_rng(args.seed)
     try:
         import torch
@@ -102,7 +108,9 @@ def main() -> None:
     def uv_label(e: float) -> str:
         return classify(RunTrajectory.from_dict(train_uv(e)))
 
-    res = real_oracle(uv_label, 1.0, 5.0, 0.02, 5)
+    uv_cores = Cores("uv catapult oracle runs")
+    with uv_cores:
+        res = real_oracle(uv_label, 1.0, 5.0, 0.02, 5)
     same = len(res["b_ref"]) == len(res["b_dense"]) and all(
         abs(a.location - b.location) <= 0.02 for a, b in zip(res["b_ref"], res["b_dense"])
     )
@@ -114,15 +122,19 @@ def main() -> None:
           f"(ratio {res['t_dense'] / res['t_ref']:.1f})")
     print(f"    refined: {fmt_b(res['b_ref'])}")
     print(f"    dense:   {fmt_b(res['b_dense'])}")
+    print(uv_cores.line())
 
     if args.relu:
         def relu_label(e: float) -> str:
             return classify(RunTrajectory.from_dict(train_relu_teacher(e, width=2048, steps=300, ntk_every=20)))
 
-        res = real_oracle(relu_label, 1.5, 4.5, 0.05, 4)
+        relu_cores = Cores("ReLU oracle runs")
+        with relu_cores:
+            res = real_oracle(relu_label, 1.5, 4.5, 0.05, 4)
         print(f"{'ReLU w=2048, eta*lambda0 in [1.5,4.5], tol 0.05':42s} {res['n_ref']:9d} {res['n_dense']:7d} "
               f"{res['n_dense'] / res['n_ref']:14.1f}")
         print(f"    wall time: refined {res['t_ref']:.1f} s, dense {res['t_dense']:.1f} s")
+        print(relu_cores.line())
         print(f"    refined: {fmt_b(res['b_ref'])}")
         print(f"    dense:   {fmt_b(res['b_dense'])}")
 

@@ -31,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _machine import Cores, machine_line  # noqa: E402
 from curves_10k import build  # noqa: E402  (the same synthetic 10^4-run store)
 
 from raydyn.store import open_store  # noqa: E402
@@ -66,6 +67,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--no-browser", action="store_true", help="skip the Chromium timing")
     a = ap.parse_args()
+    print(machine_line(), flush=True)
 
     from typer.testing import CliRunner
 
@@ -85,9 +87,11 @@ def main() -> None:
         st = open_store(root)
         axes = parse_stored(st, "big").axes()
         cmd, direct, pivot = [], [], []
+        meter = Cores("raydyn report command")
         for _ in range(a.repeat):
             t0 = time.perf_counter()
-            r = CliRunner().invoke(app, args)
+            with meter:
+                r = CliRunner().invoke(app, args)
             cmd.append(time.perf_counter() - t0)
             if r.exit_code != 0:
                 raise SystemExit(f"raydyn report failed: {r.output}{r.exception!r}")
@@ -106,6 +110,7 @@ def main() -> None:
         print(f"curves pivot: median {statistics.median(pivot):.3f}s; build_report: median "
               f"{statistics.median(direct):.2f}s")
         med = statistics.median(cmd)
+        print(meter.line())
         print(f"raydyn report ({a.runs} runs x {a.steps} steps): median of {a.repeat} = {med:.2f}s "
               f"(runs {', '.join(f'{x:.2f}' for x in cmd)}); target < {TARGET_S:g}s: "
               + ("met" if med < TARGET_S else "NOT met"))

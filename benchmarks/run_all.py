@@ -12,10 +12,17 @@ output (the patterns below), so what the table shows is what the script printed;
 kept under ``--logs``.
 
 The table: benchmark, figure, raydyn, baseline, ratio (what the target is stated on), target, met or
-not, the load average at the start and end of that benchmark, and its wall time. Also printed: the CPU
-cores available to this process and the machine's load before and after. On a loaded machine the load
-column says so; compare ratios, not absolute times. With ``--quick`` a target stated for the documented
-size is shown but not judged ("quick").
+not, the load average at the start and end of that benchmark, the CPU cores its workers actually got,
+and its wall time. Also printed: the CPU cores available to this process and the machine's load before
+and after. On a loaded machine the load and cores columns say so; compare ratios, not absolute times.
+With ``--quick`` a target stated for the documented size is shown but not judged ("quick").
+
+"cores (workers got)" comes from the ``cores:`` lines every benchmark prints (``benchmarks/_machine.py``):
+CPU seconds over wall seconds of its timed sections, i.e. how many cores' worth its workers (Ray workers,
+or the benchmark's own process where it has none) received. It shows the range over the timed sections'
+worker lines (the process lines where a benchmark has no workers), "of N" for the Ray CPUs, and in
+brackets the range of the probes (one task per Ray CPU spinning 0.6 s, after ``ray.init`` and after the
+timed part).
 """
 from __future__ import annotations
 
@@ -169,6 +176,33 @@ BENCHES = [
 ]
 
 
+CORES = re.compile(r"^cores: visible (\d+)(?:, ray ([\d.]+))?, (workers|process) got ([-\d.na]+) "
+                   r"\(load ([-\d.na]+)\) \[(probe|timed)[^\]]*\]", flags=re.M)
+
+
+def cores_cell(text: str) -> str:
+    """The "cores (workers got)" cell: timed workers (else timed process) range, of the Ray CPUs; probes."""
+    lines = [(m.group(3), float(m.group(4)), m.group(6), m.group(2)) for m in CORES.finditer(text)]
+
+    def span(vals: list[float]) -> str:
+        vals = [v for v in vals if v == v]  # no NaN
+        if not vals:
+            return "-"
+        lo, hi = min(vals), max(vals)
+        return f"{lo:.2f}" if f"{lo:.2f}" == f"{hi:.2f}" else f"{lo:.2f}–{hi:.2f}"
+
+    workers = [g for who, g, kind, _ in lines if kind == "timed" and who == "workers"]
+    process = [g for who, g, kind, _ in lines if kind == "timed" and who == "process"]
+    probes = [g for _, g, kind, _ in lines if kind == "probe"]
+    rays = {float(r) for *_, r in lines if r}
+    cell = span(workers) if workers else (span(process) + " (process)" if process else "")
+    if workers and rays:
+        cell += f" of {max(rays):g}"
+    if probes:
+        cell += f" [probe {span(probes)}]"
+    return cell.strip() or "-"
+
+
 def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
@@ -213,23 +247,26 @@ def main() -> None:
             text, rc = f"{e.stdout or ''}\n{e.stderr or ''}\ntimed out after {args.timeout:g} s", -1
         wall, load1 = time.perf_counter() - t0, os.getloadavg()[0]
         (logs / f"{b.key}.txt").write_text(text if isinstance(text, str) else str(text))
+        got = cores_cell(text)
         rows = b.parse(text, args.quick) if rc == 0 else [Row(f"FAILED (exit {rc}; see {logs / (b.key + '.txt')})",
                                                              None, None, None, "", False)]
-        results.append((b, rows, load0, load1, wall))
+        results.append((b, rows, load0, load1, wall, got))
         for r in rows:
             print(f"  {r.figure}: raydyn {_fmt(r.raydyn)}, baseline {_fmt(r.baseline)}, ratio "
                   f"{_fmt(r.ratio, 'overhead' in r.figure)} (target {r.target or '-'})", flush=True)
+        print(f"  cores (workers got): {got}", flush=True)
 
     print()
-    header = ("benchmark", "figure", "raydyn", "baseline", "ratio", "target", "met", "load start→end", "wall")
+    header = ("benchmark", "figure", "raydyn", "baseline", "ratio", "target", "met", "load start→end",
+              "cores (workers got)", "wall")
     table = [header]
-    for b, rows, load0, load1, wall in results:
+    for b, rows, load0, load1, wall, got in results:
         for r in rows:
             pct = r.target.startswith(("<= +", "< +"))
             met = "quick" if (args.quick and r.met is None and r.target not in ("", "(none)")) else (
                 "-" if r.met is None else "yes" if r.met else "NO")
             table.append((b.key, r.figure, _fmt(r.raydyn), _fmt(r.baseline), _fmt(r.ratio, pct), r.target or "-", met,
-                          f"{load0:.2f}→{load1:.2f}", f"{wall:.0f} s"))
+                          f"{load0:.2f}→{load1:.2f}", got, f"{wall:.0f} s"))
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for i, row in enumerate(table):
         print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |")

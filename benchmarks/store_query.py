@@ -30,6 +30,9 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _machine import Cores, machine_line  # noqa: E402
 
 from raydyn.store import open_store  # noqa: E402
 
@@ -91,6 +94,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--root", default=None, help="store directory (default: a fresh temp dir)")
     args = ap.parse_args()
+    print(machine_line(), flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         root = args.root or str(Path(tmp) / "store")
@@ -134,11 +138,13 @@ def main() -> None:
             return t.group_by("run_id").aggregate([("loss", "mean")]).sort_by("run_id")
 
         results = {}
+        meter = Cores("the queries")
         for name, fn in (("Store.sql (join runs+metrics)", sql_join), ("Store.sql (metrics only)", sql_metrics),
                          ("Store.metrics(filter=) + group_by", api),
                          ("Store.sql, cold (new Store)", sql_cold),
                          ("Store.metrics, cold (new Store)", api_cold), ("pyarrow.dataset floor", raw)):
-            results[name] = median_time(fn, args.repeats)
+            with meter:
+                results[name] = median_time(fn, args.repeats)
 
         a = results["Store.sql (metrics only)"][1]
         b = results["Store.metrics(filter=) + group_by"][1]
@@ -146,6 +152,7 @@ def main() -> None:
         assert a.num_rows == b.num_rows == c.num_rows == args.runs
         np.testing.assert_allclose(a.column("mean_loss").to_numpy(), b.column("loss_mean").to_numpy(), rtol=1e-12)
         floor = results["pyarrow.dataset floor"][0]
+        print(meter.line())
         for name, (t, out) in results.items():
             print(f"{name:36s} median {t * 1e3:8.1f} ms  ({t / floor:5.2f}x floor)  rows={out.num_rows}")
 

@@ -25,6 +25,9 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _machine import Cores, machine_line, ray_cores_line  # noqa: E402
 
 
 def sweep_text(name: str, n_configs: int, steps: int, record_every: int, record: str,
@@ -62,6 +65,7 @@ def main() -> None:
     ap.add_argument("--skip-tune", action="store_true", help="skip the (slow) plain-Tune baseline")
     ap.add_argument("--skip-bare", action="store_true", help="skip the bare loop (to re-measure the recording overhead)")
     args = ap.parse_args()
+    print(machine_line(), flush=True)
 
     import torch
     from ray import tune
@@ -84,18 +88,22 @@ def main() -> None:
             train_single(cfg, data=data, record=False)
 
     print(f"machine: {os.cpu_count()} cores, load average at start {os.getloadavg()[0]:.2f}")
-    t_bare = float("nan") if args.skip_bare else timed(bare, args.repeats)
+    bare_cores = Cores("bare loop")
+    with bare_cores:
+        t_bare = float("nan") if args.skip_bare else timed(bare, args.repeats)
     print(f"bare loop ({args.bare_threads} torch thread):      {t_bare:8.1f} s")
 
     t0 = time.perf_counter()
     ensure_ray(num_cpus=2)
     print(f"ray start-up (once):               {time.perf_counter() - t0:8.1f} s")
+    print(ray_cores_line(), flush=True)
+    sweep_cores, tune_cores = Cores("raydyn sweeps (trials)", "ray"), Cores("plain Tune trials", "ray")
 
     phases: dict[str, list[dict[str, float]]] = {}
 
     def raydyn(record_every: int, record: str, tag: str, eval_every: int | None = None):
         def go():
-            with tempfile.TemporaryDirectory() as d:
+            with tempfile.TemporaryDirectory() as d, sweep_cores:
                 text = sweep_text(f"bench-{tag}", args.configs, args.steps, record_every, record, eval_every)
                 out = run_sweep(parse_sweep(text), text, open_store(d))
                 assert out.trained == len(configs), out
@@ -135,8 +143,13 @@ def main() -> None:
             grid = tuner.fit()
             assert not grid.errors, grid.errors
 
-    t_tune = float("nan") if args.skip_tune else timed(plain_tune, args.repeats)
+    with tune_cores:
+        t_tune = float("nan") if args.skip_tune else timed(plain_tune, args.repeats)
     print(f"plain Ray Tune, 1 config/trial:    {t_tune:8.1f} s")
+    for meter, skipped in ((bare_cores, args.skip_bare), (sweep_cores, False), (tune_cores, args.skip_tune)):
+        if not skipped:
+            print(meter.line())
+    print(ray_cores_line("probe: after the timed part"), flush=True)
     print()
     print(f"raydyn / bare        = {t_ray / t_bare:.3f}   (target <= 0.5)")
     print(f"plain Tune / bare    = {t_tune / t_bare:.3f}")

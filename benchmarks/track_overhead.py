@@ -26,6 +26,9 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _machine import Cores, machine_line  # noqa: E402
 
 
 MODELS = {
@@ -116,6 +119,7 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
+    print(machine_line(), flush=True)
 
     import torch
     from sklearn.datasets import load_digits
@@ -131,17 +135,21 @@ def main() -> None:
     print(f"{'loop':>30} {'params':>7} {'bare s':>7} {'tracked s':>9} {'overhead':>9} {'snap ms':>8} "
           f"{'write ns/float':>14}  target < 10%")
     loop(x, y, "mlp64", 64, 200, args.every, None)  # warm-up: first-call costs out of the timings
+    bare_cores, tracked_cores = Cores("bare loops"), Cores("tracked loops")
     for name, (kind, batch) in MODELS.items():
         bare, tracked = [], []
         for _ in range(args.repeats):
-            bare.append(loop(x, y, kind, batch, args.steps, args.every, None))
-            with tempfile.TemporaryDirectory() as tmp:
+            with bare_cores:
+                bare.append(loop(x, y, kind, batch, args.steps, args.every, None))
+            with tempfile.TemporaryDirectory() as tmp, tracked_cores:
                 tracked.append(loop(x, y, kind, batch, args.steps, args.every, os.path.join(tmp, "store")))
         b, t = statistics.median(bare), statistics.median(tracked)
         params = sum(p.numel() for p in make(kind).parameters())
         over = t / b - 1
         print(f"{name:>30} {params:>7} {b:>7.3f} {t:>9.3f} {over:>+9.1%} {1e3 * snapshot_cost(kind):>8.3f} "
               f"{write_cost(kind):>14.2f}  {'met' if over < 0.10 else 'NOT met'}")
+    print(bare_cores.line())
+    print(tracked_cores.line())
     print(f"load average at end: {os.getloadavg()[0]:.2f}")
 
 
