@@ -91,14 +91,17 @@ def _fit(payload, shared):
     return fit_one(train, k, seed, cov)
 
 
-def run_ray(groups, jobs, cov, remote_fit, worker_pids):
-    """raydyn's fan-out (raydyn.fanout.map_tasks, as `raydyn analyze hmm` uses it): one task per fit."""
+def run_ray(groups, jobs, cov, remote_fit, worker_pids, largest_k_first=True):
+    """raydyn's fan-out (raydyn.fanout.map_tasks, as `raydyn analyze hmm` uses it): one payload per fit
+    (map_tasks puts several short ones in one task), submitted largest k first as the job plans them
+    (the outcomes stay in payload order)."""
     from raydyn.fanout import map_tasks
 
     c0 = _cpu_seconds(worker_pids)
     t0 = time.perf_counter()
     payloads = [(data.train_sequences, k, s, cov) for data in groups for k, s in jobs]
-    outcomes = map_tasks(_fit, payloads)
+    order = sorted(range(len(payloads)), key=lambda i: -payloads[i][1]) if largest_k_first else None
+    outcomes = map_tasks(_fit, payloads, order=order)
     assert not any(o.error for o in outcomes), [o.error for o in outcomes if o.error][:1]
     fits = [o.value for o in outcomes]
     n = len(jobs)
@@ -118,6 +121,8 @@ def main(argv=None) -> None:
     ap.add_argument("--covariance-type", default="full", choices=("full", "diag"))
     ap.add_argument("--num-cpus", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=1, help="alternate the two paths this many times")
+    ap.add_argument("--plan-order", action="store_true",
+                    help="submit the Ray tasks in plan order (group, k, restart) instead of largest k first")
     args = ap.parse_args(argv)
     print(machine_line(), flush=True)
 
@@ -143,20 +148,22 @@ def main(argv=None) -> None:
     print(f"ray.init + worker warm-up: {time.perf_counter() - t:.1f} s (not counted below)")
 
     seq_times, ray_times, group_medians, seq_cores, ray_cores_all = [], [], [], [], []
+    cpu_parts = []  # (sequential CPU, Ray workers' CPU, Ray wall) per repeat
     try:
         for rep in range(args.repeats):
             load0 = os.getloadavg()[0]
             # alternate which path goes first, so a drift in machine load favours neither
             if rep % 2 == 0:
                 ts, cpu_share, per_group, res_seq = run_sequential(groups, jobs, args.covariance_type)
-                tr, ray_cores, res_ray = run_ray(groups, jobs, args.covariance_type, remote_fit, worker_pids)
+                tr, ray_cores, res_ray = run_ray(groups, jobs, args.covariance_type, remote_fit, worker_pids, not args.plan_order)
             else:
-                tr, ray_cores, res_ray = run_ray(groups, jobs, args.covariance_type, remote_fit, worker_pids)
+                tr, ray_cores, res_ray = run_ray(groups, jobs, args.covariance_type, remote_fit, worker_pids, not args.plan_order)
                 ts, cpu_share, per_group, res_seq = run_sequential(groups, jobs, args.covariance_type)
             load1 = os.getloadavg()[0]
             for a, b in zip(res_seq, res_ray):
                 assert a.n_states == b.n_states and a.bic == b.bic, "sequential and Ray selections differ"
             seq_times.append(ts)
+            cpu_parts.append((ts * cpu_share, tr * ray_cores, tr))
             ray_times.append(tr)
             group_medians.append(statistics.median(per_group))
             seq_cores.append(cpu_share)
@@ -182,6 +189,11 @@ def main(argv=None) -> None:
     print(f"median total  sequential: {ms:8.1f} s   ({1000 * ms / n_fits:.0f} ms per fit)")
     print(f"median total  ray tasks:  {mr:8.1f} s   ({1000 * mr / n_fits:.0f} ms per fit, {args.num_cpus} CPUs)")
     print(f"speed-up sequential / ray: {ms / mr:.2f}x  (ideal: {args.num_cpus}x; os.cpu_count()={os.cpu_count()})")
+    # what separates it from the ideal: the fits cost more CPU on the Ray path (concurrent fits, Ray's
+    # per-task work), and the workers idle part of the time (gaps, the last fits, other load)
+    c_seq, c_ray, w_ray = (statistics.median(x) for x in zip(*cpu_parts))
+    print(f"ray vs ideal: workers' CPU / sequential CPU {c_ray / c_seq:.3f}; workers idle "
+          f"{1 - c_ray / (args.num_cpus * w_ray):.1%} of {args.num_cpus} x the Ray wall time (medians)")
 
 
 if __name__ == "__main__":

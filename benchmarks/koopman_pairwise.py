@@ -2,7 +2,7 @@
 
 1. Distance matrix of N spectra with n eigenvalues each (default 2,000 x 10):
    raydyn's Ray fan-out (``raydyn.fanout.pairwise_distance_matrix``, end to end:
-   object-store put, actor start, blocks, assembly) versus the plain Python double
+   object-store put, tasks on Ray's worker pool, assembly) versus the plain Python double
    loop over i < j calling ``cdist`` + ``scipy.optimize.linear_sum_assignment``
    per pair (the reference implementation's ``wass_dist``). By default the
    baseline times a random subset of pairs and extrapolates to all N (N-1)/2
@@ -26,6 +26,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# Ray starts workers at niceness 15 by default: on a shared machine they would lose the CPU to other
+# processes while the baseline (this driver, niceness 0) does not (as in hmm_fits.py)
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 from _machine import Cores, machine_line, process_cores, ray_cores_line  # noqa: E402
 
@@ -110,11 +113,19 @@ def bench_pairwise(args) -> None:
           f"pure kernel {c_pure / n_pairs * 1e6:.2f} us/pair -> {cpu_base / c_pure:.1f}x per core")
     fan = float(np.median(times))
     err = float(np.abs(mat[iu[pick], ju[pick]] - base_vals).max())
-    print(f"raydyn Ray fan-out ({args.num_cpus} actors, end to end):        median {fan:8.2f} s  "
+    print(f"raydyn Ray fan-out (tasks, {args.num_cpus} CPUs, end to end):  median {fan:8.2f} s  "
           f"(runs: {', '.join(f'{t:.2f}' for t in times)})")
     print(f"max |fan-out - baseline| on the timed pairs: {err:.2e};  |fan-out - pure kernel|: "
           f"{float(np.abs(mat - pure).max()):.2e}")
     print(f"speed-up over baseline: {base / fan:6.1f}x  (Ray fan-out),  {base / t_pure:6.1f}x  (pure kernel, 1 process)")
+    # the fan-out's speed-up as its two factors: the kernel's gain per core, and what the fan-out adds
+    # to an ideal split of the kernel's CPU time over the Ray CPUs (put, tasks, transfer, assembly)
+    ideal = c_pure / args.num_cpus
+    print(f"per-core kernel gain (CPU time per pair, baseline / kernel): {cpu_base / c_pure:.1f}x  "
+          f"({cpu_base / n_pairs * 1e6:.2f} / {c_pure / n_pairs * 1e6:.2f} us)")
+    print(f"fan-out overhead (wall - kernel CPU / {args.num_cpus} = {ideal:.2f} s): median {fan - ideal:.2f} s, "
+          f"runs {', '.join(f'{t - ideal:.2f}' for t in times)} (the first run includes the workers' imports); "
+          f"worker CPU beyond the kernel {fan_cores.cpu / len(times) - c_pure:.2f} s a run")
 
 
 @contextlib.contextmanager

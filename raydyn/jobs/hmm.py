@@ -140,6 +140,10 @@ class HMMJob(Job):
             train = self._groups[g.key]["data"].train_sequences
             units += [Unit(f"{g.key}|k={k}|seed={seed}", g.run_ids, {"group": g.key, "k": k, "seed": seed,
                                                                      "train": train}) for k, seed in plan]
+        # largest k first (EM time grows with k): the fits left for the end are the short ones, so
+        # no core idles while another finishes a long one (benchmarks/hmm_fits.py). The tables do not
+        # depend on this order (finish goes by group, select sorts the fits).
+        units.sort(key=lambda u: -u.info["k"])
         return units
 
     # ------------------------------------------------------------------ worker

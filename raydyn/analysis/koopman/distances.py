@@ -172,7 +172,12 @@ try:  # raydyn/_ext/assignment.c, built at install when a C compiler is present 
     from raydyn._ext._assignment import assignment_sums as _batched_assignment
 except ImportError:  # pragma: no cover - depends on the install
     _batched_assignment = None
+try:  # the fused cost + row-minimum + solve kernel of the same extension (absent from builds before it)
+    from raydyn._ext._assignment import wasserstein_pair_sums as _fused_pair_sums
+except ImportError:  # pragma: no cover - depends on the install
+    _fused_pair_sums = None
 _PAIR_CHUNK = 4096  # pairs whose cost matrices are materialised at once
+_FUSED_CHUNK = 65536  # pairs per call of the fused kernel (its (P, n) row minima)
 
 
 @lru_cache(maxsize=8)
@@ -231,9 +236,45 @@ def _assignment_sums(cost: np.ndarray) -> np.ndarray:
     return out
 
 
+def _w_equal_fused(a: np.ndarray, b: np.ndarray, ia: np.ndarray, ib: np.ndarray, p: float,
+                   period: np.ndarray | None) -> np.ndarray:
+    """:func:`_w_equal_batch` through the compiled fused kernel, for pairs (a[ia[k]], b[ib[k]]).
+
+    The extension computes each pair's ground cost with the same floating-point operations as
+    :func:`_cost`, the row minima (numpy's argmin) and, for the pairs whose minima share a
+    column, the assignment (the solver :func:`_assignment_sums` calls); the easy pairs' sums are
+    taken here with numpy's sum over the same (P, n) row minima, so every value is bit-for-bit
+    the one of the numpy path, without the (P, n, n) cost arrays."""
+    n = a.shape[1]
+    av = np.ascontiguousarray(a, dtype=np.complex128).view(np.float64)
+    bv = av if b is a else np.ascontiguousarray(b, dtype=np.complex128).view(np.float64)
+    ia = np.ascontiguousarray(ia, dtype=np.intp)
+    ib = np.ascontiguousarray(ib, dtype=np.intp)
+    out = np.empty(ia.size)
+    for s in range(0, ia.size, _FUSED_CHUNK):
+        e = min(ia.size, s + _FUSED_CHUNK)
+        rowmin = np.empty((e - s, n))
+        sums = np.empty(e - s)
+        hard = np.empty(e - s, dtype=np.bool_)
+        per = None if period is None else np.ascontiguousarray(period[s:e], dtype=np.float64)
+        _fused_pair_sums(av, bv, n, ia[s:e], ib[s:e], per, p == 2.0, rowmin, sums, hard)
+        tot = rowmin.sum(axis=1)
+        tot[hard] = sums[hard]
+        out[s:e] = tot / n
+    return out if p == 1.0 else out ** (1.0 / p)
+
+
+def _fused_ok(n: int, p: float) -> bool:
+    return (_fused_pair_sums is not None and _batched_assignment is not None and n > _BRUTE_MAX
+            and p in (1.0, 2.0))
+
+
 def _w_equal_batch(a: np.ndarray, b: np.ndarray, p: float, period: np.ndarray | None = None) -> np.ndarray:
     """W_p for pairs of equal-size sets: a, b (P, n) -> (P,); period (P,) or None."""
     n = a.shape[1]
+    if _fused_ok(n, p):
+        rows = np.arange(a.shape[0], dtype=np.intp)
+        return _w_equal_fused(a, b, rows, rows, p, period)
     out = np.empty(a.shape[0])
     for s in range(0, a.shape[0], _PAIR_CHUNK):
         per = None if period is None else period[s : s + _PAIR_CHUNK]
@@ -270,13 +311,18 @@ def _pair_values(packed: _Packed, i: np.ndarray, j: np.ndarray, p: float,
     for key in np.unique(keys):
         sel = np.flatnonzero(keys == key)
         n, m = int(key >> 32), int(key & 0xFFFFFFFF)
+        per = None if pair_period is None else pair_period[sel]
+        big = n * m // math.gcd(n, m)
+        if big <= _LCM_MAX and _fused_ok(big, p):  # no per-pair gathering: the kernel indexes the tables
+            ta = packed.by_len[n] if n == big else np.repeat(packed.by_len[n], big // n, axis=1)
+            tb = ta if m == n else np.repeat(packed.by_len[m], big // m, axis=1)
+            out[sel] = _w_equal_fused(ta, tb, packed.row[i[sel]], packed.row[j[sel]], p, per)
+            continue
         a = packed.by_len[n][packed.row[i[sel]]]
         b = packed.by_len[m][packed.row[j[sel]]]
-        per = None if pair_period is None else pair_period[sel]
         if n == m:
             out[sel] = _w_equal_batch(a, b, p, per)
             continue
-        big = n * m // math.gcd(n, m)
         if big <= _LCM_MAX:
             out[sel] = _w_equal_batch(np.repeat(a, big // n, axis=1), np.repeat(b, big // m, axis=1), p, per)
         else:
