@@ -170,7 +170,9 @@ def test_a_failing_check_says_the_same_in_the_child_and_in_the_driver(loaders, t
     assert texts["child"] == texts["here"]
     for frag in fragments:
         assert frag in texts["child"]
-    assert not (tmp_path / "store").exists() or not any((tmp_path / "store").iterdir())  # nothing written
+    # nothing written: no sweep, no table (a Ray log file may appear when Ray already runs in this process,
+    # as in the test session: <store>/logs holds what Ray itself printed)
+    assert not (tmp_path / "store").exists() or {p.name for p in (tmp_path / "store").iterdir()} <= {"logs"}
 
 
 def test_the_child_resolves_plug_ins_from_the_working_directory_and_sys_path(loaders, tmp_path, monkeypatch):
