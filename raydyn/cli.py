@@ -935,18 +935,47 @@ def _on_signal(signum: int, frame: Any) -> None:
     raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
+def _redeliver_swallowed_stop(unraisable: Any) -> None:
+    """``sys.unraisablehook`` of the CLI process. A signal that lands while Python runs a ``__del__`` (Ray's
+    ``ActorHandle.__del__`` runs often during a sweep) raises there, where Python can only print the
+    exception as "Exception ignored in ..." and drop it: the stop would be lost and a traceback printed.
+    Such a stop is sent again from a short timer instead, so that it is raised where the program is."""
+    if isinstance(unraisable.exc_value, KeyboardInterrupt) and _stopped_by:
+        import os
+        import threading
+
+        signum = _stopped_by.pop()  # the handler appends it again when the signal is delivered
+        timer = threading.Timer(0.01, os.kill, (os.getpid(), signum))
+        timer.daemon = True
+        timer.start()
+        return
+    _previous_unraisablehook(unraisable)
+
+
+_previous_unraisablehook = sys.unraisablehook
+
+
+def _install_stop_handlers() -> None:
+    """SIGTERM, and SIGINT where the shell has not set it aside, stop the command as Ctrl-C does."""
+    import signal
+
+    global _previous_unraisablehook
+    signal.signal(signal.SIGTERM, _on_signal)  # raydyn.sweep.ensure_ray keeps it across ray.init
+    if sys.unraisablehook is not _redeliver_swallowed_stop:
+        _previous_unraisablehook = sys.unraisablehook
+        sys.unraisablehook = _redeliver_swallowed_stop
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where the shell ignores it
+        signal.signal(signal.SIGINT, _on_signal)
+
+
 def main() -> None:
     """Entry point: run the app, turning user errors into one clear message.
 
     Ctrl-C (SIGINT) and SIGTERM stop the same way: one message, exit code 128 + signal number.
     (Typer turns a KeyboardInterrupt into a return value, so the signal is remembered here.)
     """
-    import signal
-
-    signal.signal(signal.SIGTERM, _on_signal)  # raydyn.sweep.ensure_ray keeps it across ray.init
+    _install_stop_handlers()
     _show_warnings()
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where the shell ignores it
-        signal.signal(signal.SIGINT, _on_signal)
     try:
         rv = _run_app()
     except RaydynError as e:
