@@ -66,7 +66,10 @@ class Dataset:
         """``(x[idx], y[idx])`` of ``split`` ("train" | "test"), ready to compute with; ``idx`` any shape."""
         x, y = (self.x_train, self.y_train) if split == "train" else (self.x_test, self.y_test)
         idx = idx.to(x.device)
-        return self._ready(x[idx]), self._ready(y[idx])
+        # index_select of the flattened indices: the same copy as x[idx], ~4x faster on the CPU for (P, B) indices
+        flat = idx.reshape(-1)
+        pick = lambda t: t.index_select(0, flat).reshape(idx.shape + t.shape[1:])  # noqa: E731
+        return self._ready(pick(x)), self._ready(pick(y))
 
     def head(self, split: str, n: int | None = None, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Samples ``start .. start + n`` of ``split`` (all from ``start`` when ``n`` is None), ready to compute with."""

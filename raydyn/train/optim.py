@@ -23,7 +23,9 @@ Tensor = torch.Tensor
 
 
 def _b(v: Tensor, like: Tensor) -> Tensor:
-    """(P,) -> (P, 1, ..., 1) to broadcast against ``like`` (P, ...)."""
+    """(P,) -> (P, 1, ..., 1) to broadcast against ``like`` (P, ...); already that shape: ``v`` itself."""
+    if v.dim() == like.dim():
+        return v
     return v.reshape((-1,) + (1,) * (like.dim() - 1))
 
 
@@ -92,7 +94,7 @@ def _adam_like(decoupled: bool) -> Callable[..., Tensor | None]:
 
 
 #: optimiser kind -> update(p, g, state, hp, lr, t, nesterov, flags, inplace) -> new p or None (in place);
-#: the state dict is updated in place
+#: the state dict is updated in place; hp and lr: (P,) tensors, or already (P, 1, ..., 1) views for p
 UPDATES: dict[str, Callable[..., Tensor | None]] = {"sgd": _sgd, "adam": _adam_like(False), "adamw": _adam_like(True)}
 
 
@@ -114,6 +116,14 @@ class PopulationOptimizer:
         self.state: dict[str, dict[str, Tensor]] = {}
         self.t = 0
         self._flags: dict[int, _Flags] = {}
+        self._views: dict[tuple[int, int], dict[str, Tensor]] = {}
+
+    def _views_of(self, hp: dict[str, Tensor], ndim: int) -> dict[str, Tensor]:
+        """``hp`` as (P, 1, ..., 1) views for ``ndim``-dimensional parameters, made once (not per step)."""
+        key = (id(hp), ndim)
+        if key not in self._views:
+            self._views[key] = {k: v.reshape((-1,) + (1,) * (ndim - 1)) for k, v in hp.items()}
+        return self._views[key]
 
     def _flags_of(self, hp: dict[str, Tensor]) -> _Flags:
         if id(hp) not in self._flags:
@@ -129,8 +139,9 @@ class PopulationOptimizer:
         update = UPDATES[self.kind]
         for name, p in params.items():
             hp = self.param_hp.get(name, self.hp)
-            lr = hp["lr"] if lr_factor is None else hp["lr"] * lr_factor
-            new = update(p, grads[name], self.state.setdefault(name, {}), hp, lr, self.t, self.nesterov,
+            views = self._views_of(hp, p.dim())
+            lr = views["lr"] if lr_factor is None else hp["lr"] * lr_factor
+            new = update(p, grads[name], self.state.setdefault(name, {}), views, lr, self.t, self.nesterov,
                          self._flags_of(hp), all_active)
             if new is not None:
                 p.copy_(torch.where(_b(active, p), new, p))
@@ -149,7 +160,7 @@ class PopulationOptimizer:
         self.hp = pick(self.hp)
         self.param_hp = {name: pick(hp) for name, hp in self.param_hp.items()}
         self.state = {name: {slot: v.index_select(0, idx) for slot, v in st.items()} for name, st in self.state.items()}
-        self._flags = {}
+        self._flags, self._views = {}, {}
 
     def state_dict(self) -> dict[str, Any]:
         return {"t": self.t, "state": self.state}

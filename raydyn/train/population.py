@@ -134,6 +134,47 @@ class BatchStream:
         self.perm = torch.from_numpy(np.ascontiguousarray(perm, dtype=np.int64))
 
 
+class BatchRows:
+    """The members' next batches at once: :meth:`next` returns the same (P, B) indices as
+    ``torch.stack([s.next() for s in streams])`` and leaves every stream where that leaves it, without
+    a call per member.
+
+    A population's streams go in step (same data size, batch size and position), so each epoch's
+    permutations are drawn into the rows of one (P, n) tensor (each stream draws its own, from its own
+    generator, with ``torch.randperm(..., out=row)``, and its ``perm`` is that row) and a batch is a slice
+    of columns. Streams that are not in step, or whose permutations came from elsewhere (a checkpoint),
+    are drawn one by one until the next epoch starts (permutations from a checkpoint are gathered into
+    rows first when they can be)."""
+
+    def __init__(self) -> None:
+        self.rows: torch.Tensor | None = None
+        self.views: tuple[torch.Tensor, ...] = ()  # rows[i], as streams[i].perm (identity tells they are still)
+
+    def next(self, streams: list[BatchStream]) -> torch.Tensor:
+        s0 = streams[0]
+        n, b, pos = s0.n, s0.b, s0.pos
+        if s0.full or not all(s.n == n and s.b == b and s.pos == pos and not s.full for s in streams):
+            return torch.stack([s.next() for s in streams])
+        if pos + b > len(s0.perm):  # a new epoch
+            if not all(pos + b > len(s.perm) for s in streams):
+                return torch.stack([s.next() for s in streams])
+            rows = torch.empty((len(streams), n), dtype=torch.long)
+            for s, row in zip(streams, rows):
+                torch.randperm(n, generator=s.gen, out=row)
+                s.perm, s.pos = row, 0
+            self.rows, self.views, pos = rows, tuple(s.perm for s in streams), 0
+        elif len(self.views) != len(streams) or any(s.perm is not v for s, v in zip(streams, self.views)):
+            if not all(len(s.perm) == len(s0.perm) for s in streams):
+                return torch.stack([s.next() for s in streams])
+            self.rows = torch.stack([s.perm for s in streams])
+            for s, row in zip(streams, self.rows):
+                s.perm = row
+            self.views = tuple(s.perm for s in streams)
+        for s in streams:
+            s.pos = pos + b
+        return self.rows[:, pos:pos + b]
+
+
 # ---------------------------------------------------------------------------- the model as P functions
 class PopulationFunctions:
     """A population's per-member loss gradients and forward passes, vectorised when possible.
@@ -144,6 +185,12 @@ class PopulationFunctions:
 
     ``vectorised`` is decided once by :meth:`check`: a model that ``vmap`` cannot trace falls
     back to a loop over members (same functions, one member at a time).
+
+    Vectorised gradients are vmap(grad)'s numbers, computed the fastest way that gives them bit for bit
+    (:meth:`_choose`, once per input layout): a traced graph of the step's aten operations, plain
+    autograd through the vmapped losses, or vmap(grad) itself (~30% less per step than vmap(grad)
+    for the MLP of benchmarks/sweep_throughput.py; batch norm's gradients round differently outside
+    vmap(grad), so models with batch norm keep it).
     """
 
     def __init__(self, base_train: torch.nn.Module, base_eval: torch.nn.Module, loss_name: str,
@@ -167,7 +214,12 @@ class PopulationFunctions:
         self._grad_batched = grad_and_value(lambda p, bufs, x, y: member_loss(p, bufs, x, y, vmapped=True))
         self._forward_one = forward
         self._grad_vmap = vmap(self._grad_batched, randomness="different")
+        self._loss_vmap = vmap(lambda p, bufs, x, y: member_loss(p, bufs, x, y, vmapped=True), randomness="different")
         self._forward_vmap = vmap(forward, in_dims=(0, 0, None), randomness="different")
+        # faster ways to vmap(grad)'s very numbers, chosen once per input layout by :meth:`_choose`
+        self._fast: dict[tuple, Callable] = {}
+        self.traceable = _pure_modules(base_train)
+        self.traces = 0
 
     def _cast(self):
         if self.autocast is None:
@@ -176,7 +228,7 @@ class PopulationFunctions:
 
     def check(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], xb: torch.Tensor,
               yb: torch.Tensor) -> None:
-        """Try one vectorised step on copies (two members, two samples); fall back to the loop if it fails."""
+        """Try one vectorised step on copies (two members); fall back to the loop if it fails."""
         p2 = {k: v[:2].detach().clone() for k, v in params.items()}
         b2 = {k: v[:2].clone() for k, v in buffers.items()}  # (batch norm in train mode needs > 1 sample: full batches)
         state = _rng_state(next(iter(params.values())).device)
@@ -189,10 +241,80 @@ class PopulationFunctions:
         finally:
             _set_rng_state(state, next(iter(params.values())).device)
 
+    def _choose(self, params, buffers, xb, yb) -> Callable:
+        """How :meth:`grad` computes the gradients for inputs of this layout (shapes, strides, dtypes): the
+        first of (1) :meth:`_traced` (models built from torch.nn and raydyn modules only, at most
+        ``_MAX_TRACES`` graphs per population), (2) :meth:`_grad_autograd`, (3) vmap(grad) whose result on
+        this step holds the same bits as vmap(grad)'s (values and memory layout). Each is tried on copies of
+        the parameters and buffers under the same random state, which is restored after; a way that fails
+        is skipped. The fast ways run the same kernels on the same operands as vmap(grad) (checked here,
+        per layout, rather than assumed: a model whose gradients they would round differently keeps vmap(grad))."""
+        dev = next(iter(params.values())).device
+        state = _rng_state(dev)
+
+        def copies():
+            return {k: v.detach().clone() for k, v in params.items()}, {k: v.clone() for k, v in buffers.items()}
+
+        ways: list[Callable[[], Callable]] = [lambda: self._grad_autograd]
+        if self.traceable and self.traces < _MAX_TRACES:
+            ways.insert(0, lambda: self._traced(*copies(), xb, yb))
+        try:
+            ref = self._grad_vmap(*copies(), xb, yb)
+            for way in ways:
+                try:
+                    _set_rng_state(state, dev)
+                    fn = way()
+                    _set_rng_state(state, dev)
+                    if _same_bits(ref, fn(*copies(), xb, yb)):
+                        return fn
+                except Exception:  # noqa: BLE001 -- this way cannot run the model: the next one
+                    pass
+            return self._grad_vmap
+        finally:
+            _set_rng_state(state, dev)
+
+    def _traced(self, params, buffers, xb, yb) -> Callable:
+        """:meth:`_grad_autograd` traced once (``make_fx``, on these inputs, which it runs) into one graph of
+        the aten operations it runs, forward and backward, which then run straight from the graph: the same
+        kernels on the same operands, without vmap's, functional_call's and the autograd engine's Python
+        around each. Valid for inputs of this layout only, and for modules whose forward is a function of its
+        tensors alone (no Python state that changes between calls): :func:`_pure_modules`."""
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        names, bnames = list(params), list(buffers)
+
+        def flat(ps, bs, x, y):
+            g, loss = self._grad_autograd(dict(zip(names, ps)), dict(zip(bnames, bs)), x, y)
+            return [g[k] for k in names], loss
+
+        self.traces += 1
+        graph = _drop_aliases(make_fx(flat)(list(params.values()), list(buffers.values()), xb, yb))
+
+        def run(params, buffers, xb, yb):
+            with torch.no_grad():
+                g, loss = graph(list(params.values()), list(buffers.values()), xb, yb)
+            return dict(zip(names, g)), loss
+        return run
+
+    def _grad_autograd(self, params, buffers, xb, yb) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """:meth:`grad`, by one backward pass of plain autograd through the vmapped losses: members share no
+        parameter, so the gradient of the sum of their losses with respect to the stacked parameters is each
+        member's own gradient; made contiguous (weight gradients come out transposed)."""
+        names = list(params)
+        leaves = [params[k].detach().requires_grad_() for k in names]
+        with torch.enable_grad():
+            losses = self._loss_vmap(dict(zip(names, leaves)), buffers, xb, yb)
+            grads = torch.autograd.grad(losses.sum(), leaves, allow_unused=True, materialize_grads=True)
+        return {k: g.contiguous() for k, g in zip(names, grads)}, losses.detach()
+
     def grad(self, params, buffers, xb, yb) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Per-member gradients (name -> (P, ...)) and batch losses (P,) on batches xb (P, B, ...)."""
         if self.vectorised:
-            return self._grad_vmap(params, buffers, xb, yb)
+            key = (_layout(params), _layout(buffers), _layout({"x": xb, "y": yb}))
+            fn = self._fast.get(key)
+            if fn is None:
+                fn = self._fast[key] = self._choose(params, buffers, xb, yb)
+            return fn(params, buffers, xb, yb)
         grads, losses = [], []
         for i in range(xb.shape[0]):
             g, l = self._grad_one({k: v[i] for k, v in params.items()}, {k: v[i] for k, v in buffers.items()},
@@ -209,6 +331,57 @@ class PopulationFunctions:
         P = next(iter(params.values())).shape[0]
         return torch.stack([self._forward_one({k: v[i] for k, v in params.items()},
                                               {k: v[i] for k, v in buffers.items()}, x) for i in range(P)])
+
+
+#: graphs :meth:`PopulationFunctions._traced` builds at most per population (one per input layout: a population
+#: that early stopping compacts again and again traces its first few sizes, then uses plain autograd)
+_MAX_TRACES = 4
+
+
+def _layout(ts: dict[str, torch.Tensor]) -> tuple:
+    return tuple((k, t.shape, t.stride(), t.dtype, t.device) for k, t in ts.items())
+
+
+#: loss dtypes the divergence check compares in numpy on the CPU (numpy has no bfloat16)
+_NUMPY_FLOATS = (torch.float32, torch.float64)
+
+
+def _drop_aliases(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``gm`` without the nodes that only alias their input with its own shape and strides (``detach``; a
+    ``view``, ``expand`` or ``_unsafe_view`` to the shape it has): run without autograd they change nothing,
+    and they are a third of a traced training step's operations."""
+    aten = torch.ops.aten
+    reshapes = (aten.view.default, aten.expand.default, aten._unsafe_view.default)
+    for node in list(gm.graph.nodes):
+        src = node.args[0] if node.op == "call_function" and node.args else None
+        if not isinstance(src, torch.fx.Node):
+            continue
+        a, b = src.meta.get("val"), node.meta.get("val")
+        same = (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and a.stride() == b.stride())
+        if node.target is aten.detach.default or (node.target in reshapes and same):
+            node.replace_all_uses_with(src)
+            gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _pure_modules(module: torch.nn.Module) -> bool:
+    """Every submodule is a torch.nn or raydyn class, whose forward depends on its tensors alone (a plug-in's
+    own class might keep Python state that a traced graph would freeze)."""
+    return all(type(m).__module__.startswith(("torch.nn.", "raydyn.")) for m in module.modules())
+
+
+def _same_bits(a: tuple[dict[str, torch.Tensor], torch.Tensor], b: tuple[dict[str, torch.Tensor], torch.Tensor]) -> bool:
+    """Two (gradients, losses) results hold the same bits: names, shapes, memory layouts (the strides of
+    dimensions longer than 1), dtypes and values (NaN counts as different)."""
+    (ga, la), (gb, lb) = a, b
+    layout = lambda t: [s for s, n in zip(t.stride(), t.shape) if n > 1]  # noqa: E731
+    pairs = [(la, lb)] + [(ga[k], gb.get(k)) for k in ga]
+    return list(ga) == list(gb) and all(
+        y is not None and x.dtype == y.dtype and x.shape == y.shape and layout(x) == layout(y) and torch.equal(x, y)
+        for x, y in pairs)
 
 
 def _dtype_of(p: dict[str, torch.Tensor]) -> torch.dtype:
@@ -582,6 +755,9 @@ def train_population(
     checked = False
     last_ckpt = time.perf_counter()
     per_step = recorder.per_step
+    batches = BatchRows()
+    host_check = dev.type == "cpu"
+    limit_of = limit = limit_host = None
 
     for step in range(start, steps + 1):
         if on_checkpoint is not None and start < step < steps and (
@@ -590,7 +766,7 @@ def train_population(
             state.step, state.elapsed_s = step, before + time.perf_counter() - t0
             on_checkpoint(state.checkpoint(pop.pop_id))
             last_ckpt = time.perf_counter()
-        idx = torch.stack([s.next() for s in streams])  # (P, B): each member its own order
+        idx = batches.next(streams)  # (P, B): each member its own order
         xb, yb = data.take("train", idx)
         if not checked:  # can vmap trace this model? (decided once, on the first batch)
             fns.check(params, buffers, xb, yb)
@@ -608,13 +784,27 @@ def train_population(
         if state.init_loss is None:  # step 0 is always evaluated
             state.init_loss = tr_loss.clone().clamp_min(1e-12)
         init_loss = state.init_loss
+        if init_loss is not limit_of:  # the divergence threshold, once per initial-loss tensor
+            limit_of, limit = init_loss, factor * init_loss
+            limit_host = limit.numpy() if host_check and limit.dtype in _NUMPY_FLOATS else None
         # divergence: NaN/inf or loss above factor x initial, on the batch or the eval set
-        bad = ~torch.isfinite(batch_loss) | (batch_loss > factor * init_loss)
-        if eval_now:
-            bad |= ~torch.isfinite(tr_loss) | (tr_loss > factor * init_loss)
-        newly = active & bad
-        newly_host = newly.cpu().numpy()  # the one host sync of a step that does not record
-        any_new = bool(newly_host.any())
+        if limit_host is not None and batch_loss.dtype == limit.dtype:
+            # on the CPU: the same comparisons in numpy, on the tensors' own memory (no torch op per step)
+            bl = batch_loss.detach().numpy()
+            bad_host = ~np.isfinite(bl) | (bl > limit_host)
+            if eval_now:
+                tl = tr_loss.detach().numpy()
+                bad_host |= ~np.isfinite(tl) | (tl > limit_host)
+            newly_host = alive & bad_host  # `alive` mirrors `active`
+            any_new = bool(newly_host.any())
+            newly = torch.from_numpy(newly_host.copy()) if any_new else None
+        else:
+            bad = ~torch.isfinite(batch_loss) | (batch_loss > limit)
+            if eval_now:
+                bad |= ~torch.isfinite(tr_loss) | (tr_loss > limit)
+            newly = active & bad
+            newly_host = newly.cpu().numpy()  # the one host sync of a step that does not record
+            any_new = bool(newly_host.any())
         if record_now or any_new:
             mask = active.clone() if record_now else newly
             if eval_now or any_new:  # a diverging run gets a full evaluation at its last step
