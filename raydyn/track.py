@@ -65,6 +65,7 @@ PART_PREFIX = "track-"
 DEFAULT_FLUSH_EVERY = 100
 #: a flush is forced once the buffered snapshots reach this many bytes
 FLUSH_BYTES = 256 * 2**20
+_PREFAULT_BYTES = 64 * 2**20
 #: columns of the runs table that the tracker writes; config keys may not take these names
 RESERVED = frozenset({"run_id", "population", "status", "steps_done", "wall_time_s", "config_json",
                       "weights_layout", "versions", "sweep", "initial_train_loss", "max_train_loss",
@@ -431,16 +432,22 @@ class Run:
             self.flush()
 
     def _new_buffers(self) -> None:
-        """Snapshot buffers for the next records: recycled from a finished write when one is free (fresh
-        memory costs a page fault per 4 KiB on first touch, as much as the copy itself)."""
+        """Snapshot buffers for the next records: recycled from a finished write when one is free, else new
+        ones mapped in at once (fresh memory faulted in page by page on first touch cost ~1.5 ms a snapshot
+        of 85k floats here, 30 times the copy itself; a run's first flushes all get new buffers)."""
+        from raydyn.train.recorder import _prefaulted
+
         if self._pool:
             self._wbuf, self._bbuf = self._pool.pop()
             return
         dim, nb = self._snapshot.sizes()
         dtype = np.float64 if self._snapshot.dtype == self._snapshot.torch.float64 else np.float32
         rows = max(1, min(self.flush_every, FLUSH_BYTES // ((dim + nb) * np.dtype(dtype).itemsize)))
-        self._wbuf = np.empty((rows, dim), dtype)
-        self._bbuf = np.empty((rows, nb), dtype) if nb else None
+        # mapped in whole only up to _PREFAULT_BYTES: a big model's buffer of a few snapshots (up to FLUSH_BYTES)
+        # is not committed before it is filled, and its steps are long enough that the faults do not show
+        new = _prefaulted if rows * (dim + nb) * np.dtype(dtype).itemsize <= _PREFAULT_BYTES else np.empty
+        self._wbuf = new((rows, dim), dtype)
+        self._bbuf = new((rows, nb), dtype) if nb else None
 
     def _value(self, name: str, v: Any) -> Any:
         if hasattr(v, "detach"):
