@@ -536,12 +536,17 @@ def select(data: HMMData, fits: Sequence[HMMFit], selection: str = "bic") -> HMM
         return v if np.isfinite(v) else -math.inf
 
     scored = [f for f in sorted(fits, key=lambda f: (f.n_states, f.seed)) if np.isfinite(f.loglik)]
-    ho = {id(f): heldout_total(f) for f in scored} if heldout else {}
-    key = (lambda f: f.loglik) if selection == "bic" else (lambda f: ho[id(f)])
     best: dict[int, HMMFit] = {}
-    for f in scored:
-        if (selection == "bic" or np.isfinite(ho[id(f)])) and (f.n_states not in best or key(f) > key(best[f.n_states])):
-            best[f.n_states] = f
+    if selection == "bic":  # the best restart per k by training likelihood; only those are scored held-out
+        for f in scored:
+            if f.n_states not in best or f.loglik > best[f.n_states].loglik:
+                best[f.n_states] = f
+        ho = {id(f): heldout_total(f) for f in best.values()} if heldout else {}
+    else:
+        ho = {id(f): heldout_total(f) for f in scored}
+        for f in scored:
+            if np.isfinite(ho[id(f)]) and (f.n_states not in best or ho[id(f)] > ho[id(best[f.n_states])]):
+                best[f.n_states] = f
     if not best:
         raise ValueError("no fit has a finite log-likelihood; check the data or lower max_states")
 
