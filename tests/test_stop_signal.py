@@ -12,6 +12,9 @@ SCRIPT = textwrap.dedent("""
     import gc, os, signal, sys, time
     from raydyn import cli
 
+    # as from a terminal: a parent that runs us in the background (nohup, `&` in a script) passes SIGINT on
+    # ignored, and then the CLI rightly leaves it ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     cli._install_stop_handlers()
 
     class Handle:  # stands in for ray.actor.ActorHandle
