@@ -104,7 +104,6 @@ class DirectFile:
         """Write the staged tail (padded to a whole block), cut the file to its length and close it."""
         if self.closed:
             return
-        self.closed = True
         try:
             if self._fill:
                 padded = -(-self._fill // _BLOCK) * _BLOCK
@@ -112,9 +111,7 @@ class DirectFile:
                 self._write_out(padded)
             os.ftruncate(self._fd, self._size)
         finally:
-            os.close(self._fd)
-            self._view.release()
-            _release(self._buf)
+            self.abort()
 
     def abort(self) -> None:
         """Close without writing the staged tail (the caller deletes the file)."""
