@@ -101,6 +101,24 @@ def test_traced_gradients_equal_vmap_grad_bit_for_bit():
         assert [_way(f) for f in fns._fast.values()] == ["traced"]
 
 
+def test_batch_norm_takes_the_traced_graph_and_updates_running_statistics_as_vmap_grad():
+    def model(i):
+        torch.manual_seed(i)
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10))
+
+    fns, params, buffers, data, streams = _population(model)
+    theirs = {k: v.clone() for k, v in buffers.items()}
+    rows = BatchRows()
+    for _ in range(3):
+        xb, yb = data.take("train", rows.next(streams))
+        got, loss = fns.grad(params, buffers, xb, yb)
+        want, want_loss = fns._grad_vmap(params, theirs, xb, yb)
+        assert torch.equal(loss, want_loss) and all(torch.equal(got[k], want[k]) for k in want)
+        assert buffers.keys() == theirs.keys() and all(torch.equal(buffers[k], theirs[k]) for k in buffers)
+    assert any(not torch.equal(buffers[k], v) for k, v in _population(model)[2].items() if v.is_floating_point())
+    assert [_way(f) for f in fns._fast.values()] == ["traced"]
+
+
 class _Counting(nn.Module):
     """A module of its own (not torch.nn / raydyn): keeps Python state a traced graph would freeze."""
 
@@ -129,15 +147,22 @@ def test_modules_of_their_own_are_not_traced():
 def test_a_way_that_rounds_differently_is_not_taken(monkeypatch):
     """When the fast ways' gradients differ from vmap(grad)'s in one bit, vmap(grad) is used."""
     fns, params, buffers, data, streams = _population()
-    real = PopulationFunctions._grad_autograd
+    real_autograd, real_traced = PopulationFunctions._grad_autograd, PopulationFunctions._traced
 
-    def off_by_one_ulp(self, *a):
-        g, loss = real(self, *a)
+    def off_by_one_ulp(g, loss):
         k = next(iter(g))
         g[k] = torch.nextafter(g[k], torch.full_like(g[k], np.inf))
         return g, loss
 
-    monkeypatch.setattr(PopulationFunctions, "_grad_autograd", off_by_one_ulp)
+    def traced(self, *a):
+        graph = real_traced(self, *a)
+
+        def run(*b):
+            return off_by_one_ulp(*graph(*b))
+        return run
+
+    monkeypatch.setattr(PopulationFunctions, "_grad_autograd", lambda self, *a: off_by_one_ulp(*real_autograd(self, *a)))
+    monkeypatch.setattr(PopulationFunctions, "_traced", traced)
     xb, yb = data.take("train", BatchRows().next(streams))
     fns.grad(params, buffers, xb, yb)
     assert [_way(f) for f in fns._fast.values()] == ["vmap"]
