@@ -465,3 +465,42 @@ def test_cache_entry_publication_race(cache, monkeypatch):
     monkeypatch.setenv("RAYDYN_DATA_MEMORY_MB", "lots")
     with pytest.raises(DataError, match=r"RAYDYN_DATA_MEMORY_MB must be a number of MiB >= 0, got 'lots'"):
         disk.memory_budget_bytes()
+
+
+# ----------------------------------------------------------------------------- the bundled digits, cached
+def test_digits_from_the_cache_equal_scikit_learns_split(cache):
+    from raydyn.tasks.data import _DIGITS_KEYS, _digits_split, digits
+
+    for frac, seed in ((0.2, 0), (0.3, 5)):
+        want = _digits_split(frac, seed)
+        for _ in range(2):  # computed and written, then read back
+            d = digits(frac, seed)
+            got = dict(zip(_DIGITS_KEYS, (d.x_train, d.y_train, d.x_test, d.y_test)))
+            for k in _DIGITS_KEYS:
+                assert got[k].numpy().dtype == want[k].dtype and np.array_equal(got[k].numpy(), want[k]), k
+    assert len(list(cache.glob("digits-*.npz"))) == 2
+
+
+def test_a_corrupt_digits_entry_is_recomputed_and_a_cached_one_needs_no_scikit_learn(cache):
+    import subprocess
+
+    from raydyn.tasks.data import _digits_split, digits
+
+    digits(0.2, 0)
+    (entry,) = cache.glob("digits-*.npz")
+    entry.write_bytes(entry.read_bytes()[:1000])  # truncated
+    assert np.array_equal(digits(0.2, 0).x_test.numpy(), _digits_split(0.2, 0)["x_test"])
+    code = ("import sys; from raydyn.tasks.data import digits; d = digits(0.2, 0); "
+            "assert 'sklearn' not in sys.modules, 'imported scikit-learn'; print(d.x_train.shape[0])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "RAYDYN_CACHE_DIR": str(cache)})
+    assert out.returncode == 0 and out.stdout.strip() == "1437", out.stderr
+
+
+def test_digits_without_a_writable_cache_folder(tmp_path, monkeypatch):
+    from raydyn.tasks.data import _digits_split, digits
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("RAYDYN_CACHE_DIR", str(blocker / "cache"))
+    assert np.array_equal(digits(0.2, 0).y_train.numpy(), _digits_split(0.2, 0)["y_train"])

@@ -6,7 +6,9 @@ sweep sees the same data and differs only in initialisation and data order.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -104,14 +106,75 @@ def digits(test_fraction: float, seed: int) -> Dataset:
     Pixels scaled to [0, 1]; inputs are (1, 8, 8) images (the MLP flattens them).
     A fixed stratified split (``seed``) gives train and test sets.
     """
+    a = _digits_arrays(test_fraction, seed)
+    t = torch.from_numpy
+    return Dataset(t(a["x_train"]), t(a["y_train"]), t(a["x_test"]), t(a["y_test"]), "classification", 10,
+                   "cross_entropy")
+
+
+def cache_dir() -> Path:
+    """The data cache folder: ``$RAYDYN_CACHE_DIR``, default ``~/.cache/raydyn/data`` (created if needed)."""
+    from raydyn.errors import DataError
+
+    root = Path(os.environ.get("RAYDYN_CACHE_DIR") or "~/.cache/raydyn/data").expanduser()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create the data cache folder {root} ({e}); set RAYDYN_CACHE_DIR to a writable "
+                        "folder") from None
+    return root
+
+
+_DIGITS_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def _digits_split(test_fraction: float, seed: int) -> dict[str, np.ndarray]:
+    """The split by scikit-learn: its bundled images, ``train_test_split`` stratified by label."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     d = load_digits()
     x = d.images.astype(np.float32)[:, None] / 16.0
     xtr, xte, ytr, yte = train_test_split(x, d.target, test_size=test_fraction, random_state=seed, stratify=d.target)
-    t = torch.from_numpy
-    return Dataset(t(xtr), t(ytr).long(), t(xte), t(yte).long(), "classification", 10, "cross_entropy")
+    return {"x_train": xtr, "y_train": ytr.astype(np.int64), "x_test": xte, "y_test": yte.astype(np.int64)}
+
+
+def _digits_arrays(test_fraction: float, seed: int) -> dict[str, np.ndarray]:
+    """:func:`_digits_split`, cached as one small ``.npz`` (0.5 MB) in the data cache folder
+    (:func:`cache_dir`), keyed by scikit-learn's version and the split's options: importing
+    scikit-learn's data sets and model selection costs ~0.8 s of CPU, paid by every trial that loads digits
+    (twice a sweep's critical path: the preflight, then each trial at its start), which the cache reads in ~1 ms.
+    A cache entry that cannot be read (or written: a read-only cache folder) is recomputed, never an error."""
+    import hashlib
+    from importlib import metadata
+
+    try:
+        version = metadata.version("scikit-learn")
+        key = hashlib.blake2b(repr((1, version, float(test_fraction), int(seed))).encode(), digest_size=12).hexdigest()
+        path = cache_dir() / f"digits-{key}.npz"
+    except Exception:  # noqa: BLE001 -- no cache folder (or no metadata): compute, as without a cache
+        return _digits_split(test_fraction, seed)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in _DIGITS_KEYS}
+        n = sum(len(arrays[k]) for k in ("y_train", "y_test"))
+        if (n == 1797 and arrays["x_train"].dtype == np.float32 and arrays["y_train"].dtype == np.int64
+                and arrays["x_train"].shape[1:] == (1, 8, 8) and len(arrays["x_train"]) == len(arrays["y_train"])):
+            return arrays
+    except Exception:  # noqa: BLE001 -- missing, partial or corrupt entry: recomputed below
+        pass
+    arrays = _digits_split(test_fraction, seed)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)  # atomic: a concurrent reader sees the old entry or the whole new one
+    except OSError:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+    return arrays
 
 
 def modular(p: int, train_fraction: float, seed: int) -> Dataset:

@@ -61,7 +61,7 @@ import torch
 
 from raydyn.errors import DataError
 from raydyn.tasks import plugins
-from raydyn.tasks.data import Dataset
+from raydyn.tasks.data import Dataset, cache_dir
 
 __all__ = [
     "REQUIRED",
@@ -305,17 +305,6 @@ def from_arrays(x_train: Any, y_train: Any, x_test: Any, y_test: Any, *, source:
     arrays = {name: _memory_array(name, a, source) for name, a in zip(ARRAY_KEYS, (x_train, y_train, x_test, y_test))}
     key = (lambda: _digest(["arrays", source, _content_digest(arrays)]))
     return _build(arrays, source=source, key=key, task=task, num_classes=num_classes, tokens=tokens)
-
-
-def cache_dir() -> Path:
-    """The cache folder: ``$RAYDYN_CACHE_DIR``, default ``~/.cache/raydyn/data`` (created if needed)."""
-    root = Path(os.environ.get("RAYDYN_CACHE_DIR") or "~/.cache/raydyn/data").expanduser()
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DataError(f"cannot create the data cache folder {root} ({e}); set RAYDYN_CACHE_DIR to a writable "
-                        "folder") from None
-    return root
 
 
 def memory_budget_bytes() -> float:
