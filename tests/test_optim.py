@@ -107,3 +107,46 @@ def test_cross_entropy_equals_torchs_with_and_without_vmap(dtype, tol):
         g_want = torch.stack([grad(lambda o: F.cross_entropy(o, y))(o) for o in out])
         g_got = vmap(grad(lambda o: loss_fn("cross_entropy", o, y, vmapped=True)))(out)
         assert torch.allclose(g_got, g_want, rtol=tol, atol=tol), (g_got - g_want).abs().max()
+
+
+@pytest.mark.parametrize("hp", [
+    {"momentum": 0.9, "weight_decay": 0.0, "dampening": 0.0},
+    {"momentum": 0.0, "weight_decay": 0.0, "dampening": 0.0},
+    {"momentum": [0.9, 0.5, 0.7], "weight_decay": [1e-3, 0.0, 0.1], "dampening": [0.1, 0.0, 0.3]},
+    {"momentum": 0.0, "weight_decay": 0.05, "dampening": 0.0},
+], ids=["momentum", "plain", "per-member-wd-dampening", "wd-only"])
+@pytest.mark.parametrize("scheduled", [False, True], ids=["constant", "scheduled"])
+def test_foreach_sgd_equals_the_update_tensor_by_tensor_bit_for_bit(hp, scheduled, monkeypatch):
+    """PopulationOptimizer's one-call-per-operation SGD gives the bits of the per-tensor update (_sgd)."""
+    from raydyn.train.optim import PopulationOptimizer
+
+    P, g = 3, torch.Generator().manual_seed(1)
+    full = lambda v: torch.as_tensor(v if isinstance(v, list) else [v] * P, dtype=torch.float32)  # noqa: E731
+    hps = {"lr": full([0.1, 0.05, 0.2]), "eps": full(1e-8), "beta1": full(0.9), "beta2": full(0.999),
+           **{k: full(v) for k, v in hp.items()}}
+    shapes = {"w1": (P, 7, 5), "b1": (P, 7), "w2": (P, 2, 7)}
+    start = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    steps = [{k: torch.randn(s, generator=g) for k, s in shapes.items()} for _ in range(5)]
+    sched = Schedule([{"schedule": "cosine", "warmup_steps": 2}] * P, 5, torch.float32, "cpu")
+
+    def run(foreach: bool):
+        if not foreach:
+            monkeypatch.setattr(PopulationOptimizer, "_sgd_foreach", lambda self, *a: False)
+        opt = PopulationOptimizer("sgd", {k: v.clone() for k, v in hps.items()})
+        params = {k: v.clone() for k, v in start.items()}
+        for t, grads in enumerate(steps):
+            opt.step(params, grads, torch.ones(P, dtype=torch.bool), sched.factor(t) if scheduled else None,
+                     all_active=True)
+        monkeypatch.undo()
+        return params, opt.state
+
+    (p_fast, st_fast), (p_ref, st_ref) = run(True), run(False)
+    for k in shapes:
+        assert torch.equal(p_fast[k], p_ref[k]), k
+        assert st_fast.get(k, {}).keys() == st_ref.get(k, {}).keys()
+        for slot in st_ref.get(k, {}):
+            assert torch.equal(st_fast[k][slot], st_ref[k][slot])
+    opt = PopulationOptimizer("sgd", {k: v.clone() for k, v in hps.items()})
+    params = {k: v.clone() for k, v in start.items()}
+    opt.step(params, steps[0], torch.ones(P, dtype=torch.bool), all_active=True)  # the first step creates buffers
+    assert opt._sgd_foreach(params, steps[1], None)  # the path this test compares is the one taken

@@ -136,6 +136,8 @@ class PopulationOptimizer:
         """One update of every member; members not ``active`` (P,) keep their parameters (diverged runs are
         frozen). ``all_active``: the caller knows every member is active, so parameters update in place."""
         self.t += 1
+        if all_active and self._sgd_foreach(params, grads, lr_factor):
+            return
         update = UPDATES[self.kind]
         for name, p in params.items():
             hp = self.param_hp.get(name, self.hp)
@@ -145,6 +147,32 @@ class PopulationOptimizer:
                          self._flags_of(hp), all_active)
             if new is not None:
                 p.copy_(torch.where(_b(active, p), new, p))
+
+    def _sgd_foreach(self, params: dict[str, Tensor], grads: dict[str, Tensor], lr_factor: Tensor | None) -> bool:
+        """:func:`_sgd` of every parameter at once, with ``torch._foreach_*`` operations (one call per operation
+        for all parameter tensors, not one per tensor: ~4 x 6 fewer Python-level calls a step for a 3-layer MLP),
+        where it applies: SGD, every member active (in place), one param group, no Nesterov, momentum 0 for
+        all members or > 0 for all with a buffer already (every step but the first). The same operations on
+        the same operands in the same order as :func:`_sgd` (IEEE products commute): the same bits. Returns
+        False where it does not apply (the caller then runs :func:`_sgd` tensor by tensor)."""
+        if self.kind != "sgd" or self.nesterov or any(n in self.param_hp for n in params):
+            return False
+        f = self._flags_of(self.hp)
+        if not (f.no_momentum or (f.all_momentum and all("buf" in self.state.get(n, ()) for n in params))):
+            return False
+        ps, gs = list(params.values()), [grads[n] for n in params]
+        views = [self._views_of(self.hp, p.dim()) for p in ps]
+        d = gs if f.no_wd else torch._foreach_add(gs, torch._foreach_mul(ps, [v["weight_decay"] for v in views]))
+        if f.no_momentum:
+            upd = d
+        else:
+            upd = [self.state[n]["buf"] for n in params]
+            torch._foreach_mul_(upd, [v["momentum"] for v in views])
+            torch._foreach_add_(upd, d if f.no_dampening else
+                                torch._foreach_mul(d, [1 - v["dampening"] for v in views]))
+        lrs = [v["lr"] for v in views] if lr_factor is None else [_b(self.hp["lr"] * lr_factor, p) for p in ps]
+        torch._foreach_sub_(ps, torch._foreach_mul(upd, lrs))
+        return True
 
     def select(self, idx: Tensor) -> None:
         """Keep only the members ``idx`` (indices into the current members, on the device): every (P,)
