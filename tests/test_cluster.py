@@ -168,7 +168,7 @@ def _checkpoints(store_dir: Path) -> list[dict]:
 
 
 def test_worker_node_lost_mid_sweep_resumes_from_checkpoint(cluster, tmp_path):
-    steps, every = 4000, 400
+    steps, every = 16000, 1600  # long enough that a trial caught at a checkpoint is still training when its node dies
     f = write_sweep(tmp_path, "faults", steps=steps, widths=[8, 16, 24, 32], checkpoint_every=every,
                     record_every=200)
     store_dir = tmp_path / "store"
@@ -179,7 +179,9 @@ def test_worker_node_lost_mid_sweep_resumes_from_checkpoint(cluster, tmp_path):
         while time.time() < deadline and proc.poll() is None and victim is None:
             done = {p.stem[5:] for p in (store_dir / "runs" / "sweep=faults").glob("part-*.parquet")}
             for c in _checkpoints(store_dir):
-                if c["step"] >= every and c["node"] in cluster.workers and c["pop"] not in done:
+                # a checkpoint of the first half: the trial still has steps to go when its node is killed (one
+                # caught late could finish before the kill, and then nothing is lost or retried)
+                if every <= c["step"] <= steps // 2 and c["node"] in cluster.workers and c["pop"] not in done:
                     victim = c
                     break
             time.sleep(0.2)
