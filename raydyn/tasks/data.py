@@ -7,12 +7,15 @@ sweep sees the same data and differs only in initialisation and data order.
 from __future__ import annotations
 
 import os
+import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from raydyn.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -114,8 +117,6 @@ def digits(test_fraction: float, seed: int) -> Dataset:
 
 def cache_dir() -> Path:
     """The data cache folder: ``$RAYDYN_CACHE_DIR``, default ``~/.cache/raydyn/data`` (created if needed)."""
-    from raydyn.errors import DataError
-
     root = Path(os.environ.get("RAYDYN_CACHE_DIR") or "~/.cache/raydyn/data").expanduser()
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -164,7 +165,7 @@ def _digits_arrays(test_fraction: float, seed: int) -> dict[str, np.ndarray]:
     except Exception:  # noqa: BLE001 -- missing, partial or corrupt entry: recomputed below
         pass
     arrays = _digits_split(test_fraction, seed)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # unique across processes and nodes
     try:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
