@@ -356,6 +356,19 @@ def test_checkpoint_resume_is_bit_for_bit_with_running_stats_and_dropout(plugin,
         assert straight.recorder.weights_table().equals(resumed.recorder.weights_table()), model
 
 
+def test_running_stats_are_snapshotted_beside_weights_written_in_place(plugin, monkeypatch):
+    """The CPU path that writes parameters straight into the snapshot rows (Recorder._direct_slot) still
+    records the running statistics, and both tables equal the copying path's bit for bit."""
+    from raydyn.train.recorder import Recorder
+
+    (pop,) = populations(parse_sweep(sweep_text("rs", "byo_plug:bn_cnn", steps=8, extra_task=", width: 3")).expand(), 64)
+    direct = train_population(pop).recorder.weights_table()
+    monkeypatch.setattr(Recorder, "_direct_slot", lambda self, mask, params: None)
+    copied = train_population(pop).recorder.weights_table()
+    assert "buffers" in direct.column_names and direct.num_rows > 0
+    assert direct.equals(copied)
+
+
 def test_bf16_autocast_trains_close_to_float32(plugin):
     text = sweep_text("bf", "byo_plug:bn_cnn", steps=6, extra_task=", width: 4").replace("dtype: float64", "dtype: float32")
     def losses(t):

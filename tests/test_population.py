@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -283,3 +284,29 @@ def test_time_based_checkpoints_are_taken_and_resume_bit_for_bit(tmp_path):
     got[5].save(tmp_path / "c")
     resumed = train_population(pop, resume=PopulationCheckpoint.load(tmp_path / "c"))
     assert_identical(resumed.recorder.metrics_table(), straight.recorder.metrics_table(), "time-based resume")
+
+
+@pytest.mark.parametrize("weights", ["{}", "{dtype: float64, layers: ['3.']}"])
+def test_snapshots_written_in_place_equal_the_copied_path(monkeypatch, weights):
+    """On the CPU a record whose members all record writes the parameters straight into the snapshot rows
+    (Recorder._direct_slot); after a member diverges the records take the copying path. Both give the same
+    table, bit for bit, as the copying path alone (with batch-norm running statistics: tests/test_byo.py)."""
+    from raydyn.train.recorder import Recorder
+
+    text = BASE.format(**{**CASES["sgd-momentum-wd-bn"], "bn": "false", "lrs": "[0.05, 40.0]"})
+    text = text.replace("  dtype: float64", f"  dtype: float64\n  weights: {weights}")
+    (pop,) = populations(parse_sweep(text).expand(), 64)
+    direct = train_population(pop)
+    assert any(m.status == "diverged" for m in direct.members)  # so both paths were taken
+    assert any(m.status == "completed" for m in direct.members)
+    monkeypatch.setattr(Recorder, "_direct_slot", lambda self, mask, params: None)
+    copied = train_population(pop)
+    a, b = direct.recorder.weights_table(), copied.recorder.weights_table()
+    assert a.num_rows > 0 and a.equals(b)
+    ma, mb = direct.recorder.metrics_table(), copied.recorder.metrics_table()
+    assert ma.column_names == mb.column_names
+    for name in ma.column_names:  # NaN where not evaluated: compared as equal
+        np.testing.assert_array_equal(np.asarray(ma[name].combine_chunks().flatten() if ma.schema.field(name).type
+                                                 == pa.list_(pa.float64()) else ma[name]),
+                                      np.asarray(mb[name].combine_chunks().flatten() if mb.schema.field(name).type
+                                                 == pa.list_(pa.float64()) else mb[name]), err_msg=name)
