@@ -205,3 +205,56 @@ class Cores:
                 ray = None
         return cores_line(self.got, f"timed: {self.label}", ray=ray if self.kind == "ray" else None,
                           who="process" if self.kind == "process" else "workers")
+
+
+# ----------------------------------------------------------------------------- 2-core scaling
+def _numpy_kernel(reps: int = 4000) -> float:
+    """Small dense linear algebra, as in an HMM fit (6x6 Cholesky and triangular solves), 1 BLAS thread."""
+    from threadpoolctl import threadpool_limits
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a, x = rng.standard_normal((6, 6)), rng.standard_normal((800, 6))
+    with threadpool_limits(limits=1):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            c = a @ a.T + np.eye(6)
+            np.linalg.solve(np.linalg.cholesky(c), x.T)
+        return time.perf_counter() - t0
+
+
+def _torch_kernel(reps: int = 4000) -> float:
+    """Batched matrix products at one torch thread, as in a vectorised population step."""
+    import torch
+
+    torch.set_num_threads(1)
+    w, x = torch.randn(32, 64, 64), torch.randn(32, 64, 64)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        torch.bmm(x, w).relu_()
+    return time.perf_counter() - t0
+
+
+def scaling_line(repeats: int = 3) -> str:
+    """How much work 2 processes at once do against one alone, on two fixed single-threaded kernels
+    (median of ``repeats``, solo and pair alternated): the most a 2-core fan-out can gain on this machine
+    (2.00 where the two cores do not slow each other). About 10 s.
+
+    ``scaling: 2 processes do 1.88x the work of one (numpy 6x6 linear algebra), 1.98x (torch bmm) ...``"""
+    import multiprocessing as mp
+    import statistics
+
+    if visible_cpus() < 2:
+        return "scaling: 1 CPU visible, no 2-process figure"
+    out = []
+    with mp.get_context("spawn").Pool(2) as pool:
+        for name, fn in (("numpy 6x6 linear algebra", _numpy_kernel), ("torch bmm", _torch_kernel)):
+            pool.map(fn, [50, 50])  # imports and first calls, in both workers
+            ratios = []
+            for _ in range(repeats):
+                solo = pool.apply(fn)
+                pair = [r.get() for r in [pool.apply_async(fn) for _ in range(2)]]
+                ratios.append(2 * solo / max(pair))
+            out.append(f"{statistics.median(ratios):.2f}x ({name})")
+    return ("scaling: 2 processes at once do " + ", ".join(out) + " the work of one alone, median of "
+            f"{repeats} (the most a 2-core fan-out can gain here; load {_load():.2f})")

@@ -23,6 +23,13 @@ or the benchmark's own process where it has none) received. It shows the range o
 worker lines (the process lines where a benchmark has no workers), "of N" for the Ray CPUs, and in
 brackets the range of the probes (one task per Ray CPU spinning 0.6 s, after ``ray.init`` and after the
 timed part).
+
+"scaling" (printed before the first benchmark and after the table, :func:`_machine.scaling_line`): how
+much work two single-threaded processes at once do against one alone, on a numpy kernel of 6x6 linear
+algebra (what an HMM fit is made of) and a torch ``bmm`` kernel (what a population step is made of). It
+is the most a 2-core fan-out can gain on this machine: 2.00 where the two cores do not slow each other.
+A target stated against one process (HMM 1.8x, Koopman 10x, sweep 0.25x) has that much less room on a
+machine whose figure is below 2.
 """
 from __future__ import annotations
 
@@ -35,6 +42,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import scaling_line  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -240,6 +250,8 @@ def main() -> None:
     print(f"raydyn benchmarks, {start}, {'quick sizes' if args.quick else 'documented sizes'}; "
           f"{cores()} CPU cores available, {os.cpu_count()} visible; load average {os.getloadavg()[0]:.2f}; "
           f"python {sys.version.split()[0]}; logs in {logs}", flush=True)
+    scaling = [scaling_line()]
+    print(scaling[0], flush=True)
     results = []
     for b in chosen:
         argv = [sys.executable, str(HERE / b.script), *(b.quick if args.quick else b.full)]
@@ -278,6 +290,8 @@ def main() -> None:
         if i == 0:
             print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     print(f"\nload average at the end {os.getloadavg()[0]:.2f}; {cores()} CPU cores available")
+    scaling.append(scaling_line())
+    print("at the start " + scaling[0] + "\nat the end   " + scaling[1])
     failed = [b.key for b, rows, *_ in results if any(r.met is False for r in rows)]
     if failed:
         print(f"targets not met: {', '.join(failed)}")
