@@ -240,7 +240,8 @@ def scaling_line(repeats: int = 3) -> str:
     (median of ``repeats``, solo and pair alternated): the most a 2-core fan-out can gain on this machine
     (2.00 where the two cores do not slow each other). About 10 s.
 
-    ``scaling: 2 processes do 1.88x the work of one (numpy 6x6 linear algebra), 1.98x (torch bmm) ...``"""
+    ``scaling: 2 processes at once do 1.85x (numpy 6x6 linear algebra), 2.02x (torch bmm) the work of one
+    alone, median of 3 (...)``"""
     import multiprocessing as mp
     import statistics
 

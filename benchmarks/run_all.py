@@ -43,10 +43,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import scaling_line  # noqa: E402
-
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _machine import scaling_line  # noqa: E402
 
 NUM = r"([-+]?\d+(?:\.\d+)?)"
 

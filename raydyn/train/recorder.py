@@ -55,8 +55,7 @@ class _Rows:
 
     def append(self, chunk: tuple[int, np.ndarray, np.ndarray]) -> None:
         step, idx, rows = chunk
-        if self.buf is None:
-            self.buf = _prefaulted((self.P, self.capacity, rows.shape[1]), rows.dtype)
+        self._allocate(rows.shape[1], rows.dtype)
         if len(idx) and int(self.count[idx].max()) >= self.buf.shape[1]:  # more records than planned
             grow = self.buf.shape[1]
             self.buf = np.concatenate([self.buf, np.empty((self.P, grow, self.buf.shape[2]), self.buf.dtype)], 1)
@@ -67,12 +66,15 @@ class _Rows:
         self.count[idx] += 1
         self.history.append((int(step), np.asarray(idx).copy()))
 
+    def _allocate(self, width: int, dtype: np.dtype) -> None:
+        if self.buf is None:  # on the first record: its width and dtype are the buffer's
+            self.buf = _prefaulted((self.P, self.capacity, width), dtype)
+
     def next_slot(self, width: int, dtype: np.dtype) -> np.ndarray | None:
         """The (P, width) view of the buffer that the next record of *every* member goes to, when every member
         has recorded equally often so far (the usual case), so that a caller writes the rows there itself (no
         intermediate copy); None otherwise (then :meth:`append`). Commit with :meth:`commit_slot`."""
-        if self.buf is None:
-            self.buf = _prefaulted((self.P, self.capacity, width), dtype)
+        self._allocate(width, dtype)
         k = int(self.count[0])
         if self.buf.shape[2] != width or self.buf.dtype != np.dtype(dtype) or k >= self.buf.shape[1] \
                 or not (self.count == k).all():
