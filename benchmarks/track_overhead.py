@@ -10,8 +10,9 @@ runs row at the end, all inside the timed region. The two ways alternate (bare, 
 tracked, ...); each figure is the median of ``--repeats``.
 
 What the overhead is made of: a snapshot is a copy of the parameters (tens of microseconds), and
-every stored float costs ~3 ns of CPU to write as Parquet (measured here as ``write ns/float``: a
-34 MB part of 100 snapshots of the MLP takes ~0.1 s). So the overhead is set by how much compute a
+every stored float costs CPU time to write as Parquet (measured here as ``write ns/float``: 15-16 ns on
+the 2-vCPU Xeon VM of the README's second table, i.e. ~0.13 s for a 34 MB part of 100 snapshots of the
+MLP; about 7.5 ns of it is Arrow's encoding of a ``list<float>`` column alone, into ``/dev/null``). So the overhead is set by how much compute a
 step spends per parameter: small for a CNN (each weight is used at every pixel) or large batches,
 largest for an MLP with small batches. The table shows three such loops, the target (issue 14: under
 10% at record every 10 steps with snapshots on) judged on each.
