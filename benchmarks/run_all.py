@@ -1,6 +1,6 @@
 """Every benchmark in one command, and one table of their headline figures against their targets.
 
-    python benchmarks/run_all.py                  # documented sizes (about half an hour on 2 cores; HMM is half of it)
+    python benchmarks/run_all.py                  # documented sizes (about 25 minutes on 2 cores, 15 of them HMM)
     python benchmarks/run_all.py --quick          # reduced sizes, a smoke check in a few minutes
     python benchmarks/run_all.py --only sweep,koopman --logs bench-logs/
 
