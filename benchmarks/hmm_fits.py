@@ -76,12 +76,8 @@ def _cpu_seconds(pids) -> float:
     return total
 
 
-def _worker_pid() -> int:
-    return os.getpid()
-
-
-def _worker_pid_arg(_) -> int:
-    time.sleep(0.01)  # long enough that every pool process gets one
+def _worker_pid(_=None) -> int:
+    time.sleep(0.01)  # long enough that every worker (Ray's or the pool's) gets one of the calls
     return os.getpid()
 
 
@@ -98,14 +94,13 @@ def run_sequential(groups, jobs, cov):
     return wall, (time.process_time() - c0) / wall, per_group, results
 
 
-def _fit(payload, shared):
-    train, k, seed, cov = payload
-    return fit_one(train, k, seed, cov)
-
-
 def _fit_plain(payload):
     train, k, seed, cov = payload
     return fit_one(train, k, seed, cov)
+
+
+def _fit(payload, shared):  # map_tasks' signature
+    return _fit_plain(payload)
 
 
 def _plan(groups, jobs, cov, largest_k_first=True):
@@ -181,7 +176,7 @@ def main(argv=None) -> None:
         pool = ProcessPoolExecutor(args.num_cpus, mp_context=multiprocessing.get_context("spawn"))
         list(pool.map(_fit_plain, [(groups[0].train_sequences, 2, s, args.covariance_type)
                                    for s in range(2 * args.num_cpus)]))
-        pool_pids = set(pool.map(_worker_pid_arg, range(8 * args.num_cpus)))
+        pool_pids = set(pool.map(_worker_pid, range(8 * args.num_cpus)))
         print(f"process pool: {len(pool_pids)} processes warmed up (not counted below)")
 
     t = time.perf_counter()

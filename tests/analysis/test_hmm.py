@@ -521,24 +521,25 @@ def test_heldout_selection_keeps_the_best_heldout_restart_and_minimises_heldout_
 def test_a_fit_runs_its_blas_and_openmp_pools_at_one_thread(monkeypatch):
     """EM's matrices are F x F: a fit limits BLAS/OpenMP to one thread (parallelism is across fits), with a
     threadpoolctl controller built once per process, and the limits are lifted again after the fit."""
-    from threadpoolctl import threadpool_info
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    def pools():
+        return {(i["user_api"], i["filepath"]): i["num_threads"] for i in threadpool_info()}
 
     seen = []
     real_fit = GaussianHMM.fit
 
     def fit(self, *args, **kwargs):
-        seen.append({(i["user_api"], i["filepath"]): i["num_threads"] for i in threadpool_info()})
+        seen.append(pools())
         return real_fit(self, *args, **kwargs)
-
-    from threadpoolctl import threadpool_limits
 
     monkeypatch.setattr(GaussianHMM, "fit", fit)
     data = prepare(_sample(0.9, n_runs=3, length=60)[0])
     with threadpool_limits(limits=2):  # the caller's pools at 2 threads, whatever the environment set
-        before = {(i["user_api"], i["filepath"]): i["num_threads"] for i in threadpool_info()}
+        before = pools()
         fit_one(data.train_sequences, 2, 0, "diag")
         fit_one(data.train_sequences, 3, 1, "diag")
-        after = {(i["user_api"], i["filepath"]): i["num_threads"] for i in threadpool_info()}
+        after = pools()
     assert len(seen) == 2 and seen[0], "no BLAS/OpenMP library seen during the fit"
     assert set(before.values()) == {2}, before
     for pools in seen:
